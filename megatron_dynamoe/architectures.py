@@ -1,0 +1,201 @@
+"""Model architectures (LLaMA family, GPT-2 family) and their Megatron TransformerConfig.
+
+`ModelArchitecture` is the checkpoint-independent shape of a dense decoder; presets name
+the models our tools and SLURM scripts use. `transformer_config()` turns an architecture,
+a parallel layout and (optionally) a DynaMoEConfig into Megatron-Core's TransformerConfig.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_dynamoe.dynamoe.config import DynaMoEConfig
+from megatron_dynamoe.parallel import ParallelLayout
+
+FAMILIES = ("llama", "gpt2")
+
+
+@dataclass(frozen=True)
+class ModelArchitecture:
+    """Shape of a dense decoder-only LM.
+
+    family 'llama': RMSNorm, SwiGLU FFN, RoPE (base `rotary_base`), GQA, no biases.
+    family 'gpt2': LayerNorm, GELU FFN, learned absolute positions, biases everywhere.
+    """
+
+    family: str
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    vocab_size: int
+    max_position_embeddings: int
+    num_query_groups: Optional[int] = None  # None: multi-head attention (= heads)
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r}: use one of {FAMILIES}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden size {self.hidden_size} is not divisible by "
+                             f"{self.num_attention_heads} attention heads")
+        groups = self.num_query_groups or self.num_attention_heads
+        if self.num_attention_heads % groups:
+            raise ValueError(f"{self.num_attention_heads} attention heads are not divisible "
+                             f"into {groups} query groups")
+
+    @property
+    def gated(self) -> bool:
+        """Whether the FFN is a gated linear unit (SwiGLU)."""
+        return self.family == "llama"
+
+    @property
+    def query_groups(self) -> int:
+        """Number of key/value heads."""
+        return self.num_query_groups or self.num_attention_heads
+
+    def num_parameters(self) -> int:
+        """Exact parameter count of the dense model built by `build_gpt_model`."""
+        h, f, v, layers = self.hidden_size, self.ffn_hidden_size, self.vocab_size, self.num_layers
+        head_dim = h // self.num_attention_heads
+        kv = self.query_groups * head_dim
+        if self.family == "llama":
+            attn = h * (h + 2 * kv) + h * h
+            ffn = 3 * h * f
+            norms = 2 * h
+            extra = 0
+            final_norm = h
+        else:
+            attn = h * (h + 2 * kv) + (h + 2 * kv) + h * h + h
+            ffn = 2 * h * f + f + h
+            norms = 4 * h
+            extra = self.max_position_embeddings * h
+            final_norm = 2 * h
+        embed = v * h * (1 if self.tie_embeddings else 2)
+        return layers * (attn + ffn + norms) + embed + extra + final_norm
+
+    def to_dict(self) -> dict:
+        """Plain dict for checkpoint metadata."""
+        return dataclasses.asdict(self)
+
+
+PRESETS: Dict[str, ModelArchitecture] = {
+    # HuggingFaceTB/SmolLM2-135M(-Instruct): the embedded real model.
+    "smollm2-135m": ModelArchitecture(
+        family="llama", num_layers=30, hidden_size=576, ffn_hidden_size=1536,
+        num_attention_heads=9, num_query_groups=3, vocab_size=49152,
+        max_position_embeddings=8192, rotary_base=100000.0, norm_epsilon=1e-5,
+        tie_embeddings=True),
+    "llama2-70b": ModelArchitecture(
+        family="llama", num_layers=80, hidden_size=8192, ffn_hidden_size=28672,
+        num_attention_heads=64, num_query_groups=8, vocab_size=32000,
+        max_position_embeddings=4096, rotary_base=10000.0, norm_epsilon=1e-5),
+    "llama3-70b": ModelArchitecture(
+        family="llama", num_layers=80, hidden_size=8192, ffn_hidden_size=28672,
+        num_attention_heads=64, num_query_groups=8, vocab_size=128256,
+        max_position_embeddings=8192, rotary_base=500000.0, norm_epsilon=1e-5),
+    "gpt2": ModelArchitecture(
+        family="gpt2", num_layers=12, hidden_size=768, ffn_hidden_size=3072,
+        num_attention_heads=12, vocab_size=50257, max_position_embeddings=1024,
+        norm_epsilon=1e-5, tie_embeddings=True),
+    # Small shapes for tests and the CPU SLURM template.
+    "tiny-llama": ModelArchitecture(
+        family="llama", num_layers=2, hidden_size=64, ffn_hidden_size=128,
+        num_attention_heads=4, num_query_groups=2, vocab_size=256,
+        max_position_embeddings=128, rotary_base=10000.0),
+    "tiny-gpt2": ModelArchitecture(
+        family="gpt2", num_layers=2, hidden_size=64, ffn_hidden_size=256,
+        num_attention_heads=4, vocab_size=256, max_position_embeddings=128,
+        tie_embeddings=True),
+}
+
+
+def get_architecture(name: str) -> ModelArchitecture:
+    """Preset by name, or a clear error listing the presets."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}: choose one of {sorted(PRESETS)}") from None
+
+
+def transformer_config(arch: ModelArchitecture, layout: ParallelLayout = ParallelLayout(),
+                       dynamoe: Optional[DynaMoEConfig] = None, *,
+                       sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32,
+                       moe_token_dispatcher_type: str = "alltoall",
+                       **overrides) -> TransformerConfig:
+    """Megatron TransformerConfig for `arch` at `layout`, with MoE fields for DynaMoE.
+
+    Dropout is off (fine-tuning a pre-trained model), initialisation is on the CPU so that
+    it does not depend on the TP layout, and fusions that need Apex/TE/CUDA are off unless
+    `overrides` turn them on. Raises when the layout does not divide the model.
+    """
+    tp = layout.tensor_model_parallel_size
+    if arch.num_attention_heads % tp or arch.query_groups % tp:
+        raise ValueError(f"TP={tp} must divide the attention heads ({arch.num_attention_heads}) "
+                         f"and query groups ({arch.query_groups})")
+    if arch.ffn_hidden_size % tp:
+        raise ValueError(f"TP={tp} must divide the FFN hidden size {arch.ffn_hidden_size}")
+    if arch.num_layers % layout.pipeline_model_parallel_size:
+        raise ValueError(f"PP={layout.pipeline_model_parallel_size} must divide the "
+                         f"{arch.num_layers} layers")
+    bf16 = params_dtype == torch.bfloat16
+    fields = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.query_groups,
+        layernorm_epsilon=arch.norm_epsilon,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
+        expert_model_parallel_size=layout.expert_model_parallel_size,
+        expert_tensor_parallel_size=layout.expert_tensor_parallel_size,
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        bf16=bf16,
+        pipeline_dtype=params_dtype,
+        use_cpu_initialization=True,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+    )
+    if arch.family == "llama":
+        fields.update(normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
+                      add_bias_linear=False, add_qkv_bias=False)
+    else:
+        fields.update(normalization="LayerNorm", gated_linear_unit=False,
+                      activation_func=F.gelu, add_bias_linear=True, add_qkv_bias=True)
+    if dynamoe is not None:
+        dynamoe.validate_for_model(
+            arch.ffn_hidden_size, arch.num_layers,
+            expert_model_parallel_size=layout.expert_model_parallel_size,
+            expert_tensor_parallel_size=layout.expert_tensor_parallel_size or tp)
+        if arch.family != "llama":
+            raise ValueError("DynaMoE needs bias-free FFNs: MoEfy a LLaMA-family model "
+                             "(GPT-2-family models are supported dense)")
+        fields.update(
+            num_moe_experts=dynamoe.num_shells,
+            moe_ffn_hidden_size=arch.ffn_hidden_size // dynamoe.num_shells,
+            moe_router_topk=dynamoe.num_shells,  # an upper bound: a token uses 1..S shells
+            moe_router_load_balancing_type="none",
+            moe_aux_loss_coeff=0.0,
+            moe_token_dispatcher_type=moe_token_dispatcher_type,
+            moe_grouped_gemm=False,
+            moe_router_dtype="fp32",
+        )
+    fields.update(overrides)
+    return TransformerConfig(**fields)

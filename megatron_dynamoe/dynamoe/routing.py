@@ -1,0 +1,146 @@
+"""Pure tensor functions of the difficulty routing: levels, routing maps, labels.
+
+Shapes: T tokens, K levels, S shells, H hidden size. Levels are 1-based (1..K) everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+
+
+def cumulative_level_probs(logits: torch.Tensor) -> torch.Tensor:
+    """q_e = P(level <= e suffices) from the router's level logits; monotone in e.
+
+    Args:
+        logits: [T, K] router logits over levels.
+    Returns:
+        [T, K] float32 cumulative probabilities, non-decreasing along K, last column exactly 1.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    q = torch.cumsum(probs, dim=-1)
+    # Summation round-off could push q above 1 or leave the last column at 1 - 1e-7.
+    q = torch.clamp(q, max=1.0)
+    q[..., -1] = 1.0
+    return q
+
+
+def levels_at_sensitivity(q: torch.Tensor, theta: float) -> torch.Tensor:
+    """Per-token level: the smallest e with q_e >= theta (theta = 1: level K, theta = 0: 1).
+
+    The end points are exact by definition, not by floating point: q_e for e < K may round to
+    1.0 in fp32, which must not stop theta = 1 from meaning "the dense model".
+
+    Args:
+        q: [T, K] cumulative level probabilities.
+        theta: sensitivity in [0, 1].
+    Returns:
+        [T] int64 levels in 1..K.
+    """
+    num_tokens, num_levels = q.shape
+    if theta >= 1.0:
+        return torch.full((num_tokens,), num_levels, dtype=torch.long, device=q.device)
+    if theta <= 0.0:
+        return torch.ones(num_tokens, dtype=torch.long, device=q.device)
+    # q is monotone, so counting the levels below theta finds the first one at or above it.
+    return 1 + (q[:, :-1] < theta).sum(dim=-1)
+
+
+def logical_level_masks(level_shells: Sequence[int]) -> torch.Tensor:
+    """[K, S] bool: row e-1 marks the logical shells of level e (a prefix)."""
+    num_shells = level_shells[-1]
+    shells = torch.arange(num_shells)
+    return shells.unsqueeze(0) < torch.tensor(level_shells).unsqueeze(1)
+
+
+def logical_group_masks(level_shells: Sequence[int]) -> torch.Tensor:
+    """[K, S] bool: row j marks the shells added by level j+1 (disjoint, union = all)."""
+    bounds = [0, *level_shells]
+    num_shells = level_shells[-1]
+    shells = torch.arange(num_shells)
+    lower = torch.tensor(bounds[:-1]).unsqueeze(1)
+    upper = torch.tensor(bounds[1:]).unsqueeze(1)
+    return (shells.unsqueeze(0) >= lower) & (shells.unsqueeze(0) < upper)
+
+
+def to_physical(logical_mask: torch.Tensor, placement: List[int]) -> torch.Tensor:
+    """Reorder the last (shell) axis from logical shells to physical expert slots.
+
+    Args:
+        logical_mask: [..., S] indexed by logical shell.
+        placement: physical slot p -> logical shell held there.
+    Returns:
+        [..., S] indexed by physical expert slot (Megatron's expert index).
+    """
+    index = torch.tensor(placement, device=logical_mask.device)
+    return logical_mask.index_select(-1, index)
+
+
+def level_routing_map(levels: torch.Tensor, level_masks_physical: torch.Tensor) -> torch.Tensor:
+    """Routing map sending each token to exactly the shells of its level.
+
+    Args:
+        levels: [T] int64 in 1..K.
+        level_masks_physical: [K, S] from `logical_level_masks` + `to_physical`.
+    Returns:
+        [T, S] bool routing map over physical experts.
+    """
+    return level_masks_physical.to(levels.device)[levels - 1]
+
+
+def difficulty_labels(group_outputs: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """Label = smallest level whose partial output is within `tolerance` of the full output.
+
+    The partial output at level e is the prefix sum of the first e group outputs, so one
+    full-FFN pass yields every level's output. Relative error is
+    ||P_K - P_e||_2 / ||P_K||_2 per token; level K always qualifies (error 0). A token whose
+    full output is exactly zero gets level 1.
+
+    Args:
+        group_outputs: [T, K, H] output of each level's added shells.
+        tolerance: tau >= 0.
+    Returns:
+        [T] int64 labels in 1..K.
+    """
+    with torch.no_grad():
+        g = group_outputs.double()
+        # Residual of level e = sum of the groups above it: a reversed cumulative sum.
+        tail = torch.flip(torch.cumsum(torch.flip(g, dims=[1]), dim=1), dims=[1])
+        residual = torch.cat([tail[:, 1:], torch.zeros_like(tail[:, :1])], dim=1)
+        full_norm = tail[:, 0].norm(dim=-1, keepdim=True)
+        ok = residual.norm(dim=-1) <= tolerance * full_norm
+        # First qualifying level; ok[:, -1] is always True.
+        return ok.double().argmax(dim=-1) + 1
+
+
+def select_level_output(group_outputs: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Each token's output at its level: the sum of its first `level` group outputs.
+
+    Gradients reach only the groups a token uses, as in the routed forward.
+
+    Args:
+        group_outputs: [T, K, H].
+        levels: [T] int64 in 1..K.
+    Returns:
+        [T, H].
+    """
+    num_levels = group_outputs.shape[1]
+    keep = torch.arange(num_levels, device=levels.device).unsqueeze(0) < levels.unsqueeze(1)
+    return (group_outputs * keep.unsqueeze(-1).to(group_outputs.dtype)).sum(dim=1)
+
+
+def router_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                         valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over valid tokens of -log softmax(logits)[label-1] (sum, not mean: callers
+    normalise by the global token count).
+
+    Args:
+        logits: [T, K]; labels: [T] in 1..K; valid: optional [T] bool.
+    Returns:
+        scalar float32.
+    """
+    losses = torch.nn.functional.cross_entropy(logits.float(), labels - 1, reduction="none")
+    if valid is not None:
+        losses = losses * valid.to(losses.dtype)
+    return losses.sum()

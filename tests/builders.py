@@ -1,0 +1,52 @@
+"""Small real models shared by the tests (single- and multi-process)."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_dynamoe.architectures import get_architecture, transformer_config
+from megatron_dynamoe.dynamoe.config import DynaMoEConfig
+from megatron_dynamoe.dynamoe.moefy import moefy_state_dict
+from megatron_dynamoe.model_builder import build_gpt_model, causal_attention_mask
+from megatron_dynamoe.parallel import ParallelLayout
+
+ARCH = get_architecture("tiny-llama")
+
+
+def build_dense(seed: int = 0, layout: ParallelLayout = ParallelLayout(), **kw):
+    """Dense tiny LLaMA GPTModel with weights drawn from `seed` (CPU init: layout-free)."""
+    torch.manual_seed(seed)
+    return build_gpt_model(ARCH, transformer_config(ARCH, layout, **kw))
+
+
+def build_dynamoe(dyn: DynaMoEConfig, layout: ParallelLayout = ParallelLayout(),
+                  sequence_parallel: bool = False, dispatcher: str = "alltoall",
+                  parallel_output: bool = False):
+    """DynaMoE tiny LLaMA GPTModel at `layout` (weights to be loaded by the caller)."""
+    config = transformer_config(ARCH, layout, dyn, sequence_parallel=sequence_parallel,
+                                moe_token_dispatcher_type=dispatcher)
+    return build_gpt_model(ARCH, config, dyn, parallel_output=parallel_output)
+
+
+def moefied_state(dense, dyn: DynaMoEConfig, router_seed=None):
+    """DynaMoE state dict from a dense TP=1 model; random routers when `router_seed` is set
+    (so that tokens land on different levels)."""
+    state = moefy_state_dict(dense.state_dict(), dyn, gated=ARCH.gated)
+    if router_seed is not None:
+        gen = torch.Generator().manual_seed(router_seed)
+        for key in list(state):
+            if key.endswith("router.weight"):
+                state[key] = torch.randn(state[key].shape, generator=gen)
+            elif key.endswith("router.bias"):
+                state[key] = 0.1 * torch.randn(state[key].shape, generator=gen)
+    return state
+
+
+def batch(batch_size: int = 2, seq_len: int = 16, seed: int = 0):
+    """Random tokens / positions / causal mask / labels for the tiny vocabulary."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, ARCH.vocab_size, (batch_size, seq_len), generator=gen)
+    labels = torch.randint(0, ARCH.vocab_size, (batch_size, seq_len), generator=gen)
+    positions = torch.arange(seq_len).expand(batch_size, seq_len)
+    return dict(tokens=tokens, position_ids=positions,
+                attention_mask=causal_attention_mask(seq_len), labels=labels)

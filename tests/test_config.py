@@ -1,0 +1,126 @@
+"""Bad configurations fail early with a message that names the fix."""
+
+import pytest
+import torch
+
+from megatron_dynamoe.architectures import (
+    PRESETS,
+    ModelArchitecture,
+    get_architecture,
+    transformer_config,
+)
+from megatron_dynamoe.dynamoe.config import DynaMoEConfig, check_sensitivity
+from megatron_dynamoe.parallel import ParallelLayout
+
+
+def test_defaults_are_four_levels_of_quarters():
+    cfg = DynaMoEConfig()
+    assert cfg.level_shells == (1, 2, 3, 4)
+    assert cfg.num_levels == 4
+    cfg = DynaMoEConfig(num_shells=8)
+    assert cfg.level_shells == (2, 4, 6, 8)
+    assert DynaMoEConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_ffn_not_divisible_into_shells():
+    with pytest.raises(ValueError, match="not divisible into 5 shells: choose --dynamoe-num-shells"):
+        DynaMoEConfig(num_shells=5, level_fractions=(0.2, 0.4, 1.0)).validate_for_model(1536, 30)
+
+
+def test_shells_not_divisible_by_ep():
+    with pytest.raises(ValueError, match="--expert-model-parallel-size must divide"):
+        DynaMoEConfig(num_shells=4).validate_for_model(1536, 30, expert_model_parallel_size=3)
+
+
+def test_shell_size_not_divisible_by_expert_tp():
+    with pytest.raises(ValueError, match="not divisible by the expert tensor-parallel size"):
+        DynaMoEConfig(num_shells=8).validate_for_model(1544, 30, expert_tensor_parallel_size=2)
+
+
+@pytest.mark.parametrize("fractions", [(0.5, 0.25, 1.0), (0.25, 0.25, 1.0), (0.0, 1.0)])
+def test_levels_not_increasing(fractions):
+    with pytest.raises(ValueError, match="strictly increasing"):
+        DynaMoEConfig(level_fractions=fractions)
+
+
+def test_levels_must_end_at_full_ffn():
+    with pytest.raises(ValueError, match="must end at 1.0"):
+        DynaMoEConfig(level_fractions=(0.25, 0.5))
+
+
+def test_level_not_whole_number_of_shells():
+    with pytest.raises(ValueError, match="not a whole number of shells: choose --dynamoe-num-shells "
+                                         "as a multiple of 3"):
+        DynaMoEConfig(num_shells=4, level_fractions=(1 / 3, 2 / 3, 1.0))
+
+
+@pytest.mark.parametrize("theta", [-0.1, 1.01, float("nan")])
+def test_theta_outside_unit_interval(theta):
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+        check_sensitivity(theta)
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+        DynaMoEConfig(sensitivity=theta)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(label_fraction=1.5), "--dynamoe-label-fraction"),
+    (dict(label_tolerance=-0.1), "--dynamoe-label-tolerance"),
+    (dict(shell_placement="random"), "--dynamoe-shell-placement"),
+    (dict(importance="magic"), "--dynamoe-importance"),
+    (dict(moefied_layers=(-1,)), "0-based layer"),
+])
+def test_other_bad_knobs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DynaMoEConfig(**kwargs)
+
+
+def test_moefied_layer_beyond_model():
+    with pytest.raises(ValueError, match="names a layer >= num_layers=30"):
+        DynaMoEConfig(moefied_layers=(3, 30)).validate_for_model(1536, 30)
+
+
+def test_layout_must_divide_model():
+    arch = get_architecture("smollm2-135m")
+    with pytest.raises(ValueError, match="TP=2 must divide the attention heads"):
+        transformer_config(arch, ParallelLayout(tensor_model_parallel_size=2))
+    with pytest.raises(ValueError, match="PP=4 must divide the 30 layers"):
+        transformer_config(arch, ParallelLayout(pipeline_model_parallel_size=4))
+    with pytest.raises(ValueError, match="world size 6 is not divisible by TP x PP = 4"):
+        ParallelLayout(tensor_model_parallel_size=2, pipeline_model_parallel_size=2
+                       ).data_parallel_size(6)
+
+
+def test_dynamoe_refuses_biased_ffn():
+    with pytest.raises(ValueError, match="bias-free FFNs"):
+        transformer_config(get_architecture("tiny-gpt2"), dynamoe=DynaMoEConfig())
+
+
+def test_unknown_family_and_preset():
+    with pytest.raises(ValueError, match="unknown model family 'mamba'"):
+        ModelArchitecture(family="mamba", num_layers=1, hidden_size=8, ffn_hidden_size=8,
+                          num_attention_heads=2, vocab_size=8, max_position_embeddings=8)
+    with pytest.raises(ValueError, match="unknown model 'llama9'"):
+        get_architecture("llama9")
+
+
+def test_transformer_config_for_llama_and_gpt2():
+    llama = transformer_config(get_architecture("llama3-70b"), dynamoe=DynaMoEConfig(num_shells=8))
+    assert (llama.normalization, llama.gated_linear_unit, llama.add_bias_linear) == \
+        ("RMSNorm", True, False)
+    assert llama.activation_func is torch.nn.functional.silu
+    assert (llama.num_query_groups, llama.num_moe_experts, llama.moe_ffn_hidden_size) == \
+        (8, 8, 28672 // 8)
+    gpt2 = transformer_config(get_architecture("gpt2"))
+    assert (gpt2.normalization, gpt2.gated_linear_unit, gpt2.add_bias_linear) == \
+        ("LayerNorm", False, True)
+    assert gpt2.num_moe_experts is None
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("smollm2-135m", 134_515_008),   # HF SmolLM2-135M reports 134,515,008 parameters
+    ("llama2-70b", 68_976_648_192),  # Llama-2-70B: 68.98 B
+    ("llama3-70b", 70_553_706_496),  # Llama-3-70B: 70.55 B
+    ("gpt2", 124_439_808),           # GPT-2 small: 124,439,808
+])
+def test_preset_parameter_counts_match_published_models(name, expected):
+    assert PRESETS[name].num_parameters() == expected

@@ -1,0 +1,105 @@
+"""MoEfication of one FFN: importance, permutation, shells, placement (float64 references)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_dynamoe.dynamoe import shells as S
+
+
+def _swiglu_ffn(x, fc1, fc2):
+    return S.ffn_hidden_activations(x, fc1, F.silu, gated=True) @ fc2.t()
+
+
+def _random_ffn(hidden=32, ffn=48, gated=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    fc1 = torch.randn((2 if gated else 1) * ffn, hidden, generator=gen, dtype=torch.float64)
+    fc2 = torch.randn(hidden, ffn, generator=gen, dtype=torch.float64)
+    x = torch.randn(64, hidden, generator=gen, dtype=torch.float64)
+    return x, fc1, fc2
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_permutation_preserves_dense_ffn(gated):
+    x, fc1, fc2 = _random_ffn(gated=gated)
+    act = F.silu if gated else F.gelu
+    dense = S.ffn_hidden_activations(x, fc1, act, gated) @ fc2.t()
+    scores = S.weight_importance(fc1, fc2, gated)
+    order = S.importance_order(scores)
+    assert not torch.equal(order, torch.arange(order.numel())), "test needs a real permutation"
+    fc1_p, fc2_p, _ = S.permute_ffn(fc1, fc2, order, gated)
+    permuted = S.ffn_hidden_activations(x, fc1_p, act, gated) @ fc2_p.t()
+    rel = (permuted - dense).norm() / dense.norm()
+    assert rel < 1e-12
+
+
+def test_shells_sum_to_dense_and_are_ranked():
+    x, fc1, fc2 = _random_ffn()
+    scores = S.weight_importance(fc1, fc2, gated=True)
+    order = S.importance_order(scores)
+    fc1_p, fc2_p, _ = S.permute_ffn(fc1, fc2, order, gated=True)
+    shells = S.split_into_shells(fc1_p, fc2_p, 4, gated=True)
+    assert [tuple(a.shape) for a, _ in shells] == [(24, 32)] * 4  # [2F/S, H]: gate + up
+    total = sum(_swiglu_ffn(x, a, b) for a, b in shells)
+    dense = _swiglu_ffn(x, fc1, fc2)
+    assert (total - dense).norm() / dense.norm() < 1e-12
+    # Shell s holds ranks [s F/S, (s+1) F/S): importance decreases from shell to shell.
+    ranked = scores[order]
+    per_shell = ranked.view(4, -1)
+    assert torch.all(per_shell[:-1].min(dim=1).values >= per_shell[1:].max(dim=1).values)
+    # gate/up halves stay paired: shell 0's gate rows are the top neurons' gate rows.
+    top = order[:12]
+    assert torch.equal(shells[0][0][:12], fc1[top])
+    assert torch.equal(shells[0][0][12:], fc1[48 + top])
+    assert torch.equal(shells[0][1], fc2[:, top])
+
+
+def test_activation_importance_matches_definition():
+    x, fc1, fc2 = _random_ffn()
+    act = S.ffn_hidden_activations(x, fc1, F.silu, gated=True)
+    mean_abs = act.abs().mean(dim=0)
+    scores = S.activation_importance(mean_abs, fc2)
+    for n in (0, 7, 47):
+        expected = act[:, n].abs().mean() * fc2[:, n].norm()
+        assert torch.isclose(scores[n], expected, rtol=1e-12)
+    with pytest.raises(ValueError, match="one value per FFN neuron"):
+        S.activation_importance(mean_abs[:-1], fc2)
+
+
+def test_weight_importance_gated_definition():
+    _, fc1, fc2 = _random_ffn()
+    scores = S.weight_importance(fc1, fc2, gated=True)
+    n = 5
+    expected = fc1[n].norm() * fc1[48 + n].norm() * fc2[:, n].norm()
+    assert torch.isclose(scores[n], expected, rtol=1e-12)
+
+
+def test_importance_order_is_stable_for_ties():
+    order = S.importance_order(torch.tensor([1.0, 3.0, 3.0, 0.5, 3.0]))
+    assert order.tolist() == [1, 2, 4, 0, 3]
+
+
+def test_split_rejects_indivisible_ffn():
+    _, fc1, fc2 = _random_ffn(ffn=48)
+    with pytest.raises(ValueError, match="not divisible into 5 shells"):
+        S.split_into_shells(fc1, fc2, 5, gated=True)
+
+
+def test_permute_rejects_non_permutation():
+    _, fc1, fc2 = _random_ffn(ffn=48)
+    with pytest.raises(ValueError, match="not a permutation"):
+        S.permute_ffn(fc1, fc2, torch.zeros(48, dtype=torch.long), gated=True)
+
+
+def test_balanced_placement_evens_expected_load():
+    # Levels 1..4 equally likely, one shell per level: shell loads 1, .75, .5, .25 (x 8 shells).
+    level_shells = (2, 4, 6, 8)
+    uniform = torch.full((4,), 0.25)
+    contiguous = S.expected_rank_load(uniform, level_shells, S.shell_placement(8, 2, "contiguous"), 2)
+    balanced = S.expected_rank_load(uniform, level_shells, S.shell_placement(8, 2, "balanced"), 2)
+    assert contiguous.tolist() == [3.5, 1.5]          # rank 0 holds the heavy shells
+    assert balanced.tolist() == [2.5, 2.5]            # serpentine: equal expected load
+    assert sorted(S.shell_placement(8, 4)) == list(range(8))
+    assert S.shell_placement(8, 4) == [0, 7, 1, 6, 2, 5, 3, 4]
+    with pytest.raises(ValueError, match="EP size must divide"):
+        S.shell_placement(6, 4)
