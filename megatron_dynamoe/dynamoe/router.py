@@ -33,8 +33,8 @@ class LevelDecision(NamedTuple):
 class DifficultyRouter(Router):
     """Per-layer difficulty router over K nested levels (Megatron `Router` subclass).
 
-    Parameters are a [K, H] weight and a [K] bias kept in fp32 whatever the model dtype, and
-    initialised to zero: the initial level distribution is uniform, so theta maps linearly to
+    Parameters are a [K, H] weight and a [K] bias, created in fp32 and always applied in fp32
+    (as Megatron's router with `moe_router_dtype='fp32'`), initialised to zero: the initial level distribution is uniform, so theta maps linearly to
     compute until the router is trained. Under sequence parallelism the parameters are tagged
     `sequence_parallel` so their gradients are all-reduced over TP like Megatron's router.
     """

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 from typing import List, Optional
 
 from megatron.core.models.gpt.gpt_layer_specs import (
@@ -30,6 +31,22 @@ from megatron_dynamoe.dynamoe.experts import ShellExperts
 from megatron_dynamoe.dynamoe.layer import DynaMoELayer
 from megatron_dynamoe.dynamoe.router import DifficultyRouter
 from megatron_dynamoe.norms import SequenceParallelTorchNorm
+
+
+class _KnownMLPFilter(logging.Filter):
+    """TransformerLayer passes `pg_collection` only to the exact MoELayer class and logs
+    "Unknown MLP type" for any other MLP spec, once per layer. DynaMoELayer is a MoELayer
+    that takes Megatron's default process groups in that case (the same groups the layer
+    would have passed), so the message is noise for it; drop exactly that message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Unknown MLP type")
+
+
+def _quiet_unknown_mlp_warning() -> None:
+    log = logging.getLogger("megatron.core.transformer.transformer_layer")
+    if not any(isinstance(f, _KnownMLPFilter) for f in log.filters):
+        log.addFilter(_KnownMLPFilter())
 
 
 def transformer_engine_available() -> bool:
@@ -101,6 +118,7 @@ def dynamoe_layer_spec(dynamoe_config: DynaMoEConfig, normalization: str, use_te
     if not use_te:
         spec = _swap_torch_norms(spec, _norm_class(False))
     spec.submodules.mlp = dynamoe_mlp_spec(dynamoe_config, spec.submodules.mlp)
+    _quiet_unknown_mlp_warning()
     return spec
 
 
