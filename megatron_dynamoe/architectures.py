@@ -8,8 +8,9 @@ a parallel layout and (optionally) a DynaMoEConfig into Megatron-Core's Transfor
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,9 @@ from megatron_dynamoe.dynamoe.config import DynaMoEConfig
 from megatron_dynamoe.parallel import ParallelLayout
 
 FAMILIES = ("llama", "gpt2")
+# FFN activation per family: LLaMA's SwiGLU gate uses silu; GPT-2 uses GELU, the tanh
+# approximation in the released checkpoints (HF "gelu_new") or the exact erf form.
+ACTIVATIONS = {"llama": ("silu",), "gpt2": ("gelu_tanh", "gelu")}
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,7 @@ class ModelArchitecture:
 
     family 'llama': RMSNorm, SwiGLU FFN, RoPE (base `rotary_base`), GQA, no biases.
     family 'gpt2': LayerNorm, GELU FFN, learned absolute positions, biases everywhere.
+    `activation` defaults to the family's first entry in ACTIVATIONS.
     """
 
     family: str
@@ -41,10 +46,16 @@ class ModelArchitecture:
     rotary_base: float = 10000.0
     norm_epsilon: float = 1e-5
     tie_embeddings: bool = False
+    activation: Optional[str] = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"unknown model family {self.family!r}: use one of {FAMILIES}")
+        if self.activation is None:
+            object.__setattr__(self, "activation", ACTIVATIONS[self.family][0])
+        if self.activation not in ACTIVATIONS[self.family]:
+            raise ValueError(f"activation {self.activation!r} is not available for the "
+                             f"{self.family} family: use one of {ACTIVATIONS[self.family]}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden size {self.hidden_size} is not divisible by "
                              f"{self.num_attention_heads} attention heads")
@@ -57,6 +68,15 @@ class ModelArchitecture:
     def gated(self) -> bool:
         """Whether the FFN is a gated linear unit (SwiGLU)."""
         return self.family == "llama"
+
+    @property
+    def activation_func(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The elementwise FFN activation (for SwiGLU: the gate's)."""
+        if self.activation == "silu":
+            return F.silu
+        if self.activation == "gelu_tanh":
+            return functools.partial(F.gelu, approximate="tanh")
+        return F.gelu
 
     @property
     def query_groups(self) -> int:
@@ -174,11 +194,13 @@ def transformer_config(arch: ModelArchitecture, layout: ParallelLayout = Paralle
         persist_layer_norm=False,
     )
     if arch.family == "llama":
-        fields.update(normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
-                      add_bias_linear=False, add_qkv_bias=False)
+        fields.update(normalization="RMSNorm", gated_linear_unit=True,
+                      activation_func=arch.activation_func, add_bias_linear=False,
+                      add_qkv_bias=False)
     else:
         fields.update(normalization="LayerNorm", gated_linear_unit=False,
-                      activation_func=F.gelu, add_bias_linear=True, add_qkv_bias=True)
+                      activation_func=arch.activation_func, add_bias_linear=True,
+                      add_qkv_bias=True)
     if dynamoe is not None:
         dynamoe.validate_for_model(
             arch.ffn_hidden_size, arch.num_layers,

