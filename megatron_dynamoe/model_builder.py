@@ -62,6 +62,13 @@ def set_sensitivity(model, theta: float) -> None:
         layer.set_sensitivity(theta)
 
 
+def set_static_level(model, level: Optional[int]) -> None:
+    """Put every token of every DynaMoE layer at `level` (1..K): the static nested
+    sub-network of that width. None returns to per-token routing at the sensitivity."""
+    for layer in dynamoe_layers(model):
+        layer.router.set_static_level(level)
+
+
 def set_training_step(model, step: int) -> None:
     """Tell every DynaMoE layer the training step (drives the label schedule)."""
     for layer in dynamoe_layers(model):

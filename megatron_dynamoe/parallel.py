@@ -50,8 +50,9 @@ def default_backend() -> str:
 def initialize_parallel(layout: ParallelLayout, seed: int = 1234, timeout_minutes: int = 10):
     """Start torch.distributed (if needed) and Megatron's parallel groups for `layout`.
 
-    Reads RANK / WORLD_SIZE (default 0 / 1) and MASTER_ADDR / MASTER_PORT (default
-    127.0.0.1 / 29500). Safe to call once per process; returns the ProcessGroupCollection.
+    Reads RANK / WORLD_SIZE (default 0 / 1) and, for several processes, MASTER_ADDR /
+    MASTER_PORT (default 127.0.0.1 / 29500); a single process uses an in-process store.
+    Calling it again re-creates the Megatron groups; returns the ProcessGroupCollection.
     """
     from datetime import timedelta
 
@@ -60,14 +61,21 @@ def initialize_parallel(layout: ParallelLayout, seed: int = 1234, timeout_minute
 
     cpu_compat.apply()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
         rank = int(os.environ.get("RANK", "0"))
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(default_backend(), rank=rank, world_size=world_size,
-                                timeout=timedelta(minutes=timeout_minutes))
+        timeout = timedelta(minutes=timeout_minutes)
+        if world_size == 1:
+            # One process needs no rendezvous: an in-process store never binds a port, so
+            # tools run side by side (or inside a test that holds a port) do not collide.
+            dist.init_process_group(default_backend(), store=dist.HashStore(), rank=0,
+                                    world_size=1, timeout=timeout)
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
+            dist.init_process_group(default_backend(), rank=rank, world_size=world_size,
+                                    timeout=timeout)
     layout.data_parallel_size(dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

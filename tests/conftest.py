@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-from tests.multiproc import free_port
 
 
 @pytest.fixture(scope="session")
@@ -15,7 +11,6 @@ def single_rank():
     """torch.distributed (gloo, world 1) + Megatron groups at TP=PP=EP=1, once per session."""
     from megatron_dynamoe.parallel import ParallelLayout, initialize_parallel
 
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
     initialize_parallel(ParallelLayout())
     yield
     # Left initialised for the rest of the session; the process exits afterwards.

