@@ -50,3 +50,21 @@ def batch(batch_size: int = 2, seq_len: int = 16, seed: int = 0):
     positions = torch.arange(seq_len).expand(batch_size, seq_len)
     return dict(tokens=tokens, position_ids=positions,
                 attention_mask=causal_attention_mask(seq_len), labels=labels)
+
+
+def synthetic_source(seq_len: int = 32, rows: int = 64, vocab: int = ARCH.vocab_size, seed: int = 0):
+    """A deterministic BatchSource (position -> micro-batch) over a fixed token table whose odd
+    positions copy the even ones, so a small model can learn it (loss must fall)."""
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.randint(0, vocab, (rows, seq_len + 1), generator=gen)
+    table[:, 1::2] = table[:, 0::2][:, : table[:, 1::2].shape[1]]
+    mask = causal_attention_mask(seq_len)
+
+    def source(position: int, micro_batch_size: int):
+        chunk = torch.stack([table[(position + i) % rows] for i in range(micro_batch_size)])
+        return dict(tokens=chunk[:, :-1], labels=chunk[:, 1:],
+                    loss_mask=torch.ones(micro_batch_size, seq_len),
+                    position_ids=torch.arange(seq_len).expand(micro_batch_size, seq_len),
+                    attention_mask=mask)
+
+    return source

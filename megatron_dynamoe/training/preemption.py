@@ -1,0 +1,43 @@
+"""SIGTERM / SIGUSR1 (SLURM preemption, `scancel --signal`, `#SBATCH --signal=USR1@120`):
+finish the current iteration, save, exit cleanly.
+
+The handler only sets a flag; the trainer asks `agreed()` after each iteration, which
+all-reduces the flag so that every rank stops after the SAME iteration (a signal delivered to
+one rank, or to ranks at slightly different times, must not split the job).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+
+import torch
+import torch.distributed as dist
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class PreemptionFlag:
+    """Set by SIGTERM / SIGUSR1 while `installed()`; `agreed()` is True on every rank once
+    any rank received one."""
+
+    def __init__(self):
+        self.received = False
+
+    def _handler(self, signum, frame):
+        self.received = True
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = {s: signal.signal(s, self._handler) for s in SIGNALS}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())

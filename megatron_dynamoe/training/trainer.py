@@ -1,0 +1,216 @@
+"""The fine-tuning loop on Megatron-Core's machinery.
+
+Megatron's own pieces do the work: `get_forward_backward_func` schedules (pipeline
+parallelism with micro-batches), `DistributedDataParallel` + the distributed optimizer
+(`get_megatron_optimizer`), `OptimizerParamScheduler` (warm-up and decay), gradient clipping,
+`finalize_model_grads` (DP / sequence-parallel / embedding reductions). This module wires
+them to a DynaMoE model, samples the sensitivity for each iteration, saves resumable
+checkpoints (every `--save-interval` iterations and on SIGTERM / SIGUSR1) and logs.
+
+Data comes from a `BatchSource`: `source(consumed_samples, micro_batch_size)` returns this
+data-parallel rank's next micro-batch (tokens, labels, loss_mask, position_ids,
+attention_mask) as a pure function of the global sample position, which is what makes
+resumption exact.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_dynamoe.training.config import TrainConfig
+
+BatchSource = Callable[[int, int], Dict[str, torch.Tensor]]
+
+
+@dataclass
+class TrainResult:
+    """What a run did: per-iteration LM loss (on last-stage ranks, DP-averaged), the last
+    iteration reached and whether it stopped for a preemption signal."""
+
+    losses: Dict[int, float] = field(default_factory=dict)
+    iteration: int = 0
+    consumed_samples: int = 0
+    stopped_by_signal: bool = False
+
+
+def sample_sensitivity(cfg: TrainConfig, iteration: int) -> float:
+    """The theta of `iteration`: uniform in [min, max], the same on every rank (a generator
+    seeded by seed and iteration, so a resumed run draws the same thetas)."""
+    if cfg.dynamoe_sensitivity_min == cfg.dynamoe_sensitivity_max:
+        return cfg.dynamoe_sensitivity_min
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
+    u = torch.rand((), generator=g, dtype=torch.float64).item()
+    return cfg.dynamoe_sensitivity_min + u * (cfg.dynamoe_sensitivity_max
+                                              - cfg.dynamoe_sensitivity_min)
+
+
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    """Masked mean of Megatron's per-token losses [b, s]; the report is a detached clone
+    (Megatron's schedule divides the returned loss in place)."""
+    mask = loss_mask.reshape(-1).float()
+    loss = (output.float().reshape(-1) * mask).sum() / mask.sum().clamp_min(1.0)
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
+                   labels=batch["labels"])
+    return output, functools.partial(_loss_func, batch["loss_mask"])
+
+
+class _MicroBatches:
+    """Iterator over this rank's micro-batches of one iteration."""
+
+    def __init__(self, source: BatchSource, start: int, micro_batch_size: int, count: int,
+                 dp_rank: int, dp_size: int):
+        self._positions = [start + (m * dp_size + dp_rank) * micro_batch_size
+                           for m in range(count)]
+        self._source, self._mbs = source, micro_batch_size
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if not self._positions:
+            raise StopIteration
+        return self._source(self._positions.pop(0), self._mbs)
+
+
+def build_scheduler(cfg: TrainConfig, optimizer):
+    """Megatron's OptimizerParamScheduler in units of iterations."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if cfg.lr_warmup_iters else cfg.lr, max_lr=cfg.lr,
+        min_lr=cfg.min_lr, lr_warmup_steps=cfg.lr_warmup_iters,
+        lr_decay_steps=cfg.train_iters, lr_decay_style=cfg.lr_decay_style,
+        start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=cfg.train_iters,
+        wd_incr_style="constant")
+
+
+def train(cfg: TrainConfig, model_info, source: BatchSource, logger=None,
+          on_iteration: Optional[Callable[[int], None]] = None) -> TrainResult:
+    """Run (or resume) training. `model_info` is a CheckpointInfo describing the model
+    (architecture + DynaMoE config). Parallel groups must be initialised for `cfg.layout`."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_dynamoe.architectures import transformer_config
+    from megatron_dynamoe.checkpointing import load_checkpoint
+    from megatron_dynamoe.model_builder import build_gpt_model, set_sensitivity, set_training_step
+    from megatron_dynamoe.training import preemption
+    from megatron_dynamoe.training.state import (
+        latest_checkpoint,
+        load_training_state,
+        save_training_state,
+    )
+
+    arch, dyn = model_info.architecture, model_info.dynamoe
+    config = transformer_config(
+        arch, cfg.layout, dyn, sequence_parallel=cfg.sequence_parallel,
+        moe_token_dispatcher_type=cfg.moe_token_dispatcher_type,
+        params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+    torch.manual_seed(cfg.seed)
+    model = build_gpt_model(arch, config, dyn)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.use_distributed_optimizer)
+    ddp = DistributedDataParallel(config, ddp_config, module=model)
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
+        clip_grad=cfg.clip_grad, bf16=cfg.bf16, params_dtype=config.params_dtype,
+        use_distributed_optimizer=cfg.use_distributed_optimizer), [ddp])
+    scheduler = build_scheduler(cfg, optimizer)
+    config.no_sync_func = ddp.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+
+    iteration, consumed = 0, 0
+    resume = latest_checkpoint(cfg.load) if cfg.load else None
+    if resume is not None:
+        iteration, consumed = load_training_state(resume[1], model, optimizer, scheduler)
+        if logger:
+            logger.text(f"resumed from {resume[1]} at iteration {iteration}")
+    elif cfg.pretrained_checkpoint or cfg.load:
+        # A model checkpoint (not a training one): weights only, fresh optimizer.
+        load_checkpoint(model, cfg.pretrained_checkpoint or cfg.load)
+        optimizer.reload_model_params()
+
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    num_micro = cfg.num_microbatches(dp_size)
+    forward_backward = get_forward_backward_func()
+    result = TrainResult(iteration=iteration, consumed_samples=consumed)
+    stop = preemption.PreemptionFlag()
+    started_iter = iteration
+    with stop.installed():
+        while iteration < cfg.train_iters:
+            tic = time.time()
+            theta = sample_sensitivity(cfg, iteration)
+            set_sensitivity(model, theta)
+            set_training_step(model, iteration)
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            batches = _MicroBatches(source, consumed, cfg.micro_batch_size, num_micro,
+                                    dp_rank, dp_size)
+            reports = forward_backward(
+                forward_step_func=_forward_step, data_iterator=batches, model=[ddp],
+                num_microbatches=num_micro, seq_length=cfg.seq_length,
+                micro_batch_size=cfg.micro_batch_size, forward_only=False)
+            ok, grad_norm, _ = optimizer.step()
+            if ok:
+                scheduler.step(increment=1)
+            iteration += 1
+            consumed += cfg.global_batch_size
+            loss = _dp_mean_loss(reports)
+            if loss is not None:
+                result.losses[iteration] = loss
+            if logger:
+                logger.iteration(iteration, cfg, loss=loss, theta=theta, grad_norm=grad_norm,
+                                 lr=scheduler.get_lr(optimizer.param_groups[0]),
+                                 seconds=time.time() - tic, model=model,
+                                 skipped=not ok)
+            if on_iteration:
+                on_iteration(iteration)
+            stop_now = stop.agreed()
+            exit_now = bool(cfg.exit_after_iters
+                            and iteration - started_iter >= cfg.exit_after_iters)
+            interval_save = cfg.save_interval and iteration % cfg.save_interval == 0
+            if cfg.save and (interval_save or stop_now or exit_now
+                             or iteration == cfg.train_iters):
+                folder = save_training_state(cfg.save, iteration, model, optimizer, scheduler,
+                                             consumed, model_info)
+                if logger:
+                    logger.text(f"saved {folder}")
+            if stop_now or exit_now:
+                result.stopped_by_signal = stop_now
+                break
+    result.iteration, result.consumed_samples = iteration, consumed
+    return result
+
+
+def _dp_mean_loss(reports: List[dict]) -> Optional[float]:
+    """Mean LM loss of this iteration's micro-batches, averaged over data-parallel ranks
+    (None off the last pipeline stage, which computes no loss)."""
+    from megatron.core import parallel_state
+
+    if not reports:
+        return None
+    local = torch.stack([r["lm loss"] for r in reports]).mean().double()
+    group = parallel_state.get_data_parallel_group()
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(local, group=group)
+        local /= dist.get_world_size(group)
+    value = local.item()
+    return value if math.isfinite(value) else float("nan")
