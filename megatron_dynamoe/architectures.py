@@ -132,6 +132,12 @@ PRESETS: Dict[str, ModelArchitecture] = {
         family="llama", num_layers=2, hidden_size=64, ffn_hidden_size=128,
         num_attention_heads=4, num_query_groups=2, vocab_size=256,
         max_position_embeddings=128, rotary_base=10000.0),
+    # A tiny LLaMA with SmolLM2's vocabulary: trains on data tokenised by the shipped
+    # tokenizer in seconds (tests, the CPU SLURM template).
+    "tiny-smollm2": ModelArchitecture(
+        family="llama", num_layers=2, hidden_size=64, ffn_hidden_size=128,
+        num_attention_heads=4, num_query_groups=2, vocab_size=49152,
+        max_position_embeddings=512, rotary_base=100000.0, tie_embeddings=True),
     "tiny-gpt2": ModelArchitecture(
         family="gpt2", num_layers=2, hidden_size=64, ffn_hidden_size=256,
         num_attention_heads=4, vocab_size=256, max_position_embeddings=128,

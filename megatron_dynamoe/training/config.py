@@ -50,14 +50,20 @@ class TrainConfig:
     adam_eps: float = 1e-8
     bf16: bool = False
     seed: int = 1234
-    # Data: Megatron-style blend "W1 PREFIX1 W2 PREFIX2 ..." (or one prefix), split "98,2,0".
+    # Data: Megatron-style blend "W1 PREFIX1 W2 PREFIX2 ..." (or one prefix), split "98,2,0"-style,
+    # tokenised by --tokenizer (an HF folder, or 'smollm2'; + --gguf-file).
     data_path: List[str] = field(default_factory=list)
-    split: str = "98,2,0"
+    split: str = "100,0,0"  # no in-training evaluation yet: all documents train
     data_cache_path: Optional[str] = None
+    tokenizer: Optional[str] = None
+    gguf_file: Optional[str] = None
     # Logging.
     log_interval: int = 10
     tensorboard_dir: Optional[str] = None
-    # DynaMoE fine-tuning.
+    # DynaMoE fine-tuning. A --model preset is MoEfied into --dynamoe-num-shells shells
+    # unless --dense; a checkpoint brings its own (dense or DynaMoE) configuration.
+    dense: bool = False
+    dynamoe_num_shells: int = 4
     dynamoe_sensitivity_min: float = 0.0
     dynamoe_sensitivity_max: float = 1.0
     dynamoe_label_tolerance: Optional[float] = None  # None: keep the checkpoint's value

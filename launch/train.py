@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""Fine-tune a DynaMoE (or dense) GPT model with Megatron-Core: one process per rank.
+
+    torchrun --nproc-per-node 2 launch/train.py --load ckpt/smollm2-dynamoe \\
+        --tokenizer smollm2 --data-path data/sotu_text_document --save runs/ft \\
+        --tensor-model-parallel-size 2 --sequence-parallel --micro-batch-size 2 \\
+        --global-batch-size 8 --seq-length 256 --train-iters 200 --lr 1e-4 \\
+        --save-interval 50 --tensorboard-dir runs/ft/tb
+
+`--load DIR` resumes from DIR's latest complete training checkpoint when it has one, and
+otherwise starts from DIR as a model checkpoint (tools/convert_checkpoint.py, tools/moefy.py);
+`--pretrained-checkpoint DIR` always starts fresh from a model checkpoint; `--model PRESET`
+starts from random weights. SIGTERM / SIGUSR1 save a checkpoint after the current iteration
+and exit 0, so a SLURM requeue resumes with the same command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_dynamoe.cli import run_tool  # noqa: E402
+
+
+def resolve_model(cfg):
+    """CheckpointInfo (architecture + DynaMoE config) of the model this run trains."""
+    from megatron_dynamoe.architectures import get_architecture
+    from megatron_dynamoe.checkpointing import CheckpointInfo, read_info
+    from megatron_dynamoe.dynamoe.config import DynaMoEConfig
+    from megatron_dynamoe.training.state import latest_checkpoint
+
+    info = None
+    if cfg.load:
+        latest = latest_checkpoint(cfg.load) if os.path.isdir(cfg.load) else None
+        info = read_info(latest[1] if latest else cfg.load)
+    elif cfg.pretrained_checkpoint:
+        info = read_info(cfg.pretrained_checkpoint)
+    if info is None:
+        if cfg.model is None:
+            from megatron_dynamoe.cli import ToolError
+
+            raise ToolError("the checkpoint has no dynamoe.json (plain Megatron-Core): pass "
+                            "--model PRESET to name its architecture")
+        dyn = None if cfg.dense else DynaMoEConfig(num_shells=cfg.dynamoe_num_shells)
+        info = CheckpointInfo(get_architecture(cfg.model), dyn, {})
+    if info.dynamoe is not None:
+        overrides = {k: v for k, v in dict(
+            label_tolerance=cfg.dynamoe_label_tolerance,
+            label_fraction=cfg.dynamoe_label_fraction,
+            router_loss_coeff=cfg.dynamoe_router_loss_coeff).items() if v is not None}
+        info = dataclasses.replace(info, dynamoe=dataclasses.replace(info.dynamoe, **overrides))
+    return info
+
+
+def batch_source(cfg, arch, dp_size: int):
+    """BatchSource over Megatron GPT datasets built from --data-path with --tokenizer."""
+    from megatron_dynamoe.cli import ToolError
+    from megatron_dynamoe.data import HFTokenizerAdapter, build_gpt_datasets, collate_samples
+    from megatron_dynamoe.hf_interop import load_tokenizer
+
+    if not cfg.data_path:
+        raise ToolError("no training data: pass --data-path PREFIX (tools/preprocess_data.py "
+                        "writes PREFIX.bin / PREFIX.idx)")
+    if cfg.tokenizer is None:
+        raise ToolError("--data-path needs --tokenizer (the one the data was preprocessed "
+                        "with: an HF folder, or 'smollm2')")
+    tokenizer = HFTokenizerAdapter(load_tokenizer(cfg.tokenizer, cfg.gguf_file), cfg.tokenizer)
+    if tokenizer.vocab_size > arch.vocab_size:
+        raise ToolError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                        f"vocabulary is {arch.vocab_size}: use the model's own tokenizer")
+    cache = cfg.data_cache_path or os.path.join(cfg.save or ".", "data_cache")
+    datasets = build_gpt_datasets(cfg.data_path, tokenizer, seq_length=cfg.seq_length,
+                                  num_samples=(cfg.train_iters * cfg.global_batch_size, 0, 0),
+                                  cache_path=cache, split=cfg.split, seed=cfg.seed)
+    train_set = datasets.train
+
+    def source(position: int, micro_batch_size: int):
+        return collate_samples([train_set[i] for i in range(position,
+                                                            position + micro_batch_size)])
+
+    return source
+
+
+def main(argv=None) -> int:
+    from megatron_dynamoe.training.config import parse_train_args
+
+    cfg = parse_train_args(argv)
+    from megatron.core import parallel_state
+
+    from megatron_dynamoe.architectures import transformer_config
+    from megatron_dynamoe.parallel import initialize_parallel
+    from megatron_dynamoe.training.monitor import TrainingMonitor
+    from megatron_dynamoe.training.trainer import train
+
+    info = resolve_model(cfg)
+    # Refuse a layout that does not fit the model before starting any process group.
+    transformer_config(info.architecture, cfg.layout, info.dynamoe,
+                       sequence_parallel=cfg.sequence_parallel)
+    initialize_parallel(cfg.layout, seed=cfg.seed)
+    cfg.num_microbatches(parallel_state.get_data_parallel_world_size())
+    source = batch_source(cfg, info.architecture,
+                          parallel_state.get_data_parallel_world_size())
+    monitor = TrainingMonitor(cfg)
+    monitor.text(f"training {'DynaMoE' if info.dynamoe else 'dense'} "
+                 f"{info.architecture.family} model: TP={cfg.tensor_model_parallel_size} "
+                 f"PP={cfg.pipeline_model_parallel_size} EP={cfg.expert_model_parallel_size} "
+                 f"DP={parallel_state.get_data_parallel_world_size()}")
+    try:
+        result = train(cfg, info, source, logger=monitor)
+    finally:
+        monitor.close()
+    if result.stopped_by_signal:
+        monitor.text(f"stopped by a preemption signal after iteration {result.iteration}; "
+                     f"resume with --load {cfg.save}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool(main))
