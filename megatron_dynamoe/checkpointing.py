@@ -26,6 +26,8 @@ from megatron_dynamoe.architectures import ModelArchitecture
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
 
 METADATA_FILE = "dynamoe.json"
+# Sharded keys of a GPTModel's weights (a training checkpoint adds optimizer.* and others).
+MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 FORMAT_VERSION = 1
 _MEGATRON_METADATA = "metadata.json"  # written by dist_checkpointing
 
@@ -143,29 +145,105 @@ def save_checkpoint(model: torch.nn.Module, directory: str, info: CheckpointInfo
         raise
 
 
-def load_checkpoint(model: torch.nn.Module, directory: str) -> None:
+def load_checkpoint(model: torch.nn.Module, directory: str, origin: str = "this model") -> None:
     """Load `directory` into `model` at the model's own layout (every rank calls).
 
-    Raises CheckpointError naming the problem when the folder is incomplete or corrupt, or
-    when its tensors do not fit the model (architecture mismatch).
+    Before anything is read: every file the checkpoint's .metadata refers to must exist at
+    full length, and the checkpoint's tensors must be the model's (names and global shapes;
+    `origin` names the model in errors, e.g. "--model tiny-llama"). Raises CheckpointError
+    with one line naming the problem for a missing / incomplete / corrupt folder or an
+    architecture mismatch.
     """
     from megatron.core import dist_checkpointing
 
-    check_loadable(directory)
+    metadata = verify_checkpoint_files(directory)
+    if metadata is not None:
+        check_tensors_match(model, metadata, directory, origin)
     try:
         state = dist_checkpointing.load(model.sharded_state_dict(), directory)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # torch's CheckpointException is a BaseException
-        raise CheckpointError(f"cannot load {directory!r} into this model: {_describe(e)} (is "
-                              f"the checkpoint complete, and does --model / the architecture "
-                              f"match it?)") from e
+        raise CheckpointError(f"cannot load {directory!r} into {origin}: {_describe(e)} (is "
+                              f"the checkpoint complete, and does the architecture match it?)"
+                              ) from e
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("._extra_state")]
     unexpected = [k for k in unexpected if not k.endswith("._extra_state")]
     if missing or unexpected:
-        raise CheckpointError(f"{directory!r} does not match the model: missing "
+        raise CheckpointError(f"{directory!r} does not match {origin}: missing "
                               f"{missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def verify_checkpoint_files(directory: str):
+    """Cheap, before any model is built: raise CheckpointError when a torch_dist checkpoint
+    misses or truncates a file that its .metadata refers to (dist_checkpointing would report
+    EOFError / FileNotFoundError from inside a rank). Returns the checkpoint's
+    torch.distributed.checkpoint Metadata, or None for another backend."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from megatron.core.dist_checkpointing.core import maybe_load_config
+
+    check_loadable(directory)
+    config = maybe_load_config(directory)
+    if config is None or config.sharded_backend != "torch_dist":
+        return None  # another backend: dist_checkpointing.load reports its own problems
+    try:
+        metadata = FileSystemReader(directory).read_metadata()
+    except Exception as e:
+        raise CheckpointError(f"{directory!r} has no readable .metadata ({type(e).__name__}): "
+                              f"the checkpoint is incomplete or corrupt; copy or save it again"
+                              ) from e
+    needed = {}
+    for item in (metadata.storage_data or {}).values():
+        needed[item.relative_path] = max(needed.get(item.relative_path, 0),
+                                         item.offset + item.length)
+    for name in ["common.pt", *sorted(needed)]:
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{directory!r} is incomplete: {name} is missing; copy or "
+                                  f"save the checkpoint again")
+        size = os.path.getsize(path)
+        if size < needed.get(name, 0):
+            raise CheckpointError(f"{path!r} is truncated ({size} bytes, the checkpoint's "
+                                  f".metadata needs {needed[name]}): copy or save the "
+                                  f"checkpoint again")
+    return metadata
+
+
+def check_tensors_match(model, metadata, directory: str, origin: str) -> None:
+    """Raise CheckpointError naming the first tensor whose name or global shape differs between
+    the checkpoint and `model` (an architecture mismatch). dist_checkpointing alone would
+    silently ignore checkpoint tensors the model lacks (e.g. an untied output layer)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    stored = {k: tuple(v.size) for k, v in metadata.state_dict_metadata.items()
+              if isinstance(v, TensorStorageMetadata)}
+    wanted = {}
+    for item in nested_values(model.sharded_state_dict()):
+        if isinstance(item, ShardedTensor):
+            wanted[item.key] = tuple(item.global_shape)
+        elif isinstance(item, ShardedTensorFactory):
+            wanted.setdefault(item.key, None)  # built into shards at load time: name only
+    mismatch = f"{directory!r} does not match the architecture of {origin}"
+    for key, shape in wanted.items():
+        if key not in stored:
+            raise CheckpointError(f"{mismatch}: the checkpoint has no tensor {key!r} (wrong "
+                                  f"--model?)")
+        if shape is not None and stored[key] != shape:
+            raise CheckpointError(f"{mismatch}: tensor {key!r} is {list(stored[key])} in the "
+                                  f"checkpoint, {list(shape)} in the model (wrong --model?)")
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        return  # a pipeline stage holds part of the model: extra tensors belong to others
+    extra = sorted(k for k in stored if k.startswith(MODEL_KEY_PREFIXES) and k not in wanted)
+    if extra:
+        raise CheckpointError(f"{mismatch}: the checkpoint has tensors the model lacks, e.g. "
+                              f"{extra[:3]} (wrong --model, or a DynaMoE checkpoint?)")
 
 
 def _describe(error: BaseException) -> str:

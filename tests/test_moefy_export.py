@@ -9,8 +9,6 @@
 
 import glob
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,38 +20,22 @@ from megatron_dynamoe.dynamoe.export import dense_state_dict, exported_architect
 from megatron_dynamoe.model_builder import build_gpt_model, set_sensitivity, set_static_level
 from tests.builders import build_dense
 from tests.multiproc import run_processes
+from tests.tool_runner import run_tool_here, run_tool_process
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCH = PRESETS["tiny-llama"]
 TOKENS = torch.randint(0, ARCH.vocab_size, (3, 32), generator=torch.Generator().manual_seed(9))
 
 pytestmark = pytest.mark.usefixtures("single_rank")
 
 
-def _tool(name, *args, timeout=300):
+def _tool(name, *args):
     """The tool as a real process: exit code and stderr as a user sees them."""
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=REPO)
-    return subprocess.run([sys.executable, os.path.join(REPO, "tools", name), *map(str, args)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_tool_process(f"tools/{name}", *args)
 
 
 def _tool_here(name, *args):
-    """The same tool run in this process (saves ~6 s of imports per call): its `main` through
-    `run_tool`, with stderr captured; returns what subprocess.run would."""
-    import contextlib
-    import importlib.util
-    import io
-
-    from megatron_dynamoe.cli import run_tool
-
-    spec = importlib.util.spec_from_file_location(f"tool_{name[:-3]}",
-                                                  os.path.join(REPO, "tools", name))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr):
-        code = run_tool(module.main, [str(a) for a in args])
-    return subprocess.CompletedProcess(args, code, "", stderr.getvalue())
+    """The same tool in this process (saves ~6 s of imports per call)."""
+    return run_tool_here(f"tools/{name}", *args)
 
 
 def _assert_clean_failure(result, phrase, output=None, code=2):
@@ -263,7 +245,7 @@ def test_corrupt_and_mismatched_checkpoints(moefied, tmp_path):
         f.truncate(os.path.getsize(shard) // 2)
     out = str(tmp_path / "out")
     _assert_clean_failure(_tool_here("export.py", "--load", corrupt, "--output", out),
-                          "cannot load", out)
+                          "is truncated", out)
     with open(os.path.join(corrupt, "dynamoe.json"), "w") as f:
         f.write("{not json")
     _assert_clean_failure(_tool_here("export.py", "--load", corrupt, "--output", out),

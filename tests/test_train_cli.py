@@ -107,3 +107,47 @@ def test_bad_flags_fail_before_training(sotu_prefix, tmp_path):
     assert result.returncode == 2 and "--lr-decay-style 'zigzag'" in result.stderr
     result = run("--model", "tiny-llama", "--data-path", sotu_prefix, "--tokenizer", "smollm2")
     assert result.returncode == 2 and "use the model's own tokenizer" in result.stderr
+
+
+def test_smollm2_dynamoe_loss_falls_on_shipped_corpus(sotu_prefix, tmp_path, single_rank):
+    """The real model: SmolLM2-135M from its GGUF, MoEfied (calibrated on SOTU text), then a
+    few fine-tuning iterations on the shipped corpus with sensitivities in [0.5, 1]."""
+    import torch.nn.functional as F
+
+    from megatron_dynamoe import hf_interop
+    from megatron_dynamoe.architectures import transformer_config
+    from megatron_dynamoe.checkpointing import CheckpointInfo, save_checkpoint
+    from megatron_dynamoe.cli import model_batches
+    from megatron_dynamoe.corpora import load_texts, token_windows
+    from megatron_dynamoe.dynamoe.config import DynaMoEConfig
+    from megatron_dynamoe.dynamoe.moefy import calibrate_importance, moefy_state_dict
+    from megatron_dynamoe.model_builder import build_gpt_model
+
+    folder, gguf = hf_interop.find_smollm2_gguf()
+    hf_model, tokenizer = hf_interop.load_hf_model(folder, gguf)
+    arch = hf_interop.architecture_from_hf_config(hf_model.config)
+    dense = build_gpt_model(arch, transformer_config(arch))
+    dense.load_state_dict(hf_interop.hf_to_megatron_state_dict(hf_model.state_dict(), arch))
+    del hf_model
+    calib = token_windows(tokenizer, load_texts("sotu", limit=30)[20:], 128, 4)
+    importance = calibrate_importance(dense, model_batches(calib, 2), gated=True,
+                                      activation=F.silu)
+    dyn = DynaMoEConfig(label_fraction=0.5, label_tolerance=0.3)
+    model = build_gpt_model(arch, transformer_config(arch, dynamoe=dyn), dyn)
+    model.load_state_dict(moefy_state_dict(dense.state_dict(), dyn, True, importance))
+    start = str(tmp_path / "smollm2-dynamoe")
+    save_checkpoint(model, start, CheckpointInfo(arch, dyn, {}))
+    del dense, model
+
+    tb = str(tmp_path / "tb")
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "launch", "train.py"), "--load", start,
+         "--tokenizer", "smollm2", "--data-path", sotu_prefix, "--tensorboard-dir", tb,
+         "--micro-batch-size", "2", "--global-batch-size", "2", "--seq-length", "64",
+         "--train-iters", "8", "--lr", "2e-4", "--log-interval", "1",
+         "--dynamoe-sensitivity-min", "0.5"],
+        env=_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    curve = [e.value for e in _tb_scalars(tb).Scalars("lm loss")]
+    assert len(curve) == 8
+    assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3, curve
