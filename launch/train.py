@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -71,7 +72,10 @@ def batch_source(cfg, arch, dp_size: int):
     if tokenizer.vocab_size > arch.vocab_size:
         raise ToolError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                         f"vocabulary is {arch.vocab_size}: use the model's own tokenizer")
-    cache = cfg.data_cache_path or os.path.join(cfg.save or ".", "data_cache")
+    # Index cache: next to the checkpoints, or in the temp folder (never the working tree).
+    cache = cfg.data_cache_path or (os.path.join(cfg.save, "data_cache") if cfg.save else
+                                    os.path.join(tempfile.gettempdir(),
+                                                 "megatron-dynamoe-data-cache"))
     datasets = build_gpt_datasets(cfg.data_path, tokenizer, seq_length=cfg.seq_length,
                                   num_samples=(cfg.train_iters * cfg.global_batch_size, 0, 0),
                                   cache_path=cache, split=cfg.split, seed=cfg.seed)
