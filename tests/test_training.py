@@ -73,8 +73,6 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.multiproc
-@pytest.mark.parametrize("name", sorted(LAYOUTS))
 @pytest.fixture(scope="module")
 def reference_curve(tmp_path_factory, initial_weights):
     out = str(tmp_path_factory.mktemp("reference") / "ref")
@@ -82,6 +80,8 @@ def reference_curve(tmp_path_factory, initial_weights):
     return torch.load(out + ".rank0.pt")
 
 
+@pytest.mark.multiproc
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_layout_matches_single_process_loss_curve(name, tmp_path, initial_weights,
                                                   reference_curve):
     run_processes(_layout_worker, 2, LAYOUTS[name], str(tmp_path / name), initial_weights)
