@@ -21,6 +21,7 @@ Layouts (checked numerically by tests/test_hf_interop.py):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -429,6 +430,46 @@ def find_smollm2_gguf() -> Tuple[str, str]:
     return folder, SMOLLM2_GGUF
 
 
+@contextlib.contextmanager
+def faster_gguf_loading():
+    """Two memoisations of pure, read-only gguf-py calls that transformers repeats while
+    loading a GGUF file (together ~2/3 of SmolLM2's loading time on CPU):
+    - it parses the whole file for the config, again for the tokenizer and again for the
+      weights (~10 s each for SmolLM2, most of it the 49k-token vocabulary): one read-only
+      `GGUFReader` per file serves all three;
+    - it rebuilds the same GGUF -> HF tensor-name map once per module (~400 times, ~12 s).
+    transformers imports both names from `gguf` at call time, so replacing the module
+    attributes is enough; they are restored on exit, and without gguf this does nothing."""
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
+    original_reader, original_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers, name_maps = {}, {}
+
+    def shared_reader(path, mode="r"):
+        if mode != "r":
+            return original_reader(path, mode)
+        key = os.path.realpath(path)
+        if key not in readers:
+            readers[key] = original_reader(path, mode)
+        return readers[key]
+
+    def cached_name_map(arch, n_blocks):
+        if (arch, n_blocks) not in name_maps:
+            name_maps[arch, n_blocks] = original_name_map(arch, n_blocks)
+        return name_maps[arch, n_blocks]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, cached_name_map
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_name_map
+        readers.clear()
+        name_maps.clear()
+
+
 def load_hf_model(folder: str, gguf_file: Optional[str] = None,
                   dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from a Hugging Face folder: `AutoModelForCausalLM.from_pretrained`
@@ -441,8 +482,10 @@ def load_hf_model(folder: str, gguf_file: Optional[str] = None,
     from transformers import AutoModelForCausalLM
 
     _check_hf_source(folder, gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype)
-    return model.eval(), load_tokenizer(folder, gguf_file)
+    with faster_gguf_loading():
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype)
+        tokenizer = load_tokenizer(folder, gguf_file)
+    return model.eval(), tokenizer
 
 
 def _check_hf_source(folder: str, gguf_file: Optional[str]) -> None:

@@ -33,7 +33,7 @@ from megatron_dynamoe.cli import megatron_logits
 from megatron_dynamoe.corpora import sotu_texts
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
 from megatron_dynamoe.hf_interop import (SMOLLM2_GGUF, architecture_from_hf_config,
-                                         find_smollm2_gguf, load_hf_model)
+                                         find_smollm2_gguf)
 from megatron_dynamoe.model_builder import build_gpt_model
 from tests.builders import build_dense
 
@@ -166,7 +166,14 @@ def smollm2(tmp_path_factory):
     megatron_dir, hf_dir = str(folder / "megatron"), str(folder / "hf")
     started = _start("hf-to-megatron", "--hf-model", "smollm2", "--output", megatron_dir)
     try:
-        model, tokenizer = load_hf_model(*find_smollm2_gguf())
+        # Plain transformers, without hf_interop's GGUF loading memoisation, so that the
+        # tool (which uses it) is checked against an independent load.
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf_folder, gguf_name = find_smollm2_gguf()
+        model = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=gguf_name,
+                                                     dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=gguf_name)
         ids = tokenizer(sotu_texts(limit=1)[0], add_special_tokens=False)["input_ids"]
         tokens = torch.tensor(ids[:128]).view(2, 64)
         logits = _hf_logits(model, tokens)

@@ -26,7 +26,6 @@ DynaMoE checkpoints are exported with `tools/export.py`, not here.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -125,8 +124,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ToolError("convert_checkpoint.py runs as ONE process (launch it with python, not "
                         "torchrun / srun): the torch_dist checkpoint it writes loads at any "
                         "TP / PP layout")
+    from megatron_dynamoe.hf_interop import faster_gguf_loading
+
     try:
-        with _faster_gguf_loading():
+        with faster_gguf_loading():
             if args.command == "hf-to-megatron":
                 return hf_to_megatron(args)
             return megatron_to_hf(args)
@@ -388,46 +389,6 @@ def _parity_tokens(tokenizer, arch, args):
         raise ToolError(f"the tokenizer produces id {int(tokens.max())}, outside the model's "
                         f"vocabulary of {arch.vocab_size}: is it the model's tokenizer?")
     return tokens, f"{n} x {s} tokens of {args.parity_text!r} text"
-
-
-@contextlib.contextmanager
-def _faster_gguf_loading():
-    """Two memoisations of pure, read-only gguf-py calls that transformers repeats while
-    loading a GGUF file (together ~2/3 of SmolLM2's loading time on CPU):
-    - it parses the whole file for the config, again for the tokenizer and again for the
-      weights (~10 s each for SmolLM2, most of it the 49k-token vocabulary): one read-only
-      `GGUFReader` per file serves all three;
-    - it rebuilds the same GGUF -> HF tensor-name map once per module (~400 times, ~12 s).
-    transformers imports both names from `gguf` at call time, so replacing the module
-    attributes is enough; they are restored on exit, and without gguf this does nothing."""
-    try:
-        import gguf
-    except ImportError:
-        yield
-        return
-    original_reader, original_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    readers, name_maps = {}, {}
-
-    def shared_reader(path, mode="r"):
-        if mode != "r":
-            return original_reader(path, mode)
-        key = os.path.realpath(path)
-        if key not in readers:
-            readers[key] = original_reader(path, mode)
-        return readers[key]
-
-    def cached_name_map(arch, n_blocks):
-        if (arch, n_blocks) not in name_maps:
-            name_maps[arch, n_blocks] = original_name_map(arch, n_blocks)
-        return name_maps[arch, n_blocks]
-
-    gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, cached_name_map
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_name_map
-        readers.clear()
-        name_maps.clear()
 
 
 def _start_single_process_world() -> None:

@@ -116,7 +116,13 @@ def train(cfg: TrainConfig, model_info, source: BatchSource, logger=None,
         save_training_state,
     )
 
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
     arch, dyn = model_info.architecture, model_info.dynamoe
+    # Megatron keeps the side-loss gradient scale as class state; a DynaMoE backward run
+    # outside a schedule earlier in this process leaves a 0-d tensor that the schedule's
+    # [1]-shaped scale cannot be copied into. Each run starts from "unset".
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
     config = transformer_config(
         arch, cfg.layout, dyn, sequence_parallel=cfg.sequence_parallel,
         moe_token_dispatcher_type=cfg.moe_token_dispatcher_type,
