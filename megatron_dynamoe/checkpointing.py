@@ -164,7 +164,7 @@ def load_checkpoint(model: torch.nn.Module, directory: str, origin: str = "this 
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # torch's CheckpointException is a BaseException
-        raise CheckpointError(f"cannot load {directory!r} into {origin}: {_describe(e)} (is "
+        raise CheckpointError(f"cannot load {directory!r} into {origin}: {describe_load_failure(e)} (is "
                               f"the checkpoint complete, and does the architecture match it?)"
                               ) from e
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -246,13 +246,13 @@ def check_tensors_match(model, metadata, directory: str, origin: str) -> None:
                               f"{extra[:3]} (wrong --model, or a DynaMoE checkpoint?)")
 
 
-def _describe(error: BaseException) -> str:
+def describe_load_failure(error: BaseException) -> str:
     """One line for a load failure; unwraps torch.distributed.checkpoint's per-rank errors
     (CheckpointException.failures maps rank -> (exception, traceback))."""
     failures = getattr(error, "failures", None)
     if isinstance(failures, dict) and failures:
         rank, failure = sorted(failures.items())[0]
         inner = failure[0] if isinstance(failure, tuple) else failure
-        return f"rank {rank}: {_describe(inner)}"
+        return f"rank {rank}: {describe_load_failure(inner)}"
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}" + (f": {text[0][:300]}" if text else " (truncated file?)")

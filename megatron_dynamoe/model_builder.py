@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import torch
 
@@ -79,9 +79,3 @@ def causal_attention_mask(seq_len: int, device=None) -> torch.Tensor:
     """Megatron's boolean causal mask [1, 1, s, s] (True = masked out)."""
     mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device)
     return torch.triu(mask, diagonal=1).view(1, 1, seq_len, seq_len)
-
-
-def iter_layer_stats(model) -> Iterator[tuple]:
-    """(layer_number, last_stats) of each DynaMoE layer after a forward."""
-    for layer in dynamoe_layers(model):
-        yield layer.layer_number, layer.last_stats

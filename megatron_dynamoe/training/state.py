@@ -164,7 +164,7 @@ def load_training_state(folder: str, model, optimizer, scheduler) -> Tuple[int, 
     """Restore everything from `folder`; returns (iteration, consumed_samples)."""
     from megatron.core import dist_checkpointing
 
-    from megatron_dynamoe.checkpointing import _describe
+    from megatron_dynamoe.checkpointing import describe_load_failure
 
     check_loadable(folder)
     _materialise_optimizer_state(optimizer)
@@ -176,7 +176,7 @@ def load_training_state(folder: str, model, optimizer, scheduler) -> Tuple[int, 
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:
-        raise CheckpointError(f"cannot resume from {folder!r}: {_describe(e)} (was it written "
+        raise CheckpointError(f"cannot resume from {folder!r}: {describe_load_failure(e)} (was it written "
                               f"by this trainer, for this model and layout family?)") from e
     model.load_state_dict(loaded["model"])
     with torch.no_grad():  # Megatron's dp_reshardable loader copies into parameters
