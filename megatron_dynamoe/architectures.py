@@ -173,6 +173,11 @@ def transformer_config(arch: ModelArchitecture, layout: ParallelLayout = Paralle
     if arch.num_layers % layout.pipeline_model_parallel_size:
         raise ValueError(f"PP={layout.pipeline_model_parallel_size} must divide the "
                          f"{arch.num_layers} layers")
+    vpp = layout.virtual_pipeline_model_parallel_size
+    if vpp is not None and arch.num_layers % (layout.pipeline_model_parallel_size * vpp):
+        raise ValueError(f"PP x VPP = {layout.pipeline_model_parallel_size} x {vpp} must divide "
+                         f"the {arch.num_layers} layers: choose a VPP size that divides "
+                         f"{arch.num_layers // layout.pipeline_model_parallel_size}")
     bf16 = params_dtype == torch.bfloat16
     fields = dict(
         num_layers=arch.num_layers,
@@ -185,6 +190,12 @@ def transformer_config(arch: ModelArchitecture, layout: ParallelLayout = Paralle
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=vpp,
+        # Megatron-LM's defaults for the interleaved schedule: overlapped, unbatched p2p.
+        # Unbatched p2p also keeps the two directions apart when PP = 2 (both neighbours
+        # are the same rank, and a batched send/recv pair would be matched out of order).
+        overlap_p2p_comm=vpp is not None,
+        batch_p2p_comm=vpp is None,
         expert_model_parallel_size=layout.expert_model_parallel_size,
         expert_tensor_parallel_size=layout.expert_tensor_parallel_size,
         sequence_parallel=sequence_parallel,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -10,7 +10,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_dynamoe.architectures import ModelArchitecture
+from megatron_dynamoe.architectures import ModelArchitecture, transformer_config
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig, check_sensitivity
 from megatron_dynamoe.dynamoe.layer import DynaMoELayer
 from megatron_dynamoe.dynamoe.spec import decoder_block_spec
@@ -47,6 +47,81 @@ def build_gpt_model(arch: ModelArchitecture, config: TransformerConfig,
         rotary_base=int(arch.rotary_base) if llama else 10000,
         vp_stage=vp_stage,
     )
+
+
+class ModelProvider:
+    """How to build one model family at any layout: its TransformerConfig and the GPTModel
+    of a pipeline stage (or of one virtual-pipeline chunk).
+
+    The trainer, the tools and the benchmarks take a provider instead of hard-coding the
+    model, so another MoE family (a different router or expert layout) trains through the
+    same Megatron machinery by subclassing this. The base class builds the dense model or,
+    with a `DynaMoEConfig`, the DynaMoE model.
+    """
+
+    name = "dynamoe"
+
+    def __init__(self, architecture: ModelArchitecture,
+                 dynamoe: Optional[DynaMoEConfig] = None):
+        self.architecture = architecture
+        self.dynamoe = dynamoe
+
+    def transformer_config(self, layout, *, sequence_parallel: bool = False,
+                           moe_token_dispatcher_type: str = "alltoall",
+                           params_dtype: torch.dtype = torch.float32,
+                           **overrides) -> TransformerConfig:
+        """The Megatron TransformerConfig of this model at `layout` (raises when the layout
+        does not divide the model)."""
+        return transformer_config(self.architecture, layout, self.dynamoe,
+                                  sequence_parallel=sequence_parallel,
+                                  moe_token_dispatcher_type=moe_token_dispatcher_type,
+                                  params_dtype=params_dtype, **overrides)
+
+    def build(self, config: TransformerConfig, *, vp_stage: Optional[int] = None) -> GPTModel:
+        """This rank's GPTModel for pipeline stage / virtual chunk `vp_stage`."""
+        return build_gpt_model(self.architecture, config, self.dynamoe, vp_stage=vp_stage)
+
+    def scalars(self, model) -> Dict[str, float]:
+        """Extra per-iteration TensorBoard scalars (tag -> value) of this family; the
+        DynaMoE statistics are logged by the monitor itself."""
+        return {}
+
+
+class ModelChunks(torch.nn.ModuleList):
+    """The model chunks of this rank: one per virtual pipeline stage (one without VPP).
+
+    Behaves like one model for checkpointing: without VPP its sharded state dict is the
+    chunk's own (so checkpoints are the plain layout-free model checkpoints); with VPP the
+    chunks' dicts are nested under `model0`, `model1`, ... the way Megatron nests them.
+    The sharded keys themselves carry global layer numbers, so either form loads at any
+    layout.
+    """
+
+    def sharded_state_dict(self, *args, **kwargs) -> dict:
+        if len(self) == 1:
+            return self[0].sharded_state_dict(*args, **kwargs)
+        return {f"model{i}": chunk.sharded_state_dict(*args, **kwargs)
+                for i, chunk in enumerate(self)}
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        """Load what `sharded_state_dict()` describes; returns torch's (missing, unexpected)
+        key lists, chunk keys prefixed with `model{i}.` under VPP."""
+        if len(self) == 1:
+            return self[0].load_state_dict(state_dict, strict=strict)
+        missing, unexpected = [], []
+        for i, chunk in enumerate(self):
+            result = chunk.load_state_dict(state_dict[f"model{i}"], strict=strict)
+            missing += [f"model{i}.{k}" for k in result.missing_keys]
+            unexpected += [f"model{i}.{k}" for k in result.unexpected_keys]
+        return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+
+def build_model_chunks(provider: ModelProvider, config: TransformerConfig) -> ModelChunks:
+    """One GPTModel per virtual pipeline stage of this rank (`config`'s VPP size, or one)."""
+    vpp = config.virtual_pipeline_model_parallel_size
+    if vpp is None:
+        return ModelChunks([provider.build(config)])
+    return ModelChunks([provider.build(config, vp_stage=i) for i in range(vpp)])
 
 
 def dynamoe_layers(model: torch.nn.Module) -> List[DynaMoELayer]:

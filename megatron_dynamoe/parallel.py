@@ -25,12 +25,22 @@ class ParallelLayout:
     pipeline_model_parallel_size: int = 1
     expert_model_parallel_size: int = 1
     expert_tensor_parallel_size: int | None = None  # None: same as TP (Megatron's default)
+    # Model chunks per pipeline stage (interleaved 1F1B schedule); None: one chunk.
+    virtual_pipeline_model_parallel_size: int | None = None
 
     def __post_init__(self):
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                      "expert_model_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        vpp = self.virtual_pipeline_model_parallel_size
+        if vpp is not None:
+            if vpp < 1:
+                raise ValueError(f"--virtual-pipeline-model-parallel-size must be >= 1, got {vpp}")
+            if self.pipeline_model_parallel_size == 1:
+                raise ValueError("--virtual-pipeline-model-parallel-size needs "
+                                 "--pipeline-model-parallel-size > 1 (the interleaved schedule "
+                                 "splits each pipeline stage into chunks)")
 
     def data_parallel_size(self, world_size: int) -> int:
         """DP size for `world_size` ranks; raises when TP x PP does not divide the world."""
@@ -84,6 +94,7 @@ def initialize_parallel(layout: ParallelLayout, seed: int = 1234, timeout_minute
         pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
         expert_model_parallel_size=layout.expert_model_parallel_size,
         expert_tensor_parallel_size=layout.expert_tensor_parallel_size,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return ProcessGroupCollection.use_mpu_process_groups()

@@ -1,6 +1,7 @@
 """The trainer on Megatron-Core's machinery: loss falls, layouts agree with one process,
-resume after a stop is bit-identical, TensorBoard holds the tags."""
+resume after a stop is bit-identical, distillation from the dense model is exact."""
 
+import dataclasses
 import os
 
 import pytest
@@ -13,8 +14,9 @@ from megatron_dynamoe.training.config import TrainConfig
 from tests.builders import synthetic_source
 from tests.multiproc import run_processes
 
-INFO = CheckpointInfo(get_architecture("tiny-llama"),
-                      DynaMoEConfig(label_fraction=0.5, label_tolerance=0.3), {})
+# Four layers, so that PP=2 x VPP=2 has a layer per model chunk.
+ARCH4 = dataclasses.replace(get_architecture("tiny-llama"), num_layers=4)
+INFO = CheckpointInfo(ARCH4, DynaMoEConfig(label_fraction=0.5, label_tolerance=0.3), {})
 BASE = dict(model="tiny-llama", micro_batch_size=2, global_batch_size=8, seq_length=32,
             lr=3e-3, lr_warmup_iters=2, log_interval=100, dynamoe_sensitivity_min=0.3,
             seed=7)
@@ -45,51 +47,143 @@ def test_loss_falls_and_resume_is_bit_identical(tmp_path):
         assert f.read().strip() == "12"
 
 
+@pytest.mark.usefixtures("single_rank")
+def test_bf16_tracks_fp32():
+    """--bf16 (CPUs run bf16 too): bf16 weights except the fp32 difficulty routers, and on
+    the same data the loss curve follows the fp32 one (Megatron's optimizer keeps fp32 main
+    parameters)."""
+    fp32 = _run(train_iters=6)
+    bf16 = _run(train_iters=6, bf16=True)
+    dtypes = {p.dtype for name, p in bf16.model.named_parameters() if "router" not in name}
+    assert dtypes == {torch.bfloat16}
+    routers = {p.dtype for name, p in bf16.model.named_parameters() if "router" in name}
+    assert routers == {torch.float32}  # the difficulty router stays fp32 (moe_router_dtype)
+    for it, value in fp32.losses.items():
+        assert abs(bf16.losses[it] - value) <= 2e-3 * value, (it, bf16.losses[it], value)
+    assert bf16.losses != fp32.losses  # really another precision
+
+
 @pytest.fixture(scope="module")
 def initial_weights(tmp_path_factory, single_rank):
-    """One set of starting weights (a MoEfied tiny LLaMA with random routers) for every
-    layout: random initialisation itself depends on the layout."""
+    """Starting weights for every layout (random initialisation itself depends on the
+    layout): a dense 4-layer tiny LLaMA (the distillation teacher) and the DynaMoE model
+    MoEfied from it with random routers. Returns (dynamoe folder, dense folder)."""
+    from megatron_dynamoe.architectures import transformer_config
     from megatron_dynamoe.checkpointing import save_checkpoint
-    from tests.builders import build_dense, build_dynamoe, moefied_state
+    from megatron_dynamoe.dynamoe.moefy import moefy_state_dict
+    from megatron_dynamoe.model_builder import build_gpt_model
 
-    folder = str(tmp_path_factory.mktemp("init") / "dynamoe")
-    model = build_dynamoe(INFO.dynamoe)
-    model.load_state_dict(moefied_state(build_dense(seed=3), INFO.dynamoe, router_seed=4))
-    save_checkpoint(model, folder, INFO)
-    return folder
+    root = tmp_path_factory.mktemp("init")
+    torch.manual_seed(3)
+    dense = build_gpt_model(ARCH4, transformer_config(ARCH4))
+    save_checkpoint(dense, str(root / "dense"), CheckpointInfo(ARCH4, None, {}))
+    dyn = INFO.dynamoe
+    model = build_gpt_model(ARCH4, transformer_config(ARCH4, dynamoe=dyn), dyn)
+    state = moefy_state_dict(dense.state_dict(), dyn, gated=ARCH4.gated)
+    gen = torch.Generator().manual_seed(4)
+    for key in state:
+        if key.endswith("router.weight"):
+            state[key] = torch.randn(state[key].shape, generator=gen)
+    model.load_state_dict(state)
+    save_checkpoint(model, str(root / "dynamoe"), INFO)
+    return str(root / "dynamoe"), str(root / "dense")
 
 
-def _layout_worker(rank, world_size, layout, out, weights):
-    result = _run(layout, train_iters=4, model=None, pretrained_checkpoint=weights)
+# Low sensitivities, so that the student's FFNs are cut well below the teacher's and the KL
+# is far from zero.
+DISTILL = dict(dynamoe_distill_weight=0.7, dynamoe_distill_temperature=2.0,
+               dynamoe_sensitivity_min=0.0, dynamoe_sensitivity_max=0.4)
+
+
+def _layout_worker(rank, world_size, layout, out, weights, distill, extra):
+    student, teacher = weights
+    if distill:
+        extra = {**DISTILL, "dynamoe_distill_teacher": teacher, **extra}
+    result = _run(layout, **{"train_iters": 4, "model": None,
+                             "pretrained_checkpoint": student, **extra})
     if result.losses:
-        torch.save(result.losses, f"{out}.rank{rank}.pt")
+        torch.save((result.losses, result.distill_kl), f"{out}.rank{rank}.pt")
 
 
+# name: (processes, layout flags, distillation, other flags)
 LAYOUTS = {
-    "tp2": dict(tensor_model_parallel_size=2, sequence_parallel=True),
-    "pp2": dict(pipeline_model_parallel_size=2),
-    "ep2": dict(expert_model_parallel_size=2),
-    "dp2": dict(),
+    "tp2": (2, dict(tensor_model_parallel_size=2, sequence_parallel=True), False, {}),
+    "pp2": (2, dict(pipeline_model_parallel_size=2), False, {}),
+    "pp2-vpp2": (2, dict(pipeline_model_parallel_size=2,
+                         virtual_pipeline_model_parallel_size=2), False, {}),
+    "ep2": (2, dict(expert_model_parallel_size=2), False, {}),
+    "dp2": (2, dict(), False, {}),
+    "recompute-full": (1, dict(), False, dict(recompute_granularity="full",
+                                              recompute_method="uniform",
+                                              recompute_num_layers=1)),
+    "tp2-distill": (2, dict(tensor_model_parallel_size=2, sequence_parallel=True), True, {}),
+    "pp2-vpp2-distill": (2, dict(pipeline_model_parallel_size=2,
+                                 virtual_pipeline_model_parallel_size=2), True, {}),
 }
+
+
+def _reference(tmp_path_factory, weights, distill):
+    out = str(tmp_path_factory.mktemp("reference") / "ref")
+    run_processes(_layout_worker, 1, {}, out, weights, distill, {})
+    return torch.load(out + ".rank0.pt")
 
 
 @pytest.fixture(scope="module")
 def reference_curve(tmp_path_factory, initial_weights):
-    out = str(tmp_path_factory.mktemp("reference") / "ref")
-    run_processes(_layout_worker, 1, {}, out, initial_weights)
-    return torch.load(out + ".rank0.pt")
+    return _reference(tmp_path_factory, initial_weights, False)
+
+
+@pytest.fixture(scope="module")
+def distill_reference_curve(tmp_path_factory, initial_weights):
+    return _reference(tmp_path_factory, initial_weights, True)
 
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_layout_matches_single_process_loss_curve(name, tmp_path, initial_weights,
-                                                  reference_curve):
-    run_processes(_layout_worker, 2, LAYOUTS[name], str(tmp_path / name), initial_weights)
-    reference = reference_curve
+def test_layout_matches_single_process_loss_curve(name, tmp_path, initial_weights, request):
+    world, layout, distill, extra = LAYOUTS[name]
+    reference_losses, reference_kl = request.getfixturevalue(
+        "distill_reference_curve" if distill else "reference_curve")
+    run_processes(_layout_worker, world, layout, str(tmp_path / name), initial_weights,
+                  distill, extra)
     found = [f for f in os.listdir(tmp_path) if f.startswith(name)]
     assert found, "no rank reported losses"
     for f in found:
-        losses = torch.load(tmp_path / f)
-        assert sorted(losses) == sorted(reference)
-        for it, value in reference.items():
+        losses, kl = torch.load(tmp_path / f)
+        assert sorted(losses) == sorted(reference_losses)
+        for it, value in reference_losses.items():
             assert abs(losses[it] - value) <= 1e-5 * abs(value), (name, it, losses[it], value)
+        assert sorted(kl) == sorted(reference_kl)
+        for it, value in reference_kl.items():
+            # fp32 KL of nearby distributions carries ~1e-8 absolute rounding.
+            assert abs(kl[it] - value) <= 1e-4 * abs(value) + 1e-7, (name, it, kl[it], value)
+
+
+def test_distillation_reference_is_meaningful(distill_reference_curve, initial_weights,
+                                              tmp_path_factory):
+    """The KL is positive below theta = 1 (at theta = 1 it is < 1e-7, next test) and its
+    gradient reaches the weights: with distillation weight 1 (KL only) the same run's LM
+    loss is equal before the first update and different after it. (The reference's weight
+    0.7 leaves the LM gradient dominant, and Adam's first step is scale-invariant.)"""
+    losses, kl = distill_reference_curve
+    assert len(kl) == 4 and all(v > 2e-6 for v in kl.values()), kl
+    out = str(tmp_path_factory.mktemp("weight1") / "w1")
+    run_processes(_layout_worker, 1, {}, out, initial_weights, True,
+                  dict(dynamoe_distill_weight=1.0, exit_after_iters=3))
+    kl_only, kl_only_kl = torch.load(out + ".rank0.pt")
+    assert kl_only_kl[1] == pytest.approx(kl[1], rel=1e-5)
+    assert kl_only[1] == pytest.approx(losses[1], rel=1e-6)
+    # (iteration 2 follows a zero-LR warm-up step)
+    assert abs(kl_only[3] - losses[3]) > 1e-5 * abs(losses[3]), (kl_only, losses)
+
+
+@pytest.mark.usefixtures("single_rank")
+def test_distillation_kl_is_zero_at_theta_one(initial_weights):
+    """MoEfying is exact: at theta = 1 the student is the dense teacher, so the KL of the
+    first step (before any update) vanishes."""
+    student, teacher = initial_weights
+    result = _run(train_iters=1, exit_after_iters=1, lr_warmup_iters=0, model=None,
+                  pretrained_checkpoint=student, dynamoe_distill_teacher=teacher,
+                  **{**DISTILL, "dynamoe_sensitivity_min": 1.0,
+                     "dynamoe_sensitivity_max": 1.0})
+    assert -1e-8 <= result.distill_kl[1] < 1e-7, result.distill_kl

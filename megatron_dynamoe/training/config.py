@@ -7,7 +7,8 @@ Config flows one way: `parse_train_args(argv)` -> `TrainConfig` (validated in
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, field
+import typing
+from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional, Sequence
 
 from megatron_dynamoe.parallel import ParallelLayout
@@ -30,6 +31,7 @@ class TrainConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     expert_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None  # chunks per stage (interleaved)
     sequence_parallel: bool = False
     moe_token_dispatcher_type: str = "alltoall"
     use_distributed_optimizer: bool = True
@@ -50,6 +52,11 @@ class TrainConfig:
     adam_eps: float = 1e-8
     bf16: bool = False
     seed: int = 1234
+    # Activation recomputation (Megatron's semantics): 'selective' recomputes core attention,
+    # 'full' whole layers per --recompute-method / --recompute-num-layers.
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
     # Data: Megatron-style blend "W1 PREFIX1 W2 PREFIX2 ..." (or one prefix), split "98,2,0"-style,
     # tokenised by --tokenizer (an HF folder, or 'smollm2'; + --gguf-file).
     data_path: List[str] = field(default_factory=list)
@@ -69,6 +76,11 @@ class TrainConfig:
     dynamoe_label_tolerance: Optional[float] = None  # None: keep the checkpoint's value
     dynamoe_label_fraction: Optional[float] = None
     dynamoe_router_loss_coeff: Optional[float] = None
+    # Distillation from the frozen dense model (a dense checkpoint of the same architecture):
+    # loss = (1 - w) * LM loss + w * T^2 * KL(teacher_T || student_T) per token.
+    dynamoe_distill_teacher: Optional[str] = None
+    dynamoe_distill_weight: float = 0.5
+    dynamoe_distill_temperature: float = 1.0
     # Stop after this many iterations of this run (tests, time-limited jobs); None = no limit.
     exit_after_iters: Optional[int] = None
 
@@ -98,13 +110,56 @@ class TrainConfig:
             self.sequence_parallel = False  # nothing to split: Megatron does the same
         if self.moe_token_dispatcher_type not in ("alltoall", "allgather"):
             raise ValueError("--moe-token-dispatcher-type must be 'alltoall' or 'allgather'")
+        self._check_recompute()
+        if not 0.0 <= self.dynamoe_distill_weight <= 1.0:
+            raise ValueError("--dynamoe-distill-weight must be in [0, 1]")
+        if self.dynamoe_distill_temperature <= 0:
+            raise ValueError("--dynamoe-distill-temperature must be > 0")
+        if self.dense and self.dynamoe_distill_teacher:
+            raise ValueError("--dynamoe-distill-teacher distils a dense teacher into a DynaMoE "
+                             "student: drop --dense")
+        # Checked here (not only by ParallelLayout) so a bad layout fails before any launch.
+        self.layout  # noqa: B018
+
+    def _check_recompute(self) -> None:
+        g, m, n = self.recompute_granularity, self.recompute_method, self.recompute_num_layers
+        if g is None:
+            if m is not None or n is not None:
+                raise ValueError("--recompute-method / --recompute-num-layers need "
+                                 "--recompute-granularity full")
+            return
+        if g not in ("full", "selective"):
+            raise ValueError("--recompute-granularity must be 'full' or 'selective'")
+        if g == "selective":
+            if m is not None or n is not None:
+                raise ValueError("--recompute-granularity selective recomputes core attention "
+                                 "in every layer: drop --recompute-method / "
+                                 "--recompute-num-layers")
+            return
+        if m not in ("uniform", "block"):
+            raise ValueError("--recompute-granularity full needs --recompute-method uniform "
+                             "or block")
+        if n is None or n < 1:
+            raise ValueError("--recompute-granularity full needs --recompute-num-layers N >= 1 "
+                             "(uniform: layers per recomputed chunk; block: layers recomputed "
+                             "per pipeline stage)")
+
+    def recompute_overrides(self) -> dict:
+        """TransformerConfig fields of the recomputation flags ({} when off)."""
+        if self.recompute_granularity is None:
+            return {}
+        return dict(recompute_granularity=self.recompute_granularity,
+                    recompute_method=self.recompute_method,
+                    recompute_num_layers=self.recompute_num_layers)
 
     @property
     def layout(self) -> ParallelLayout:
         """The parallel layout of the run."""
-        return ParallelLayout(tensor_model_parallel_size=self.tensor_model_parallel_size,
-                              pipeline_model_parallel_size=self.pipeline_model_parallel_size,
-                              expert_model_parallel_size=self.expert_model_parallel_size)
+        return ParallelLayout(
+            tensor_model_parallel_size=self.tensor_model_parallel_size,
+            pipeline_model_parallel_size=self.pipeline_model_parallel_size,
+            expert_model_parallel_size=self.expert_model_parallel_size,
+            virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size)
 
     def num_microbatches(self, data_parallel_size: int) -> int:
         """Micro-batches per iteration on each DP rank; raises when the batch does not divide."""
@@ -121,29 +176,28 @@ class TrainConfig:
         return asdict(self)
 
 
+def _flag_type(hint):
+    """argparse type of a TrainConfig field from its annotation (Optional[X] -> X)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) is typing.Union and args else hint
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `launch/train.py` argument parser (one flag per TrainConfig field)."""
     p = argparse.ArgumentParser(description="Fine-tune a DynaMoE (or dense) GPT model on "
                                             "Megatron-Core.")
-    defaults = TrainConfig(model="tiny-llama")
-    for name, value in asdict(defaults).items():
-        flag = "--" + name.replace("_", "-")
-        default = getattr(TrainConfig, name, None) if name != "data_path" else []
-        if name == "model":
-            default = None
-        if isinstance(value, bool):
-            p.add_argument(flag, action="store_true", default=default)
-        elif name == "data_path":
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _flag_type(hints[f.name])
+        if kind is bool:
+            # On-by-default switches also get --no-X (e.g. --no-use-distributed-optimizer).
+            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            p.add_argument(flag, action=action, default=f.default)
+        elif f.name == "data_path":
             p.add_argument(flag, nargs="+", default=[])
         else:
-            kind = type(value) if value is not None else None
-            if name in ("save_interval", "exit_after_iters"):
-                kind = int
-            elif name.startswith("dynamoe_") and value is None:
-                kind = float
-            elif kind is None:
-                kind = str
-            p.add_argument(flag, type=kind, default=default)
+            p.add_argument(flag, type=kind, default=f.default)
     return p
 
 

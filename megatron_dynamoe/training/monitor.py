@@ -45,7 +45,7 @@ class TrainingMonitor:
             print(f"[{time.strftime('%H:%M:%S')}] {message}", file=self.stream, flush=True)
 
     def iteration(self, iteration: int, cfg: TrainConfig, *, loss, theta, grad_norm, lr,
-                  seconds, model, skipped=False) -> None:
+                  seconds, model, skipped=False, scalars=None, distill_kl=None) -> None:
         if not self.enabled:
             return
         from megatron_dynamoe.model_builder import dynamoe_layers
@@ -64,6 +64,10 @@ class TrainingMonitor:
             if grad_norm is not None:
                 w.add_scalar("grad-norm", grad_norm, iteration)
             w.add_scalar("tokens-per-second", tokens_per_s, iteration)
+            if distill_kl is not None:
+                w.add_scalar("distill kl", distill_kl, iteration)
+            for tag, value in (scalars or {}).items():
+                w.add_scalar(tag, value, iteration)
             w.add_scalar("dynamoe/sensitivity", theta, iteration)
             w.add_scalar("dynamoe/ffn-compute-fraction", ffn, iteration)
             w.add_scalar("memory/max-rss-gb",
@@ -76,7 +80,9 @@ class TrainingMonitor:
             loss_text = f"{loss:.6E}" if loss is not None else "n/a"
             gn = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"
             print(f" iteration {iteration:8d}/{cfg.train_iters:8d} | lm loss: {loss_text} | "
-                  f"lr: {lr:.3E} | grad norm: {gn} | theta: {theta:.3f} | "
+                  f"lr: {lr:.3E} | grad norm: {gn} | "
+                  + (f"distill kl: {distill_kl:.4E} | " if distill_kl is not None else "")
+                  + f"theta: {theta:.3f} | "
                   f"FFN compute: {ffn:.3f} | tokens/s: {tokens_per_s:.1f} | "
                   f"ETA: {eta:.0f} s" + (" | skipped" if skipped else ""),
                   file=self.stream, flush=True)

@@ -15,6 +15,7 @@ resumption exact.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -32,9 +33,11 @@ BatchSource = Callable[[int, int], Dict[str, torch.Tensor]]
 @dataclass
 class TrainResult:
     """What a run did: per-iteration LM loss (on last-stage ranks, DP-averaged), the last
-    iteration reached and whether it stopped for a preemption signal."""
+    iteration reached, whether it stopped for a preemption signal, and the trained model."""
 
     losses: Dict[int, float] = field(default_factory=dict)
+    distill_kl: Dict[int, float] = field(default_factory=dict)  # with distillation only
+    model: Optional[torch.nn.Module] = None  # this rank's trained ModelChunks
     iteration: int = 0
     consumed_samples: int = 0
     stopped_by_signal: bool = False
@@ -66,22 +69,52 @@ def _forward_step(data_iterator, model):
     return output, functools.partial(_loss_func, batch["loss_mask"])
 
 
+def _distill_loss_func(batch: Dict[str, torch.Tensor], weight: float, temperature: float,
+                       logits: torch.Tensor):
+    """Last-stage loss with distillation: `logits` are the student's [b, s, V / TP]."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    from megatron_dynamoe.training.distillation import distillation_loss
+
+    # Megatron's own vocab-parallel CE, in its [s, b] layout (as GPTModel computes it).
+    lm = tensor_parallel.vocab_parallel_cross_entropy(
+        logits.transpose(0, 1).contiguous().float(),
+        batch["labels"].transpose(0, 1).contiguous()).transpose(0, 1)
+    return distillation_loss(lm, logits, batch["teacher_logits"], batch["loss_mask"],
+                             weight=weight, temperature=temperature,
+                             group=parallel_state.get_tensor_model_parallel_group())
+
+
+def _distill_forward_step(weight: float, temperature: float, data_iterator, model):
+    batch = next(data_iterator)
+    # No labels: the last stage returns logits, and the loss (LM + KL) is computed here.
+    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+    return output, functools.partial(_distill_loss_func, batch, weight, temperature)
+
+
 class _MicroBatches:
-    """Iterator over this rank's micro-batches of one iteration."""
+    """Iterator over this rank's micro-batches of one iteration (micro-batch m of DP rank r
+    starts at global sample start + (m * dp_size + r) * micro_batch_size); `extra[m]` (the
+    teacher's logits) is attached to micro-batch m when given."""
 
     def __init__(self, source: BatchSource, start: int, micro_batch_size: int, count: int,
-                 dp_rank: int, dp_size: int):
+                 dp_rank: int, dp_size: int, teacher_logits: Optional[list] = None):
         self._positions = [start + (m * dp_size + dp_rank) * micro_batch_size
                            for m in range(count)]
         self._source, self._mbs = source, micro_batch_size
+        self._teacher_logits, self._index = teacher_logits, 0
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        if not self._positions:
+        if self._index == len(self._positions):
             raise StopIteration
-        return self._source(self._positions.pop(0), self._mbs)
+        batch = self._source(self._positions[self._index], self._mbs)
+        if self._teacher_logits:
+            batch["teacher_logits"] = self._teacher_logits[self._index]
+        self._index += 1
+        return batch
 
 
 def build_scheduler(cfg: TrainConfig, optimizer):
@@ -96,19 +129,52 @@ def build_scheduler(cfg: TrainConfig, optimizer):
         wd_incr_style="constant")
 
 
+def build_teacher(cfg: TrainConfig, model_info, layout_config):
+    """The frozen dense teacher for --dynamoe-distill-teacher, at the student's layout."""
+    from megatron_dynamoe.checkpointing import CheckpointError, load_checkpoint, read_info
+    from megatron_dynamoe.model_builder import ModelProvider, build_model_chunks
+    from megatron_dynamoe.training.distillation import FrozenTeacher
+
+    info = read_info(cfg.dynamoe_distill_teacher)
+    arch = info.architecture if info is not None else model_info.architecture
+    if info is not None and info.dynamoe is not None:
+        raise CheckpointError(f"--dynamoe-distill-teacher {cfg.dynamoe_distill_teacher!r} is a "
+                              f"DynaMoE checkpoint: distil from the dense model it was made "
+                              f"from (tools/convert_checkpoint.py output)")
+    if arch != model_info.architecture:
+        raise CheckpointError(f"--dynamoe-distill-teacher {cfg.dynamoe_distill_teacher!r} has "
+                              f"another architecture than the model being trained: use the "
+                              f"dense checkpoint this model was MoEfied from")
+    provider = ModelProvider(arch, None)
+    config = provider.transformer_config(
+        cfg.layout, sequence_parallel=cfg.sequence_parallel,
+        params_dtype=layout_config.params_dtype)
+    chunks = build_model_chunks(provider, config)
+    load_checkpoint(chunks, cfg.dynamoe_distill_teacher, origin="the distillation teacher")
+    return FrozenTeacher(chunks)
+
+
 def train(cfg: TrainConfig, model_info, source: BatchSource, logger=None,
-          on_iteration: Optional[Callable[[int], None]] = None) -> TrainResult:
+          on_iteration: Optional[Callable[[int], None]] = None,
+          provider=None) -> TrainResult:
     """Run (or resume) training. `model_info` is a CheckpointInfo describing the model
-    (architecture + DynaMoE config). Parallel groups must be initialised for `cfg.layout`."""
+    (architecture + DynaMoE config); `provider` (a `model_builder.ModelProvider`, default:
+    the DynaMoE / dense model of `model_info`) builds it. Parallel groups must be
+    initialised for `cfg.layout`."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    from megatron_dynamoe.architectures import transformer_config
     from megatron_dynamoe.checkpointing import load_checkpoint
-    from megatron_dynamoe.model_builder import build_gpt_model, set_sensitivity, set_training_step
+    from megatron_dynamoe.model_builder import (
+        ModelProvider,
+        build_model_chunks,
+        set_sensitivity,
+        set_training_step,
+    )
     from megatron_dynamoe.training import preemption
     from megatron_dynamoe.training.state import (
         latest_checkpoint,
@@ -116,29 +182,33 @@ def train(cfg: TrainConfig, model_info, source: BatchSource, logger=None,
         save_training_state,
     )
 
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
-    arch, dyn = model_info.architecture, model_info.dynamoe
+    if provider is None:
+        provider = ModelProvider(model_info.architecture, model_info.dynamoe)
     # Megatron keeps the side-loss gradient scale as class state; a DynaMoE backward run
     # outside a schedule earlier in this process leaves a 0-d tensor that the schedule's
     # [1]-shaped scale cannot be copied into. Each run starts from "unset".
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
-    config = transformer_config(
-        arch, cfg.layout, dyn, sequence_parallel=cfg.sequence_parallel,
+    config = provider.transformer_config(
+        cfg.layout, sequence_parallel=cfg.sequence_parallel,
         moe_token_dispatcher_type=cfg.moe_token_dispatcher_type,
-        params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+        params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
+        **cfg.recompute_overrides())
     torch.manual_seed(cfg.seed)
-    model = build_gpt_model(arch, config, dyn)
+    model = build_model_chunks(provider, config)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.use_distributed_optimizer)
-    ddp = DistributedDataParallel(config, ddp_config, module=model)
+    # Megatron buckets only the first chunk's gradients for overlap; later chunks reduce
+    # at the end of the step (the same choice as Megatron's training loop).
+    ddps = [DistributedDataParallel(config, ddp_config, module=chunk,
+                                    disable_bucketing=i > 0)
+            for i, chunk in enumerate(model)]
     optimizer = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
         clip_grad=cfg.clip_grad, bf16=cfg.bf16, params_dtype=config.params_dtype,
-        use_distributed_optimizer=cfg.use_distributed_optimizer), [ddp])
+        use_distributed_optimizer=cfg.use_distributed_optimizer), ddps)
     scheduler = build_scheduler(cfg, optimizer)
-    config.no_sync_func = ddp.no_sync
+    config.no_sync_func = ([d.no_sync for d in ddps] if len(ddps) > 1 else ddps[0].no_sync)
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
 
@@ -152,6 +222,10 @@ def train(cfg: TrainConfig, model_info, source: BatchSource, logger=None,
         # A model checkpoint (not a training one): weights only, fresh optimizer.
         load_checkpoint(model, cfg.pretrained_checkpoint or cfg.load)
         optimizer.reload_model_params()
+    teacher = build_teacher(cfg, model_info, config) if cfg.dynamoe_distill_teacher else None
+    forward_step = (functools.partial(_distill_forward_step, cfg.dynamoe_distill_weight,
+                                      cfg.dynamoe_distill_temperature)
+                    if teacher else _forward_step)
 
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
@@ -160,19 +234,31 @@ def train(cfg: TrainConfig, model_info, source: BatchSource, logger=None,
     result = TrainResult(iteration=iteration, consumed_samples=consumed)
     stop = preemption.PreemptionFlag()
     started_iter = iteration
+
+    def micro_batches(start: int, teacher_logits=None) -> list:
+        # One iterator per model chunk (the interleaved schedule pulls from each).
+        return [_MicroBatches(source, start, cfg.micro_batch_size, num_micro, dp_rank, dp_size,
+                              teacher_logits) for _ in model]
+
     with stop.installed():
         while iteration < cfg.train_iters:
             tic = time.time()
             theta = sample_sensitivity(cfg, iteration)
             set_sensitivity(model, theta)
             set_training_step(model, iteration)
-            ddp.zero_grad_buffer()
+            teacher_logits = None
+            if teacher is not None:
+                teacher_logits = teacher.logits_for(
+                    functools.partial(micro_batches, consumed), num_micro, cfg.seq_length,
+                    cfg.micro_batch_size)
+            for ddp in ddps:
+                ddp.zero_grad_buffer()
             optimizer.zero_grad()
-            batches = _MicroBatches(source, consumed, cfg.micro_batch_size, num_micro,
-                                    dp_rank, dp_size)
+            iterators = micro_batches(consumed, teacher_logits)
             reports = forward_backward(
-                forward_step_func=_forward_step, data_iterator=batches, model=[ddp],
-                num_microbatches=num_micro, seq_length=cfg.seq_length,
+                forward_step_func=forward_step,
+                data_iterator=iterators if len(iterators) > 1 else iterators[0],
+                model=ddps, num_microbatches=num_micro, seq_length=cfg.seq_length,
                 micro_batch_size=cfg.micro_batch_size, forward_only=False)
             ok, grad_norm, _ = optimizer.step()
             if ok:
@@ -182,11 +268,14 @@ def train(cfg: TrainConfig, model_info, source: BatchSource, logger=None,
             loss = _dp_mean_loss(reports)
             if loss is not None:
                 result.losses[iteration] = loss
+            if teacher is not None and reports:
+                result.distill_kl[iteration] = _dp_mean_loss(reports, "distill kl")
             if logger:
                 logger.iteration(iteration, cfg, loss=loss, theta=theta, grad_norm=grad_norm,
                                  lr=scheduler.get_lr(optimizer.param_groups[0]),
                                  seconds=time.time() - tic, model=model,
-                                 skipped=not ok)
+                                 skipped=not ok, scalars=provider.scalars(model),
+                                 distill_kl=result.distill_kl.get(iteration))
             if on_iteration:
                 on_iteration(iteration)
             stop_now = stop.agreed()
@@ -195,25 +284,27 @@ def train(cfg: TrainConfig, model_info, source: BatchSource, logger=None,
             interval_save = cfg.save_interval and iteration % cfg.save_interval == 0
             if cfg.save and (interval_save or stop_now or exit_now
                              or iteration == cfg.train_iters):
+                info = dataclasses.replace(
+                    model_info, extra={**model_info.extra, "model_provider": provider.name})
                 folder = save_training_state(cfg.save, iteration, model, optimizer, scheduler,
-                                             consumed, model_info)
+                                             consumed, info)
                 if logger:
                     logger.text(f"saved {folder}")
             if stop_now or exit_now:
                 result.stopped_by_signal = stop_now
                 break
-    result.iteration, result.consumed_samples = iteration, consumed
+    result.iteration, result.consumed_samples, result.model = iteration, consumed, model
     return result
 
 
-def _dp_mean_loss(reports: List[dict]) -> Optional[float]:
-    """Mean LM loss of this iteration's micro-batches, averaged over data-parallel ranks
-    (None off the last pipeline stage, which computes no loss)."""
+def _dp_mean_loss(reports: List[dict], key: str = "lm loss") -> Optional[float]:
+    """Mean of `key` over this iteration's micro-batch reports, averaged over data-parallel
+    ranks (None off the last pipeline stage, which computes no loss)."""
     from megatron.core import parallel_state
 
     if not reports:
         return None
-    local = torch.stack([r["lm loss"] for r in reports]).mean().double()
+    local = torch.stack([r[key] for r in reports]).mean().double()
     group = parallel_state.get_data_parallel_group()
     if dist.get_world_size(group) > 1:
         dist.all_reduce(local, group=group)
