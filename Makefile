@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 # torch is installed FIRST and alone: every later requirement that names torch (megatron-core,
 # deepspeed, accelerate) is then already satisfied, and pip never fetches a CUDA build.
 TORCH_VERSION := 2.13.0
-APT_PACKAGES := libopenmpi-dev openmpi-bin
+APT_PACKAGES := libopenmpi-dev openmpi-bin slurm-wlm munge shellcheck
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # DeepSpeed JIT-builds its ops on first use: keep them out of ~/.cache and the repo.

@@ -80,6 +80,8 @@ def batch_source(cfg, arch, dp_size: int):
                                   num_samples=(cfg.train_iters * cfg.global_batch_size, 0, 0),
                                   cache_path=cache, split=cfg.split, seed=cfg.seed)
     train_set = datasets.train
+    if cfg.curriculum_scores:
+        return curriculum_batch_source(cfg, train_set)
 
     def source(position: int, micro_batch_size: int):
         return collate_samples([train_set[i] for i in range(position,
@@ -88,32 +90,68 @@ def batch_source(cfg, arch, dp_size: int):
     return source
 
 
+def curriculum_batch_source(cfg, train_set):
+    """BatchSource in the curriculum order of --curriculum-scores (a pure function of the
+    sample position, so resumption stays exact)."""
+    from megatron_dynamoe.cli import ToolError
+    from megatron_dynamoe.curriculum import CurriculumOrder, curriculum_source, load_scores
+
+    scores = load_scores(cfg.curriculum_scores)
+    profiled = scores.provenance.get("seq_length")
+    if profiled is not None and profiled != cfg.seq_length:
+        raise ToolError(f"{cfg.curriculum_scores} scores sequences of {profiled} tokens, this "
+                        f"run trains {cfg.seq_length}: profile with the run's data flags")
+    order = CurriculumOrder(scores, cfg.curriculum_window or cfg.global_batch_size,
+                            cfg.curriculum_mode, seed=cfg.seed)
+    order.check_covers(cfg.train_iters * cfg.global_batch_size, len(train_set))
+    return curriculum_source(train_set.__getitem__, order)
+
+
+def model_provider(info):
+    """The provider of the model `info` describes: adaptive-gating MoE checkpoints record
+    their gating config in extra['adaptive']; anything else is the DynaMoE / dense model."""
+    from megatron_dynamoe.model_builder import ModelProvider
+
+    if "adaptive" in (info.extra or {}):
+        from megatron_dynamoe.adaptive.provider import AdaptiveMoEProvider
+
+        return AdaptiveMoEProvider.from_checkpoint_info(info)
+    return ModelProvider(info.architecture, info.dynamoe)
+
+
 def main(argv=None) -> int:
+    from megatron_dynamoe import launch_env
+    from megatron_dynamoe.cli import log
     from megatron_dynamoe.training.config import parse_train_args
 
+    # Rank discovery (torchrun, srun, mpirun, DeepSpeed launcher) -> RANK / WORLD_SIZE / MASTER_*
+    # for initialize_parallel; also drops a launcher-appended --local_rank.
+    launch, argv = launch_env.prepare(argv)
+    log(launch.describe())
     cfg = parse_train_args(argv)
     from megatron.core import parallel_state
 
-    from megatron_dynamoe.architectures import transformer_config
     from megatron_dynamoe.parallel import initialize_parallel
     from megatron_dynamoe.training.monitor import TrainingMonitor
     from megatron_dynamoe.training.trainer import train
 
     info = resolve_model(cfg)
+    provider = model_provider(info)
     # Refuse a layout that does not fit the model before starting any process group.
-    transformer_config(info.architecture, cfg.layout, info.dynamoe,
-                       sequence_parallel=cfg.sequence_parallel)
+    provider.transformer_config(cfg.layout, sequence_parallel=cfg.sequence_parallel)
     initialize_parallel(cfg.layout, seed=cfg.seed)
     cfg.num_microbatches(parallel_state.get_data_parallel_world_size())
     source = batch_source(cfg, info.architecture,
                           parallel_state.get_data_parallel_world_size())
     monitor = TrainingMonitor(cfg)
-    monitor.text(f"training {'DynaMoE' if info.dynamoe else 'dense'} "
+    kind = ("adaptive-gating MoE" if provider.name == "adaptive" else
+            "DynaMoE" if info.dynamoe else "dense")
+    monitor.text(f"training {kind} "
                  f"{info.architecture.family} model: TP={cfg.tensor_model_parallel_size} "
                  f"PP={cfg.pipeline_model_parallel_size} EP={cfg.expert_model_parallel_size} "
                  f"DP={parallel_state.get_data_parallel_world_size()}")
     try:
-        result = train(cfg, info, source, logger=monitor)
+        result = train(cfg, info, source, logger=monitor, provider=provider)
     finally:
         monitor.close()
     if result.stopped_by_signal:

@@ -159,14 +159,18 @@ def load_checkpoint(model: torch.nn.Module, directory: str, origin: str = "this 
     metadata = verify_checkpoint_files(directory)
     if metadata is not None:
         check_tensors_match(model, metadata, directory, origin)
+    template = model.sharded_state_dict()
     try:
-        state = dist_checkpointing.load(model.sharded_state_dict(), directory)
+        state = dist_checkpointing.load(template, directory)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # torch's CheckpointException is a BaseException
         raise CheckpointError(f"cannot load {directory!r} into {origin}: {describe_load_failure(e)} (is "
                               f"the checkpoint complete, and does the architecture match it?)"
                               ) from e
+    # dist_checkpointing also returns the folder's whole common state: a training
+    # checkpoint (iter_N) adds optimizer / scheduler / training entries, not the model's.
+    state = {k: v for k, v in state.items() if k in template}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("._extra_state")]
     unexpected = [k for k in unexpected if not k.endswith("._extra_state")]

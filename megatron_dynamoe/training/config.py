@@ -31,6 +31,7 @@ class TrainConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: Optional[int] = None  # None: same as TP (Megatron's default)
     virtual_pipeline_model_parallel_size: Optional[int] = None  # chunks per stage (interleaved)
     sequence_parallel: bool = False
     moe_token_dispatcher_type: str = "alltoall"
@@ -83,6 +84,13 @@ class TrainConfig:
     dynamoe_distill_temperature: float = 1.0
     # Stop after this many iterations of this run (tests, time-limited jobs); None = no limit.
     exit_after_iters: Optional[int] = None
+    # Curriculum (issue #7): train in the order of a scores file written by
+    # tools/profile_curriculum.py with this run's data flags; 'window' sorts each window of
+    # --curriculum-window samples (default: the global batch size) by ascending score,
+    # 'global' sorts the whole run and shuffles within windows (seeded by --seed).
+    curriculum_scores: Optional[str] = None
+    curriculum_mode: str = "window"
+    curriculum_window: Optional[int] = None
 
     def __post_init__(self):
         if self.load is None and self.pretrained_checkpoint is None and self.model is None:
@@ -113,6 +121,12 @@ class TrainConfig:
         self._check_recompute()
         if not 0.0 <= self.dynamoe_distill_weight <= 1.0:
             raise ValueError("--dynamoe-distill-weight must be in [0, 1]")
+        if self.curriculum_mode not in ("window", "global"):
+            raise ValueError("--curriculum-mode must be 'window' or 'global'")
+        if self.curriculum_window is not None and self.curriculum_window < 1:
+            raise ValueError("--curriculum-window must be >= 1")
+        if self.curriculum_window is not None and self.curriculum_scores is None:
+            raise ValueError("--curriculum-window needs --curriculum-scores FILE")
         if self.dynamoe_distill_temperature <= 0:
             raise ValueError("--dynamoe-distill-temperature must be > 0")
         if self.dense and self.dynamoe_distill_teacher:
@@ -159,6 +173,7 @@ class TrainConfig:
             tensor_model_parallel_size=self.tensor_model_parallel_size,
             pipeline_model_parallel_size=self.pipeline_model_parallel_size,
             expert_model_parallel_size=self.expert_model_parallel_size,
+            expert_tensor_parallel_size=self.expert_tensor_parallel_size,
             virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size)
 
     def num_microbatches(self, data_parallel_size: int) -> int:

@@ -1,0 +1,172 @@
+"""AdaptiveMoEProvider: builds adaptive-gating MoE GPTModels for the trainer, the tools and
+the benchmarks, and reports their routing statistics as TensorBoard scalars.
+
+The model is Megatron's GPTModel with Megatron's MoE layer (router swapped, see spec.py), so
+it trains through the same schedules, DDP, distributed optimizer and checkpoints as the
+DynaMoE model. Checkpoints record the gating config in `dynamoe.json`'s `extra["adaptive"]`
+(`checkpoint_info` / `from_checkpoint_info`).
+
+Scalars (per logged iteration, from the logging rank's stage, last micro-batch):
+- `moe/layerNNN/two-expert-share`: share of tokens that chose two or more experts;
+- `moe/layerNNN/experts-per-token`: mean experts per token (FFN compute in expert units);
+- `moe/layerNNN/expertE-tokens`: tokens computed by expert E (after capacity dropping);
+- `moe/layerNNN/expert-load-imbalance`: max / mean of those token counts (1 = balanced),
+  and with EP > 1 `moe/layerNNN/ep-load-imbalance`, the same over EP ranks;
+- `moe/dropped-tokens`: token-expert assignments dropped by capacity, summed over layers
+  (`moe/fully-dropped-tokens`: tokens that lost every expert and only keep the residual).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_dynamoe.adaptive.config import AdaptiveGatingConfig
+from megatron_dynamoe.adaptive.router import AdaptiveRouter
+from megatron_dynamoe.adaptive.spec import decoder_block_spec
+from megatron_dynamoe.architectures import ModelArchitecture, transformer_config
+from megatron_dynamoe.model_builder import ModelProvider
+
+CHECKPOINT_KEY = "adaptive"
+
+
+def adaptive_layers(model) -> List[MoELayer]:
+    """Every MoE layer with an AdaptiveRouter in `model` (or a list of chunks), in order."""
+    chunks = model if isinstance(model, (list, tuple, torch.nn.ModuleList)) else [model]
+    return [m for chunk in chunks for m in chunk.modules()
+            if isinstance(m, MoELayer) and isinstance(m.router, AdaptiveRouter)]
+
+
+def set_threshold(model, threshold: float) -> None:
+    """Set the adaptive threshold T of every adaptive router in `model`."""
+    for layer in adaptive_layers(model):
+        layer.router.set_threshold(threshold)
+
+
+def routing_scalars(model) -> Dict[str, float]:
+    """TensorBoard scalars of the last forward of every adaptive layer (module docstring)."""
+    out: Dict[str, float] = {}
+    dropped, fully_dropped = 0.0, 0.0
+    for layer in adaptive_layers(model):
+        stats = layer.router.last_stats
+        if not stats:
+            continue
+        tag = f"moe/layer{layer.layer_number:03d}"
+        out[f"{tag}/two-expert-share"] = float(stats["two_expert_share"])
+        out[f"{tag}/experts-per-token"] = float(stats["mean_experts_per_token"])
+        load = stats["tokens_per_expert"].double()
+        for expert, count in enumerate(load.tolist()):
+            out[f"{tag}/expert{expert}-tokens"] = count
+        if load.sum() > 0:
+            out[f"{tag}/expert-load-imbalance"] = float(load.max() / load.mean())
+            ep = layer.ep_group.size()
+            if ep > 1:   # experts [r E/EP, (r+1) E/EP) live on EP rank r
+                per_rank = load.view(ep, -1).sum(dim=1)
+                out[f"{tag}/ep-load-imbalance"] = float(per_rank.max() / per_rank.mean())
+        dropped += float(stats["dropped_assignments"])
+        fully_dropped += float(stats["dropped_tokens"])
+    if out:
+        out["moe/dropped-tokens"] = dropped
+        out["moe/fully-dropped-tokens"] = fully_dropped
+    return out
+
+
+class AdaptiveMoEProvider(ModelProvider):
+    """Model provider of adaptive / top-k / top-p MoE GPT models (a `ModelProvider`).
+
+    Every FFN named by `gating.moe_layers` (all by default) is a Megatron MoE layer of
+    `gating.num_experts` experts; the rest of the model is the dense architecture's.
+    """
+
+    name = "adaptive"
+
+    def __init__(self, architecture: ModelArchitecture, gating: AdaptiveGatingConfig):
+        if architecture.family != "llama":
+            raise ValueError("adaptive MoE layers need bias-free FFNs (a LLaMA-family model): "
+                             "a per-expert fc2 bias would be added once per selected expert")
+        gating.validate_for_model(architecture.ffn_hidden_size, architecture.num_layers)
+        super().__init__(architecture, None)
+        self.gating = gating
+
+    def transformer_config(self, layout, *, sequence_parallel: bool = False,
+                           moe_token_dispatcher_type: str = "alltoall",
+                           params_dtype: torch.dtype = torch.float32,
+                           **overrides) -> TransformerConfig:
+        """Megatron TransformerConfig at `layout`: the architecture's, plus the MoE fields of
+        the gating config (raises when the layout does not divide the model or the experts)."""
+        arch = self.architecture
+        tp = layout.tensor_model_parallel_size
+        self.gating.validate_for_model(
+            arch.ffn_hidden_size, arch.num_layers,
+            expert_model_parallel_size=layout.expert_model_parallel_size,
+            expert_tensor_parallel_size=layout.expert_tensor_parallel_size or tp)
+        fields = self.gating.transformer_overrides(arch.ffn_hidden_size)
+        fields.update(overrides)
+        config = transformer_config(arch, layout, None, sequence_parallel=sequence_parallel,
+                                    params_dtype=params_dtype, **fields)
+        # architectures.transformer_config applies the dispatcher only to DynaMoE configs;
+        # no other TransformerConfig field is derived from it (alltoall / allgather).
+        if moe_token_dispatcher_type not in ("alltoall", "allgather"):
+            raise ValueError(f"moe_token_dispatcher_type {moe_token_dispatcher_type!r}: use "
+                             f"'alltoall' or 'allgather'")
+        config.moe_token_dispatcher_type = moe_token_dispatcher_type
+        return config
+
+    def build(self, config: TransformerConfig, *, vp_stage: Optional[int] = None,
+              parallel_output: bool = True, use_te: Optional[bool] = None) -> GPTModel:
+        """This rank's GPTModel for pipeline stage / virtual chunk `vp_stage` (the same
+        GPTModel arguments as `model_builder.build_gpt_model`, with the adaptive block)."""
+        arch = self.architecture
+        llama = arch.family == "llama"
+        return GPTModel(
+            config=config,
+            transformer_layer_spec=decoder_block_spec(config, self.gating, use_te=use_te,
+                                                      vp_stage=vp_stage),
+            vocab_size=arch.vocab_size,
+            max_sequence_length=arch.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
+                                                               vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
+                                                               vp_stage=vp_stage),
+            parallel_output=parallel_output,
+            share_embeddings_and_output_weights=arch.tie_embeddings,
+            position_embedding_type="rope" if llama else "learned_absolute",
+            rotary_base=int(arch.rotary_base) if llama else 10000,
+            vp_stage=vp_stage,
+        )
+
+    def scalars(self, model) -> Dict[str, float]:
+        """Routing statistics of the last forward (see module docstring)."""
+        return routing_scalars(model)
+
+    # ---- checkpoint metadata ---------------------------------------------------------------
+    def checkpoint_info(self, provenance: Optional[dict] = None):
+        """CheckpointInfo recording the architecture, the gating config and `provenance`
+        (free-form keys, as the other tools write them)."""
+        from megatron_dynamoe.checkpointing import CheckpointInfo
+
+        extra = {**(provenance or {}), CHECKPOINT_KEY: self.gating.to_dict(),
+                 "model_provider": self.name}
+        return CheckpointInfo(self.architecture, None, extra)
+
+    @classmethod
+    def from_checkpoint_info(cls, info) -> "AdaptiveMoEProvider":
+        """The provider of a checkpoint written with `checkpoint_info` (CheckpointError when
+        the checkpoint is not an adaptive-gating one)."""
+        from megatron_dynamoe.checkpointing import CheckpointError
+
+        raw = (info.extra or {}).get(CHECKPOINT_KEY) if info is not None else None
+        if raw is None:
+            raise CheckpointError("the checkpoint is not an adaptive-gating MoE checkpoint "
+                                  f"(no extra.{CHECKPOINT_KEY} in dynamoe.json)")
+        try:
+            gating = AdaptiveGatingConfig.from_dict(raw)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"dynamoe.json extra.{CHECKPOINT_KEY} is invalid: {e}") from e
+        return cls(info.architecture, gating)

@@ -1,0 +1,123 @@
+"""One model variant through the whole evaluation: perplexity, zero-shot tasks, FFN compute.
+
+`prepare_data` tokenises the held-out text and the task requests once; `evaluate_variant`
+puts a model at a variant's setting and returns one result row (a dict, JSON-able):
+
+    family, setting, theta, level, k, budget   what was evaluated
+    perplexity                                 held-out text perplexity
+    tasks                                      {task: {acc, acc_norm | perplexity, primary, n}}
+    mean_accuracy                              mean of the tasks' primary metrics
+    ffn_fraction                               mean FFN compute over every evaluated token
+    ffn_fraction_text, ffn_fraction_tasks      the same over the text / the task tokens
+    layer_ffn_fraction                         per decoder layer, every evaluated token
+    relative_flops                             forward FLOPs per token / dense (flops.py), at
+                                               the text windows' length
+    tokens, seconds
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from megatron_dynamoe.evaluation import tasks as task_lib
+from megatron_dynamoe.evaluation.baselines import Variant, apply_variant, topk_routers
+from megatron_dynamoe.evaluation.flops import causal_mean_context, relative_forward_flops
+from megatron_dynamoe.evaluation.perplexity import perplexity
+from megatron_dynamoe.evaluation.recorder import FFNComputeRecorder
+from megatron_dynamoe.evaluation.scoring import Encoded, encode_request, score_requests
+from megatron_dynamoe.model_builder import dynamoe_layers
+
+
+@dataclass
+class EvalData:
+    """Tokenised evaluation inputs, shared by every variant."""
+
+    windows: torch.Tensor                      # [n, s] held-out text
+    docs: Dict[str, List[task_lib.Doc]]        # task -> documents
+    requests: Dict[str, List[Encoded]]         # task -> one request per (doc, choice)
+
+    @property
+    def units(self) -> int:
+        """Work items of one variant: windows + requests (the progress bar's total)."""
+        return self.windows.shape[0] + sum(len(r) for r in self.requests.values())
+
+
+def prepare_data(tokenizer, task_names: Sequence[str], limit: Optional[int],
+                 windows: torch.Tensor) -> EvalData:
+    """Load and tokenise the tasks (first `limit` documents each) next to `windows`."""
+    docs, requests = {}, {}
+    for name in task_names:
+        docs[name] = task_lib.load_task(name, limit)
+        requests[name] = [encode_request(tokenizer, d.context, c)
+                          for d in docs[name] for c in d.choices]
+    return EvalData(windows, docs, requests)
+
+
+def _progress_bar(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+def router_outputs(model) -> int:
+    """Router outputs per MoE layer (K levels for DynaMoE, S shells for top-k, 0 dense)."""
+    layers = dynamoe_layers(model)
+    if layers:
+        return layers[0].dynamoe_config.num_levels
+    routers = topk_routers(model)
+    return routers[0].num_experts if routers else 0
+
+
+def routed_layers(model) -> int:
+    """How many decoder layers have a router."""
+    return len(dynamoe_layers(model)) or len(topk_routers(model))
+
+
+def evaluate_variant(model, variant: Variant, data: EvalData, arch, *, max_length: int,
+                     tokens_per_batch: int = 2048, batch_size: int = 4) -> dict:
+    """Evaluate `model` at `variant`'s setting on `data`; one result row (module docstring)."""
+    started = time.time()
+    apply_variant(model, variant)
+    bar = _progress_bar(data.units, f"{variant.family} {variant.setting}")
+    try:
+        with FFNComputeRecorder(model) as text_rec:
+            ppl = perplexity(model, data.windows, batch_size, recorder=text_rec,
+                             progress=bar.update)
+        task_results = {}
+        with FFNComputeRecorder(model) as task_rec:
+            for name, docs in data.docs.items():
+                scores = score_requests(model, data.requests[name], max_length=max_length,
+                                        tokens_per_batch=tokens_per_batch, recorder=task_rec,
+                                        progress=bar.update)
+                per_doc, cursor = [], 0
+                for doc in docs:
+                    chunk = scores[cursor:cursor + len(doc.choices)]
+                    per_doc.append([(s.loglik, s.greedy) for s in chunk])
+                    cursor += len(doc.choices)
+                task_results[name] = task_lib.task_metrics(task_lib.TASKS[name], docs, per_doc)
+    finally:
+        bar.close()
+    tokens = text_rec.tokens + task_rec.tokens
+    sums = text_rec.fraction_sums + task_rec.fraction_sums
+    layer_fractions = (sums / tokens).tolist()
+    row = dict(
+        family=variant.family, setting=variant.setting, theta=variant.theta,
+        level=variant.level, k=variant.k, budget=variant.budget,
+        layer_thetas=list(variant.layer_thetas) if variant.layer_thetas else None,
+        perplexity=ppl.perplexity, tasks=task_results,
+        mean_accuracy=(sum(r["primary"] for r in task_results.values()) / len(task_results)
+                       if task_results else None),
+        ffn_fraction=sum(layer_fractions) / len(layer_fractions),
+        ffn_fraction_text=text_rec.mean_fraction(),
+        ffn_fraction_tasks=task_rec.mean_fraction() if task_rec.tokens else None,
+        layer_ffn_fraction=layer_fractions,
+        relative_flops=relative_forward_flops(
+            arch, layer_fractions, causal_mean_context(data.windows.shape[1]),
+            router_outputs(model), routed_layers(model)),
+        tokens=tokens, seconds=time.time() - started)
+    return row

@@ -1,0 +1,221 @@
+"""The layout planner against hand arithmetic: LLaMA-2-70B at the default layout of
+slurm/moefy_70b.sh, Korthikanti et al.'s activation table, Megatron's pipeline in-flight
+counts, refusals with a layout that fits, and tools/plan_layout.py's exit contract."""
+
+import dataclasses
+import json
+
+import pytest
+
+from megatron_dynamoe.architectures import ModelArchitecture, get_architecture
+from megatron_dynamoe.dynamoe.config import DynaMoEConfig
+from megatron_dynamoe.layout_planner import (
+    GIB,
+    PlanRequest,
+    communication_bytes,
+    layer_activation_bytes,
+    plan,
+    stage_layers,
+    stage_parameters,
+)
+from megatron_dynamoe.layout_search import suggest
+from tests.tool_runner import run_tool_here
+
+MIB = 2 ** 20
+# slurm/moefy_70b.sh defaults: 8 nodes x 8 GPUs, TP=8 PP=4 VPP=5 EP=8 ETP=1 -> DP=2, EDP=2.
+LLAMA2 = PlanRequest(
+    model="llama2-70b", arch=get_architecture("llama2-70b"), dynamoe=DynaMoEConfig(num_shells=8),
+    num_gpus=64, gpus_per_node=8, tp=8, pp=4, vpp=5, ep=8, etp=1, micro_batch=1,
+    global_batch=128, seq_length=4096, sequence_parallel=True, recompute="selective", bf16=True)
+DEFAULT_FLAGS = ["--model", "llama2-70b", "--nodes", "8", "--gpus-per-node", "8",
+                 "--tensor-model-parallel-size", "8", "--pipeline-model-parallel-size", "4",
+                 "--virtual-pipeline-model-parallel-size", "5", "--expert-model-parallel-size",
+                 "8", "--expert-tensor-parallel-size", "1", "--dynamoe-num-shells", "8",
+                 "--sequence-parallel", "--micro-batch-size", "1", "--global-batch-size", "128",
+                 "--seq-length", "4096", "--recompute-granularity", "selective", "--bf16"]
+
+# Hand arithmetic, LLaMA-2-70B: h=8192, FFN 28672, 64 heads, 8 KV groups (head dim 128),
+# vocabulary 32000, 80 layers.
+H, F, V = 8192, 28672, 32000
+ATTN = H * (H + 2 * 8 * 128) + H * H          # QKV + output projection = 150,994,944
+ROUTER = 4 * (H + 1)                          # [K=4 levels, H] weight + bias
+EXPERTS = 3 * H * F                           # SwiGLU FFN cut into 8 shells = 704,643,072
+STAGE0_DENSE = 20 * (ATTN // 8 + 2 * H + ROUTER) + V * H // 8  # + vocab-parallel embedding
+STAGE0_EXPERT = 20 * EXPERTS // 8             # 1 shell of 8 per GPU (EP=8, expert TP=1)
+SBH = 4096 * 1 * H                            # s * b * h
+
+
+def test_llama2_70b_parameters():
+    assert ATTN == 150_994_944 and EXPERTS == 704_643_072
+    assert get_architecture("llama2-70b").num_parameters() == \
+        80 * (ATTN + EXPERTS + 2 * H) + 2 * V * H + H == 68_976_648_192
+    assert STAGE0_DENSE == 411_238_480 and STAGE0_EXPERT == 1_761_607_680
+    assert stage_parameters(LLAMA2, 0) == (pytest.approx(STAGE0_DENSE, abs=1e-3),
+                                           pytest.approx(STAGE0_EXPERT, abs=1e-3))
+    # Last stage: the untied output layer instead of the embedding, plus the final norm.
+    assert stage_parameters(LLAMA2, 3)[0] == pytest.approx(STAGE0_DENSE + H, abs=1e-3)
+    # Interleaving: stage 1 holds chunks of layers 4-7, 20-23, 36-39, 52-55, 68-71.
+    assert stage_layers(LLAMA2, 1) == [i + j for i in (4, 20, 36, 52, 68) for j in range(4)]
+
+
+def test_llama2_70b_memory_per_gpu_at_default_layout():
+    p = plan(LLAMA2)
+    assert p.problems == [] and p.fits
+    worst = p.worst
+    assert worst.stage == 0  # most micro-batches in flight, and the embedding
+    params = STAGE0_DENSE + STAGE0_EXPERT                          # 2,172,846,160
+    assert worst.params == pytest.approx(params)
+    assert worst.weights == pytest.approx(2 * params)              # bf16: 4.05 GiB
+    assert worst.grads == pytest.approx(4 * params)                # fp32 main grads: 8.09 GiB
+    # Distributed optimizer: fp32 main params + Adam m, v (12 B) over DP=2, experts over EDP=2.
+    assert worst.optimizer == pytest.approx(12 * STAGE0_DENSE / 2 + 12 * STAGE0_EXPERT / 2)
+    # Activations per layer (bytes / sbh), TP=8 with SP, selective recompute, bf16, no dropout:
+    #   attention: norm in 2/8 + QKV in 2/8 + Q,K,V 2*(1 + 2*8/64)/8 + projection in 2/8
+    #   MoE FFN:   norm in 2/8 + fp32 router in 4/8 + 8 shell copies in and out 2*2*8*1/8
+    #              + SwiGLU fc1 out 2*2*3.5/8 + activation out 2*3.5/8
+    per_layer = (0.25 + 0.25 + 0.3125 + 0.25) + (0.25 + 0.5 + 4 + 1.75 + 0.875)
+    assert per_layer == 8.4375
+    assert layer_activation_bytes(LLAMA2, True, "selective") == pytest.approx(per_layer * SBH)
+    # Stage 0 of the interleaved 1F1B keeps 2(PP-1) + (VPP-1) PP + 1 = 23 chunks of 4 layers:
+    # 92 = 80 x (1 + (PP-1)/(PP VPP)), Megatron-LM's interleaving penalty; + int64 token ids.
+    activations = 23 * 4 * per_layer * SBH + 8 * 4096 * 4
+    assert worst.activations == pytest.approx(activations)
+    total = 2 * params + 4 * params + 6 * params + activations  # 52,120,912,832 B
+    assert worst.total == pytest.approx(total) == 52_120_912_832
+    assert worst.total / GIB == pytest.approx(48.541, abs=1e-3)
+    assert p.required_gib == pytest.approx(total * 1.10 / GIB + 4.0)  # 57.40 GiB of 80
+    assert [round(s.total / GIB, 2) for s in p.stages] == [48.54, 46.07, 43.96, 42.32]
+
+
+def test_llama2_70b_communication_per_step():
+    c = communication_bytes(LLAMA2)
+    x = SBH * 2 * 7 / 8  # one bf16 [s, b, h] tensor through an 8-way ring
+    # 64 micro-batches x 20 layers; attention with SP: 2 all-gathers + 2 reduce-scatters
+    # (forward, backward) + 1 re-gather of the saved input = 5 ring passes.
+    assert c["tensor-parallel"] == pytest.approx(64 * 20 * 5 * x) == 350 * GIB
+    # Shell dispatch: each GPU's sb/8 tokens x 8 shells, in and out, forward and backward.
+    assert c["expert-parallel all-to-all"] == pytest.approx(64 * 20 * 4 * SBH * 2 * 7 / 8)
+    assert c["expert-parallel all-to-all"] == 280 * GIB
+    assert c["pipeline p2p"] == pytest.approx(64 * 2 * 5 * SBH * 2 / 8) == 5 * GIB
+    # Distributed optimizer: reduce-scatter fp32 grads + all-gather bf16 params, half of each
+    # crossing the 2-way DP ring, for the largest stage (the last: + final norm).
+    assert c["data-parallel"] == pytest.approx(
+        0.5 * (STAGE0_DENSE + H) * 6 + 0.5 * STAGE0_EXPERT * 6)
+    assert c["data-parallel"] / GIB == pytest.approx(6.071, abs=1e-3)
+
+
+GPT_LIKE = ModelArchitecture(family="gpt2", num_layers=8, hidden_size=1024,
+                             ffn_hidden_size=4096, num_attention_heads=16, vocab_size=50304,
+                             max_position_embeddings=2048)
+
+
+@pytest.mark.parametrize("tp, sp, recompute, expected", [
+    (1, False, None, lambda a, s, h, t: 34 + 5 * a * s / h),
+    (8, False, None, lambda a, s, h, t: 10 + 24 / t + 5 * a * s / (h * t)),
+    (8, True, None, lambda a, s, h, t: (34 + 5 * a * s / h) / t),
+    (8, True, "selective", lambda a, s, h, t: 34 / t),
+])
+def test_korthikanti_table_for_gpt_layers(tp, sp, recompute, expected):
+    """Table 2 of Korthikanti et al. (2022): a GPT layer (FFN 4h, MHA, dropout) stores
+    sbh * (34 + 5as/h) bytes in 16-bit, and the TP / SP / selective variants."""
+    r = PlanRequest(model="gpt", arch=GPT_LIKE, dynamoe=None, num_gpus=tp, tp=tp,
+                    seq_length=2048, micro_batch=2, sequence_parallel=sp, recompute=recompute,
+                    bf16=True, dropout=True)
+    sbh = 2048 * 2 * 1024
+    assert layer_activation_bytes(r, False, recompute) == \
+        pytest.approx(sbh * expected(16, 2048, 1024, tp), rel=1e-12)
+
+
+def test_pipeline_in_flight_micro_batches():
+    r = dataclasses.replace(LLAMA2, vpp=None)
+    per_layer = layer_activation_bytes(r, True, "selective")
+    tokens = 8 * 4096 * 4
+    # 1F1B: stage 0 holds PP=4 micro-batches of its 20 layers; the last stage 1.
+    assert plan(r).stages[0].activations == pytest.approx(4 * 20 * per_layer + tokens)
+    # Fewer micro-batches than stages: only those exist.
+    few = dataclasses.replace(r, global_batch=4)  # 2 micro-batches per DP rank
+    assert plan(few).stages[0].activations == pytest.approx(2 * 20 * per_layer + 8 * 4096 * 2)
+    # Full recompute, uniform 1: one stored input per layer + one layer recomputed.
+    full = dataclasses.replace(r, recompute="full")
+    layer_input = SBH * 2 / 8
+    assert plan(full).stages[0].activations == pytest.approx(
+        4 * 20 * layer_input + layer_activation_bytes(full, True, None) + tokens)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(num_gpus=60), "60 GPUs are not divisible by TP x PP x CP = 8 x 4 x 1"),
+    (dict(tp=16, gpus_per_node=16), "TP=16 must divide the 64 attention heads and 8 query"),
+    (dict(vpp=3), "PP x VPP = 4 x 3 must divide the 80 layers"),
+    (dict(etp=None), "not divisible by expert TP x EP x PP = 8 x 8 x 4"),
+    (dict(ep=16), "16 shells|8 shells cannot be split over expert-parallel size 16"),
+    (dict(sequence_parallel=False), "MoE layers with TP > 1 need --sequence-parallel"),
+    (dict(global_batch=101), "global batch 101 is not divisible by micro batch x DP = 1 x 2"),
+    (dict(global_batch=4), "needs the 2 micro-batches per step to be a multiple of PP=4"),
+    (dict(seq_length=4100), "splits the 4100 tokens over TP x CP = 8"),
+])
+def test_divisibility_rules(changes, message):
+    import re
+
+    problems = plan(dataclasses.replace(LLAMA2, **changes)).problems
+    assert any(re.search(message, p) for p in problems), problems
+
+
+def test_tool_accepts_the_default_70b_layout(capsys):
+    result = run_tool_here("tools/plan_layout.py", *DEFAULT_FLAGS)
+    out = capsys.readouterr().out
+    assert result.returncode == 0, result.stderr
+    assert "TP=8 PP=4 VPP=5 EP=8 ETP=1 CP=1 -> DP=2, expert DP=2" in out
+    assert "48.54 GiB; with 10% fragmentation + 4 GiB reserved: 57.40 GiB of 80 GiB" in out
+    assert "verdict: fits (57.4 GiB <= 80 GiB per GPU)" in out
+    result = run_tool_here("tools/plan_layout.py", *DEFAULT_FLAGS, "--json")
+    data = json.loads(capsys.readouterr().out)
+    assert data["fits"] and data["worst_stage"] == 0 and len(data["stages"]) == 4
+    assert data["required_gib"] == pytest.approx(57.40, abs=5e-3)
+    assert data["communication_bytes"]["tensor-parallel"] == 350 * GIB
+    assert data["suggestion"] is None
+
+
+def test_memory_refusal_names_reason_and_a_layout_that_fits(capsys):
+    # LLaMA-3-70B at 8192 tokens: the interleaved schedule's extra in-flight chunks overflow.
+    flags = [f if f != "llama2-70b" else "llama3-70b" for f in DEFAULT_FLAGS]
+    flags[flags.index("4096")] = "8192"
+    result = run_tool_here("tools/plan_layout.py", *flags)
+    out = capsys.readouterr().out
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: layout refused: llama3-70b needs 85.3 GiB per GPU at TP=8 PP=4 VPP=5")
+    assert "but a GPU has 80 GiB; a layout that fits (78.3 GiB): TP=8 PP=4 VPP= EP=8 ETP=1 " \
+           "MICRO_BATCH=1 RECOMPUTE=selective" in lines[0]
+    assert "verdict: REFUSED" in out
+    assert "flags: --tensor-model-parallel-size 8 --pipeline-model-parallel-size 4" in out
+    # The suggestion re-plans as fitting, and changes one knob (VPP) of the request.
+    request = dataclasses.replace(LLAMA2, model="llama3-70b",
+                                  arch=get_architecture("llama3-70b"), seq_length=8192)
+    fallback = suggest(request)
+    assert plan(fallback.request).fits and fallback.request == dataclasses.replace(request,
+                                                                                 vpp=None)
+
+
+def _with(flags, **values):
+    """DEFAULT_FLAGS with some flag values replaced ({'tensor_model_parallel_size': 3})."""
+    out = list(flags)
+    for name, value in values.items():
+        out[out.index("--" + name.replace("_", "-")) + 1] = str(value)
+    return out
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(tensor_model_parallel_size=16, gpus_per_node=16, nodes=4),
+     "TP=16 must divide the 64 attention heads and 8 query groups"),
+    (dict(nodes=6), "48 GPUs are not divisible by TP x PP x CP = 8 x 4 x 1: use a multiple of 32"),
+    (dict(expert_tensor_parallel_size=8), "not divisible by expert TP x EP x PP = 8 x 8 x 4"),
+    (dict(dynamoe_num_shells=4), "4 shells cannot be split over expert-parallel size 8"),
+])
+def test_bad_layouts_exit_2_with_one_error_line(values, message, capsys):
+    result = run_tool_here("tools/plan_layout.py", *_with(DEFAULT_FLAGS, **values))
+    capsys.readouterr()
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: layout refused: "), lines
+    assert message in lines[0]

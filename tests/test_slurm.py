@@ -1,0 +1,262 @@
+"""The SLURM scripts against a real single-node SLURM (Debian slurm-wlm + munge), started here
+with all state in a temporary folder: the tiny MoEfy job trains over gloo on 2 tasks, is
+signalled the way `--signal=USR1@60` signals it before its time limit, saves, requeues itself
+and resumes; a bad layout ends the job before srun; the 70B script's dry run; bash -n and
+shellcheck on every script."""
+
+import glob
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from tests.launch_helpers import REPO, loss_curve, quiet_env, shared_sotu_data
+
+SCRIPTS = sorted(glob.glob(os.path.join(REPO, "slurm", "*.sh")))
+INSTALL_HINT = "run `make install` (it installs slurm-wlm, munge and shellcheck with apt)"
+
+
+def _need(*binaries):
+    missing = [b for b in binaries if shutil.which(b) is None]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} not found: {INSTALL_HINT}")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Cluster:
+    """A running single-node SLURM: `run` calls its client commands with SLURM_CONF set."""
+
+    def __init__(self, root):
+        self.root = root
+        self.env = quiet_env(SLURM_CONF=os.path.join(root, "slurm.conf"))
+
+    def run(self, *cmd, timeout=60, **env):
+        return subprocess.run(cmd, env=self.env | env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def job(self, job_id) -> dict:
+        text = self.run("scontrol", "show", "job", str(job_id)).stdout
+        return dict(re.findall(r"(\w+)=(\S*)", text))
+
+
+def _config(root, munge_socket):
+    """The reference single-node configuration, adapted: this machine's CPUs, free ports, our
+    munge socket; a 5 s requeue delay (cred_expire, 120 s by default) and a 1 s scheduler
+    loop so that a requeued job restarts within seconds."""
+    with open("/work/shared/reference/slurm-single-node.conf") as f:
+        text = f.read()
+    text = text.replace("@STATE_DIR@", root).replace("CPUs=2", f"CPUs={os.cpu_count()}")
+    text = re.sub(r"SlurmctldPort=\d+", f"SlurmctldPort={_free_port()}", text)
+    text = re.sub(r"SlurmdPort=\d+", f"SlurmdPort={_free_port()}", text)
+    return text + (f"AuthInfo=socket={munge_socket},cred_expire=5\n"
+                   "SchedulerParameters=sched_interval=1,bf_interval=1\n")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """munged, slurmctld and `slurmd -N localhost`, all children of this process (stopped by
+    pid at the end), with keys, state, spool and logs in a temporary folder."""
+    _need("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "srun")
+    if os.geteuid() != 0:
+        pytest.fail("the SLURM test starts slurmd, which runs jobs as their users: run as root")
+    # munged refuses sockets under folders other users cannot traverse (pytest's are 0700).
+    root = tempfile.mkdtemp(prefix="dynamoe-slurm-", dir="/tmp")
+    os.chmod(root, 0o755)
+    key_dir, sock_dir = os.path.join(root, "munge-key"), os.path.join(root, "munge-run")
+    for d, mode in ((key_dir, 0o700), (sock_dir, 0o755)):
+        os.mkdir(d, mode)
+        shutil.chown(d, "munge", "munge")
+    socket_path = os.path.join(sock_dir, "munge.socket")
+    procs = []
+    try:
+        subprocess.run(["mungekey", "--create", "--keyfile", os.path.join(key_dir, "munge.key")],
+                       user="munge", check=True, capture_output=True, timeout=60)
+        procs.append(subprocess.Popen(
+            ["munged", "--foreground", "--socket", socket_path,
+             f"--key-file={key_dir}/munge.key", f"--pid-file={sock_dir}/munged.pid",
+             f"--log-file={key_dir}/munged.log", f"--seed-file={key_dir}/munged.seed"],
+            user="munge", stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+        _wait_for(lambda: os.path.exists(socket_path), 30, "munged's socket")
+        with open(os.path.join(root, "slurm.conf"), "w") as f:
+            f.write(_config(root, socket_path))
+        c = Cluster(root)
+        conf = c.env["SLURM_CONF"]
+        for cmd in (["slurmctld", "-D", "-f", conf],
+                    ["slurmd", "-D", "-N", "localhost", "-f", conf]):
+            procs.append(subprocess.Popen(cmd, env=c.env, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.STDOUT))
+        try:
+            _wait_for(lambda: c.run("sinfo", "--noheader", "--format=%T").stdout.strip()
+                      == "idle", 90, "the node to be idle")
+        except AssertionError as e:
+            logs = "".join(_log(os.path.join(root, n))[-2000:] for n in
+                           ("slurmctld.log", "slurmd.log") if os.path.exists(os.path.join(root, n)))
+            raise AssertionError(f"{e}; daemon logs:\n{logs}") from None
+        yield c
+    finally:
+        if procs and len(procs) == 3:
+            subprocess.run(["scancel", "--user=root"], env=quiet_env(
+                SLURM_CONF=os.path.join(root, "slurm.conf")), timeout=30)
+        for p in reversed(procs):
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """TOKENIZER / DATA_PREFIX for slurm/moefy_tiny.sh."""
+    tokenizer, prefix = shared_sotu_data(tmp_path_factory)
+    return dict(TOKENIZER=tokenizer, DATA_PREFIX=prefix)
+
+
+def _log(path):
+    with open(path) as f:
+        return f.read()
+
+
+def test_scripts_pass_bash_n_and_shellcheck():
+    _need("shellcheck")
+    assert len(SCRIPTS) == 4  # common.sh, convert_70b.sh, moefy_70b.sh, moefy_tiny.sh
+    for script in SCRIPTS:
+        result = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+    # -x follows the `source`d common.sh (source-path directives in the scripts).
+    result = subprocess.run(["shellcheck", "-x", *SCRIPTS], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_70b_dry_run_prints_layout_command_and_verdict(tmp_path):
+    result = subprocess.run(["bash", os.path.join(REPO, "slurm", "moefy_70b.sh")],
+                            env=quiet_env(DRY_RUN="1", RUN_DIR=str(tmp_path / "run")),
+                            capture_output=True, text=True, timeout=300)
+    out = result.stderr
+    assert result.returncode == 0, out
+    assert ("resolved: MODEL=llama2-70b NODES=8 GPUS_PER_NODE=8 (64 ranks) TP=8 PP=4 VPP=5 EP=8 "
+            "ETP=1 NUM_SHELLS=8 MICRO_BATCH=1 GLOBAL_BATCH=128 SEQ_LEN=4096") in out
+    assert "TP=8 PP=4 VPP=5 EP=8 ETP=1 CP=1 -> DP=2, expert DP=2" in out
+    assert "verdict: fits (57.4 GiB <= 80 GiB per GPU)" in out
+    command = out.split("would run: ", 1)[1]
+    assert command.startswith("srun --nodes=8 --ntasks-per-node=8 --cpus-per-task=8 "
+                              "--kill-on-bad-exit=1 python ")
+    for flag in ("--tensor-model-parallel-size 8", "--pipeline-model-parallel-size 4",
+                 "--virtual-pipeline-model-parallel-size 5", "--expert-model-parallel-size 8",
+                 "--expert-tensor-parallel-size 1", "--sequence-parallel", "--bf16",
+                 "--recompute-granularity selective", f"--save {tmp_path}/run/checkpoints",
+                 f"--tensorboard-dir {tmp_path}/run/tensorboard"):
+        assert flag in command, flag
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+    # Every flag the script gives the trainer parses into the layout it printed.
+    from megatron_dynamoe.training.config import parse_train_args
+
+    args = shlex.split(command)
+    cfg = parse_train_args(args[args.index(os.path.join(REPO, "launch", "train.py")) + 1:])
+    assert (cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size,
+            cfg.virtual_pipeline_model_parallel_size, cfg.expert_model_parallel_size,
+            cfg.sequence_parallel, cfg.bf16, cfg.recompute_granularity) == \
+        (8, 4, 5, 8, True, True, "selective")
+    assert cfg.layout.expert_tensor_parallel_size == 1
+
+
+def test_70b_dry_run_refuses_a_layout_that_does_not_fit(tmp_path):
+    result = subprocess.run(["bash", os.path.join(REPO, "slurm", "moefy_70b.sh")],
+                            env=quiet_env(DRY_RUN="1", PP="2", VPP="", RECOMPUTE="none",
+                                          RUN_DIR=str(tmp_path / "run")),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "error: layout refused: llama2-70b needs 89.0 GiB per GPU" in result.stderr
+    assert "a layout that fits (75.9 GiB): TP=8 PP=4 VPP= EP=8" in result.stderr
+    assert "nothing was launched" in result.stderr and "would run" not in result.stderr
+
+
+@pytest.mark.multiproc
+def test_bad_layout_ends_the_job_before_srun(cluster, data, tmp_path):
+    run_dir, log = tmp_path / "run", str(tmp_path / "job.out")
+    result = cluster.run("sbatch", "--wait", f"--output={log}",
+                         os.path.join(REPO, "slurm", "moefy_tiny.sh"), timeout=300,
+                         TP="3", RUN_DIR=str(run_dir), **data)
+    text = _log(log)
+    assert result.returncode == 2, text
+    assert "error: layout refused: 2 GPUs are not divisible by TP x PP x CP = 3 x 1 x 1" in text
+    assert "invalid: TP=3 must divide the 4 attention heads and 2 query groups" in text
+    assert "nothing was launched" in text and "launcher:" not in text
+    assert not (run_dir / "checkpoints").exists()
+
+
+@pytest.mark.multiproc
+def test_tiny_job_trains_is_signalled_requeues_and_resumes(cluster, data, tmp_path):
+    iters = 20
+    run_dir, log = tmp_path / "run", str(tmp_path / "job.out")
+    save = run_dir / "checkpoints"
+    submit = cluster.run("sbatch", "--parsable", f"--output={log}",
+                         os.path.join(REPO, "slurm", "moefy_tiny.sh"), RUN_DIR=str(run_dir),
+                         TRAIN_ITERS=str(iters), **data,
+                         DYNAMOE_TEST_API_TOKEN="hunter2")
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.strip().split(";")[0]
+    # Once training runs, signal the step's tasks as --signal=USR1@60 does near the time
+    # limit (scancel --signal reaches the steps, not the batch shell).
+    _wait_for(lambda: os.path.exists(log) and "iteration        1/" in _log(log), 300,
+              "the first iteration")
+    assert cluster.run("scancel", "--signal=USR1", job).returncode == 0
+    _wait_for(lambda: cluster.job(job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"),
+              900, "the job to end")
+    text, record = _log(log), cluster.job(job)
+    assert (record["JobState"], record["ExitCode"], record["Restarts"]) == \
+        ("COMPLETED", "0:0", "1"), text
+
+    stopped = int(re.search(r"stopped by a preemption signal after iteration (\d+)", text)[1])
+    assert 1 <= stopped < iters
+    assert "launcher: slurm, world size 2 (2 per node), rendezvous localhost:" in text
+    assert f"saved {save}/iter_{stopped:07d}" in text
+    assert f"stopped at iteration {stopped} of {iters}: requeueing job {job}" in text
+    assert f"starting at checkpoint iteration {stopped} (restart 1)" in text
+    assert "layout checked at this job's first start: verdict: fits" in text
+    assert f"resumed from {save}/iter_{stopped:07d} at iteration {stopped}" in text
+    assert f"training finished: iteration {iters} of {iters}" in text
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == str(iters)
+    assert {f for f in os.listdir(save) if f.startswith("iter_")} == \
+        {f"iter_{stopped:07d}", f"iter_{iters:07d}"}
+    # One TensorBoard curve across both runs: every iteration exactly once, finite losses.
+    curve = loss_curve(str(run_dir / "tensorboard"))
+    assert sorted(curve) == list(range(1, iters + 1))
+    assert all(0 < v < 20 for v in curve.values())
+
+    snapshots = sorted(os.listdir(run_dir / "snapshots"))
+    assert snapshots == [f"{job}-restart0", f"{job}-restart1"]
+    snap = run_dir / "snapshots" / snapshots[0]
+    for name in ("moefy_tiny.sh", "common.sh", "git.txt", "env.txt", "job.txt", "plan.txt",
+                 "command.txt"):
+        assert (snap / name).is_file(), name
+    assert re.fullmatch(r"[0-9a-f]{40} (clean|dirty)\n", (snap / "git.txt").read_text())
+    env = (snap / "env.txt").read_text()
+    assert "DYNAMOE_TEST_API_TOKEN=<redacted>" in env and "hunter2" not in env
+    assert f"TRAIN_ITERS={iters}" in env
+    assert f"JobId={job}" in (snap / "job.txt").read_text()
+    assert "verdict: fits" in (snap / "plan.txt").read_text()
+    assert (snap / "command.txt").read_text().startswith("srun --nodes=1 --ntasks-per-node=2")
