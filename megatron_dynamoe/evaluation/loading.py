@@ -13,30 +13,9 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-
 from megatron_dynamoe.checkpointing import CheckpointInfo, load_checkpoint, resolve_architecture
 
 FAMILY_KEYS = ("model_family", "model_provider")
-# Common (non-tensor) entries a training checkpoint holds next to the model (training/state.py);
-# dist_checkpointing returns them with the model's tensors.
-TRAINING_STATE_KEYS = ("optimizer", "scheduler", "training", "rng_state")
-
-
-class _ModelPart(torch.nn.Module):
-    """Loads the model part of a training checkpoint through `load_checkpoint` (same file
-    and tensor checks), leaving the training-state entries aside."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def sharded_state_dict(self, *args, **kwargs):
-        return self.model.sharded_state_dict(*args, **kwargs)
-
-    def load_state_dict(self, state_dict, strict: bool = True):
-        state = {k: v for k, v in state_dict.items() if k not in TRAINING_STATE_KEYS}
-        return self.model.load_state_dict(state, strict=strict)
 
 
 @dataclass
@@ -88,7 +67,7 @@ def load_for_evaluation(path: str, preset: Optional[str] = None) -> LoadedModel:
                                                           **topk_overrides(dyn)), dyn)
     else:
         model = build_gpt_model(arch, transformer_config(arch, dynamoe=dyn), dyn)
-    load_checkpoint(_ModelPart(model), folder, origin=f"the {family} model of {folder}")
+    load_checkpoint(model, folder, origin=f"the {family} model of {folder}")
     if family == "dynamoe":
         from megatron_dynamoe.evaluation.budget import apply_checkpoint_sensitivities
 
