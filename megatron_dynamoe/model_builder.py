@@ -20,11 +20,13 @@ def build_gpt_model(arch: ModelArchitecture, config: TransformerConfig,
                     dynamoe: Optional[DynaMoEConfig] = None, *,
                     pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
                     vp_stage: Optional[int] = None, parallel_output: bool = True,
-                    use_te: Optional[bool] = None) -> GPTModel:
+                    use_te: Optional[bool] = None, block_spec=None) -> GPTModel:
     """A GPTModel for this pipeline stage; DynaMoE layers where `dynamoe` says so.
 
     `pre_process` / `post_process` default to whether this rank holds the first / last
-    pipeline stage. Parallel groups must be initialised (`parallel.initialize_parallel`).
+    pipeline stage. `block_spec` (a TransformerBlockSubmodules for this stage) replaces the
+    dense / DynaMoE decoder block, so other MoE families share every other GPTModel argument.
+    Parallel groups must be initialised (`parallel.initialize_parallel`).
     """
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False,
@@ -32,7 +34,8 @@ def build_gpt_model(arch: ModelArchitecture, config: TransformerConfig,
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False,
                                                               vp_stage=vp_stage)
-    block_spec = decoder_block_spec(config, dynamoe, use_te=use_te, vp_stage=vp_stage)
+    if block_spec is None:
+        block_spec = decoder_block_spec(config, dynamoe, use_te=use_te, vp_stage=vp_stage)
     llama = arch.family == "llama"
     return GPTModel(
         config=config,

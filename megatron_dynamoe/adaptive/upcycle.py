@@ -25,12 +25,12 @@ SmolLM2 a scale of 0.5 instead of 0.1 multiplies the top-2 perplexity by 12).
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Callable, Dict, Iterable, Optional
 
 import torch
 
 from megatron_dynamoe.adaptive.config import AdaptiveGatingConfig
+from megatron_dynamoe.dynamoe.moefy import split_ffn_weights
 from megatron_dynamoe.dynamoe.shells import (
     activation_importance,
     ffn_hidden_activations,
@@ -39,7 +39,6 @@ from megatron_dynamoe.dynamoe.shells import (
 )
 
 UPCYCLE_METHODS = ("replicate", "split-importance", "split-coactivation")
-_MLP_KEY = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.(linear_fc1|linear_fc2)\.weight$")
 
 
 def upcycled_gating(gating: AdaptiveGatingConfig, method: str,
@@ -229,21 +228,9 @@ def upcycle_state_dict(dense_state: Dict[str, torch.Tensor], gating: AdaptiveGat
         raise ValueError(f"unknown upcycling method {method!r}: choose one of {UPCYCLE_METHODS}")
     if method == "split-coactivation" and not inputs:
         raise ValueError("split-coactivation needs calibration inputs (capture_ffn_inputs)")
-    out: Dict[str, torch.Tensor] = {}
-    ffn: Dict[int, Dict[str, torch.Tensor]] = {}
-    for key, value in dense_state.items():
-        if key.endswith("._extra_state"):
-            continue
-        match = _MLP_KEY.match(key)
-        if match and gating.is_moe(int(match.group(1))):
-            ffn.setdefault(int(match.group(1)), {})[match.group(2)] = value
-        else:
-            out[key] = value
+    out, ffn = split_ffn_weights(dense_state, gating.is_moe)
     gen = torch.Generator().manual_seed(seed)
-    for index, weights in sorted(ffn.items()):
-        if set(weights) != {"linear_fc1", "linear_fc2"}:
-            raise ValueError(f"layer {index}: dense FFN weights incomplete ({sorted(weights)})")
-        fc1, fc2 = weights["linear_fc1"], weights["linear_fc2"]
+    for index, (fc1, fc2) in ffn.items():
         size, experts = fc2.shape[1], gating.num_experts
         if gating.expert_size(size) != (size if method == "replicate" else size // experts):
             raise ValueError(f"the gating config does not match method {method!r}: build it "

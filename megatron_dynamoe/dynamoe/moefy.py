@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -98,6 +98,33 @@ def calibrate_importance(model, batches: Iterable[dict], gated: bool,
     return importance
 
 
+def split_ffn_weights(dense_state: Dict[str, torch.Tensor], is_moe: Callable[[int], bool]
+                      ) -> Tuple[Dict[str, torch.Tensor], Dict[int, Tuple[torch.Tensor,
+                                                                        torch.Tensor]]]:
+    """Separate the dense FFN weights of the layers `is_moe(i)` selects from the rest.
+
+    Returns (rest, ffn): `rest` holds every other tensor of `dense_state` (shared storage,
+    `_extra_state` dropped); `ffn[i]` is layer i's (fc1 [F or 2F, H], fc2 [H, F]), in layer
+    order. Raises when a selected layer lacks one of the two.
+    """
+    rest: Dict[str, torch.Tensor] = {}
+    found: Dict[int, Dict[str, torch.Tensor]] = {}
+    for key, value in dense_state.items():
+        if key.endswith("._extra_state"):
+            continue
+        match = _MLP_KEY.match(key)
+        if match and is_moe(int(match.group(1))):
+            found.setdefault(int(match.group(1)), {})[match.group(2)] = value
+        else:
+            rest[key] = value
+    ffn = {}
+    for index, weights in sorted(found.items()):
+        if set(weights) != {"linear_fc1", "linear_fc2"}:
+            raise ValueError(f"layer {index}: dense FFN weights incomplete ({sorted(weights)})")
+        ffn[index] = (weights["linear_fc1"], weights["linear_fc2"])
+    return rest, ffn
+
+
 def moefy_state_dict(dense_state: Dict[str, torch.Tensor], dynamoe: DynaMoEConfig,
                      gated: bool, importance: Optional[Dict[int, torch.Tensor]] = None
                      ) -> Dict[str, torch.Tensor]:
@@ -112,20 +139,8 @@ def moefy_state_dict(dense_state: Dict[str, torch.Tensor], dynamoe: DynaMoEConfi
     Returns:
         A new state dict; tensors outside MoEfied FFNs are the dense ones (shared storage).
     """
-    out: Dict[str, torch.Tensor] = {}
-    ffn: Dict[int, Dict[str, torch.Tensor]] = {}
-    for key, value in dense_state.items():
-        if key.endswith("._extra_state"):
-            continue
-        match = _MLP_KEY.match(key)
-        if match and dynamoe.is_moefied(int(match.group(1))):
-            ffn.setdefault(int(match.group(1)), {})[match.group(2)] = value
-        else:
-            out[key] = value
-    for index, weights in sorted(ffn.items()):
-        if set(weights) != {"linear_fc1", "linear_fc2"}:
-            raise ValueError(f"layer {index}: dense FFN weights incomplete ({sorted(weights)})")
-        fc1, fc2 = weights["linear_fc1"], weights["linear_fc2"]
+    out, ffn = split_ffn_weights(dense_state, dynamoe.is_moefied)
+    for index, (fc1, fc2) in ffn.items():
         scores = (importance[index] if importance is not None and index in importance
                   else weight_importance(fc1, fc2, gated))
         order = importance_order(scores)

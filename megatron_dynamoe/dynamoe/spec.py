@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
@@ -108,18 +108,46 @@ def dynamoe_mlp_spec(dynamoe_config: DynaMoEConfig, moe_mlp_spec: ModuleSpec) ->
     )
 
 
-def dynamoe_layer_spec(dynamoe_config: DynaMoEConfig, normalization: str, use_te: bool,
-                       qk_layernorm: bool = False) -> ModuleSpec:
-    """Transformer layer spec with a DynaMoE FFN (Megatron's MoE layer spec, MLP swapped)."""
+def moe_layer_spec(num_experts: int, mlp_spec: Callable[[ModuleSpec], ModuleSpec],
+                   normalization: str, use_te: bool, qk_layernorm: bool = False) -> ModuleSpec:
+    """Megatron's MoE transformer layer spec for `num_experts` (TE or local, with the
+    SP-capable torch norm), its MLP replaced by `mlp_spec(megatron_moe_mlp_spec)`. Every MoE
+    family (DynaMoE, adaptive gating, top-k baselines) builds its layer through this."""
     builder = get_gpt_layer_with_transformer_engine_spec if use_te else get_gpt_layer_local_spec
     kwargs = {} if use_te else {"normalization": normalization}
-    spec = builder(num_experts=dynamoe_config.num_shells, moe_grouped_gemm=False,
+    spec = builder(num_experts=num_experts, moe_grouped_gemm=False,
                    qk_layernorm=qk_layernorm, **kwargs)
     if not use_te:
         spec = _swap_torch_norms(spec, _norm_class(False))
-    spec.submodules.mlp = dynamoe_mlp_spec(dynamoe_config, spec.submodules.mlp)
+    spec.submodules.mlp = mlp_spec(spec.submodules.mlp)
+    return spec
+
+
+def dynamoe_layer_spec(dynamoe_config: DynaMoEConfig, normalization: str, use_te: bool,
+                       qk_layernorm: bool = False) -> ModuleSpec:
+    """Transformer layer spec with a DynaMoE FFN (Megatron's MoE layer spec, MLP swapped)."""
+    spec = moe_layer_spec(dynamoe_config.num_shells,
+                          functools.partial(dynamoe_mlp_spec, dynamoe_config),
+                          normalization, use_te, qk_layernorm)
     _quiet_unknown_mlp_warning()
     return spec
+
+
+def stage_block_spec(config: TransformerConfig, is_moe: Callable[[int], bool],
+                     moe_spec: Optional[ModuleSpec], use_te: bool,
+                     vp_stage: Optional[int] = None,
+                     pp_rank: Optional[int] = None) -> TransformerBlockSubmodules:
+    """Decoder block spec of this pipeline stage / virtual chunk: `moe_spec` for the global
+    layer indices where `is_moe(i)`, Megatron's dense layer spec elsewhere."""
+    dense = dense_layer_spec(config.normalization, use_te, config.qk_layernorm)
+    layer_specs: List[ModuleSpec] = [
+        moe_spec if (moe_spec is not None and is_moe(i)) else dense
+        for i in range(config.num_layers)
+    ]
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=layer_specs[offset:offset + count],
+                                      layer_norm=_norm_class(use_te))
 
 
 def decoder_block_spec(config: TransformerConfig, dynamoe_config: Optional[DynaMoEConfig],
@@ -129,14 +157,7 @@ def decoder_block_spec(config: TransformerConfig, dynamoe_config: Optional[DynaM
     `dynamoe_config.is_moefied(i)`, dense layers elsewhere (all dense when it is None)."""
     if use_te is None:
         use_te = transformer_engine_available()
-    dense = dense_layer_spec(config.normalization, use_te, config.qk_layernorm)
-    moe = (dynamoe_layer_spec(dynamoe_config, config.normalization, use_te, config.qk_layernorm)
-           if dynamoe_config is not None else None)
-    layer_specs: List[ModuleSpec] = [
-        moe if (moe is not None and dynamoe_config.is_moefied(i)) else dense
-        for i in range(config.num_layers)
-    ]
-    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=layer_specs[offset:offset + count],
-                                      layer_norm=_norm_class(use_te))
+    if dynamoe_config is None:
+        return stage_block_spec(config, lambda i: False, None, use_te, vp_stage, pp_rank)
+    moe = dynamoe_layer_spec(dynamoe_config, config.normalization, use_te, config.qk_layernorm)
+    return stage_block_spec(config, dynamoe_config.is_moefied, moe, use_te, vp_stage, pp_rank)

@@ -41,6 +41,7 @@ from megatron_dynamoe.dynamoe.shells import shell_placement
 from megatron_dynamoe.dynamoe.spec import decoder_block_spec
 from megatron_dynamoe.model_builder import (
     ModelProvider,
+    build_gpt_model,
     dynamoe_layers,
     set_sensitivity,
     set_static_level,
@@ -104,25 +105,14 @@ def build_topk_model(arch: ModelArchitecture, config: TransformerConfig,
                      parallel_output: bool = True) -> GPTModel:
     """GPTModel whose MoEfied layers are Megatron `MoELayer`s with a `TopKShellRouter` over
     the DynaMoE shells (`ShellExperts`, same checkpoint keys apart from the router)."""
-    from megatron.core import parallel_state
-
     spec = copy.deepcopy(decoder_block_spec(config, dynamoe, vp_stage=vp_stage))
     for layer_spec in spec.layer_specs:
         mlp = layer_spec.submodules.mlp
         if mlp.module is DynaMoELayer:
             mlp.module, mlp.params = MoELayer, {}
             mlp.submodules.router = functools.partial(TopKShellRouter, dynamoe_config=dynamoe)
-    llama = arch.family == "llama"
-    return GPTModel(
-        config=config, transformer_layer_spec=spec, vocab_size=arch.vocab_size,
-        max_sequence_length=arch.max_position_embeddings,
-        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
-                                                           vp_stage=vp_stage),
-        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
-                                                           vp_stage=vp_stage),
-        parallel_output=parallel_output, share_embeddings_and_output_weights=arch.tie_embeddings,
-        position_embedding_type="rope" if llama else "learned_absolute",
-        rotary_base=int(arch.rotary_base) if llama else 10000, vp_stage=vp_stage)
+    return build_gpt_model(arch, config, None, vp_stage=vp_stage,
+                           parallel_output=parallel_output, block_spec=spec)
 
 
 class TopKProvider(ModelProvider):
