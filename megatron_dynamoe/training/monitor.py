@@ -46,6 +46,8 @@ class TrainingMonitor:
 
     def iteration(self, iteration: int, cfg: TrainConfig, *, loss, theta, grad_norm, lr,
                   seconds, model, skipped=False, scalars=None, distill_kl=None) -> None:
+        """Log iteration `iteration`; `scalars` is a callable returning the model family's
+        extra TensorBoard scalars (tag -> value), called only when TensorBoard is written."""
         if not self.enabled:
             return
         from megatron_dynamoe.model_builder import dynamoe_layers
@@ -66,7 +68,8 @@ class TrainingMonitor:
             w.add_scalar("tokens-per-second", tokens_per_s, iteration)
             if distill_kl is not None:
                 w.add_scalar("distill kl", distill_kl, iteration)
-            for tag, value in (scalars or {}).items():
+            # The provider's statistics are gathered only where they are written.
+            for tag, value in (scalars() if scalars else {}).items():
                 w.add_scalar(tag, value, iteration)
             w.add_scalar("dynamoe/sensitivity", theta, iteration)
             w.add_scalar("dynamoe/ffn-compute-fraction", ffn, iteration)

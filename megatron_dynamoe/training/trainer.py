@@ -129,6 +129,25 @@ def build_scheduler(cfg: TrainConfig, optimizer):
         wd_incr_style="constant")
 
 
+def reset_megatron_moe_state() -> None:
+    """Clear Megatron's process-global MoE state, at the start and end of every run.
+
+    The side-loss gradient scale (`MoEAuxLossAutoScaler`) is class state: the schedule sets it
+    to 1 / micro-batches, and a backward outside a schedule leaves a 0-d tensor that the
+    schedule's [1]-shaped scale cannot be copied into. The layer-wise aux-loss tracker sizes
+    each loss's buffer by the first model's layer count, so a later model with more layers
+    would index past it. Megatron-LM gets away with both (one model per process); a library
+    process may train, evaluate and build several models.
+    """
+    from megatron.core.transformer.moe.moe_utils import (
+        MoEAuxLossAutoScaler,
+        get_moe_layer_wise_logging_tracker,
+    )
+
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    get_moe_layer_wise_logging_tracker().clear()
+
+
 def build_teacher(cfg: TrainConfig, model_info, layout_config):
     """The frozen dense teacher for --dynamoe-distill-teacher, at the student's layout."""
     from megatron_dynamoe.checkpointing import CheckpointError, load_checkpoint, read_info
@@ -166,8 +185,6 @@ def train(cfg: TrainConfig, model_info, source: BatchSource, logger=None,
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
     from megatron_dynamoe.checkpointing import load_checkpoint
     from megatron_dynamoe.model_builder import (
         ModelProvider,
@@ -184,10 +201,7 @@ def train(cfg: TrainConfig, model_info, source: BatchSource, logger=None,
 
     if provider is None:
         provider = ModelProvider(model_info.architecture, model_info.dynamoe)
-    # Megatron keeps the side-loss gradient scale as class state; a DynaMoE backward run
-    # outside a schedule earlier in this process leaves a 0-d tensor that the schedule's
-    # [1]-shaped scale cannot be copied into. Each run starts from "unset".
-    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    reset_megatron_moe_state()
     config = provider.transformer_config(
         cfg.layout, sequence_parallel=cfg.sequence_parallel,
         moe_token_dispatcher_type=cfg.moe_token_dispatcher_type,
@@ -240,59 +254,63 @@ def train(cfg: TrainConfig, model_info, source: BatchSource, logger=None,
         return [_MicroBatches(source, start, cfg.micro_batch_size, num_micro, dp_rank, dp_size,
                               teacher_logits) for _ in model]
 
-    with stop.installed():
-        while iteration < cfg.train_iters:
-            tic = time.time()
-            theta = sample_sensitivity(cfg, iteration)
-            set_sensitivity(model, theta)
-            set_training_step(model, iteration)
-            teacher_logits = None
-            if teacher is not None:
-                teacher_logits = teacher.logits_for(
-                    functools.partial(micro_batches, consumed), num_micro, cfg.seq_length,
-                    cfg.micro_batch_size)
-            for ddp in ddps:
-                ddp.zero_grad_buffer()
-            optimizer.zero_grad()
-            iterators = micro_batches(consumed, teacher_logits)
-            reports = forward_backward(
-                forward_step_func=forward_step,
-                data_iterator=iterators if len(iterators) > 1 else iterators[0],
-                model=ddps, num_microbatches=num_micro, seq_length=cfg.seq_length,
-                micro_batch_size=cfg.micro_batch_size, forward_only=False)
-            ok, grad_norm, _ = optimizer.step()
-            if ok:
-                scheduler.step(increment=1)
-            iteration += 1
-            consumed += cfg.global_batch_size
-            loss = _dp_mean_loss(reports)
-            if loss is not None:
-                result.losses[iteration] = loss
-            if teacher is not None and reports:
-                result.distill_kl[iteration] = _dp_mean_loss(reports, "distill kl")
-            if logger:
-                logger.iteration(iteration, cfg, loss=loss, theta=theta, grad_norm=grad_norm,
-                                 lr=scheduler.get_lr(optimizer.param_groups[0]),
-                                 seconds=time.time() - tic, model=model,
-                                 skipped=not ok, scalars=provider.scalars(model),
-                                 distill_kl=result.distill_kl.get(iteration))
-            if on_iteration:
-                on_iteration(iteration)
-            stop_now = stop.agreed()
-            exit_now = bool(cfg.exit_after_iters
-                            and iteration - started_iter >= cfg.exit_after_iters)
-            interval_save = cfg.save_interval and iteration % cfg.save_interval == 0
-            if cfg.save and (interval_save or stop_now or exit_now
-                             or iteration == cfg.train_iters):
-                info = dataclasses.replace(
-                    model_info, extra={**model_info.extra, "model_provider": provider.name})
-                folder = save_training_state(cfg.save, iteration, model, optimizer, scheduler,
-                                             consumed, info)
+    try:
+        with stop.installed():
+            while iteration < cfg.train_iters:
+                tic = time.time()
+                theta = sample_sensitivity(cfg, iteration)
+                set_sensitivity(model, theta)
+                set_training_step(model, iteration)
+                teacher_logits = None
+                if teacher is not None:
+                    teacher_logits = teacher.logits_for(
+                        functools.partial(micro_batches, consumed), num_micro, cfg.seq_length,
+                        cfg.micro_batch_size)
+                for ddp in ddps:
+                    ddp.zero_grad_buffer()
+                optimizer.zero_grad()
+                iterators = micro_batches(consumed, teacher_logits)
+                reports = forward_backward(
+                    forward_step_func=forward_step,
+                    data_iterator=iterators if len(iterators) > 1 else iterators[0],
+                    model=ddps, num_microbatches=num_micro, seq_length=cfg.seq_length,
+                    micro_batch_size=cfg.micro_batch_size, forward_only=False)
+                ok, grad_norm, _ = optimizer.step()
+                if ok:
+                    scheduler.step(increment=1)
+                iteration += 1
+                consumed += cfg.global_batch_size
+                loss = _dp_mean_loss(reports)
+                if loss is not None:
+                    result.losses[iteration] = loss
+                if teacher is not None and reports:
+                    result.distill_kl[iteration] = _dp_mean_loss(reports, "distill kl")
                 if logger:
-                    logger.text(f"saved {folder}")
-            if stop_now or exit_now:
-                result.stopped_by_signal = stop_now
-                break
+                    logger.iteration(iteration, cfg, loss=loss, theta=theta, grad_norm=grad_norm,
+                                     lr=scheduler.get_lr(optimizer.param_groups[0]),
+                                     seconds=time.time() - tic, model=model,
+                                     skipped=not ok,
+                                     scalars=functools.partial(provider.scalars, model),
+                                     distill_kl=result.distill_kl.get(iteration))
+                if on_iteration:
+                    on_iteration(iteration)
+                stop_now = stop.agreed()
+                exit_now = bool(cfg.exit_after_iters
+                                and iteration - started_iter >= cfg.exit_after_iters)
+                interval_save = cfg.save_interval and iteration % cfg.save_interval == 0
+                if cfg.save and (interval_save or stop_now or exit_now
+                                 or iteration == cfg.train_iters):
+                    info = dataclasses.replace(
+                        model_info, extra={**model_info.extra, "model_provider": provider.name})
+                    folder = save_training_state(cfg.save, iteration, model, optimizer, scheduler,
+                                                 consumed, info)
+                    if logger:
+                        logger.text(f"saved {folder}")
+                if stop_now or exit_now:
+                    result.stopped_by_signal = stop_now
+                    break
+    finally:
+        reset_megatron_moe_state()
     result.iteration, result.consumed_samples, result.model = iteration, consumed, model
     return result
 
