@@ -49,7 +49,9 @@ def resolve_model(cfg):
         info = CheckpointInfo(get_architecture(cfg.model), dyn, {})
     if info.dynamoe is not None:
         overrides = {k: v for k, v in dict(
+            label_reference=cfg.dynamoe_label_reference,
             label_tolerance=cfg.dynamoe_label_tolerance,
+            label_tolerance_max=cfg.dynamoe_label_tolerance_max,
             label_fraction=cfg.dynamoe_label_fraction,
             router_loss_coeff=cfg.dynamoe_router_loss_coeff).items() if v is not None}
         info = dataclasses.replace(info, dynamoe=dataclasses.replace(info.dynamoe, **overrides))

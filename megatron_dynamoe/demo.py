@@ -4,8 +4,9 @@ Runs the same commands a user runs, one process each, into one output folder:
 
 1. convert the shipped SmolLM2-135M-Instruct (GGUF) to a Megatron torch_dist checkpoint
    (logit parity against transformers);
-2. MoEfy it: neuron importance calibrated on State of the Union speeches, 4 nested levels
-   (theta = 1 parity against dense);
+2. MoEfy it: neuron importance calibrated on State of the Union speeches, 4 nested levels,
+   difficulty routers fitted to their labels on the same text (theta = 1 parity against
+   dense);
 3. preprocess the speeches into a Megatron indexed dataset (the last --held-out-docs
    speeches are left out: they are the evaluation text);
 4. fine-tune DynaMoE briefly with launch/train.py under torchrun (--nproc processes, data
@@ -42,19 +43,13 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--nproc", type=int, default=2, help="training processes (data parallel)")
     p.add_argument("--held-out-docs", type=int, default=20)
-    p.add_argument("--calibration-sequences", type=int, default=8)
+    p.add_argument("--calibration-sequences", type=int, default=16)
     t = p.add_argument_group("fine-tuning (both DynaMoE and the top-k baseline)")
     t.add_argument("--train-iters", type=int, default=16)
     t.add_argument("--global-batch-size", type=int, default=4)
     t.add_argument("--seq-length", type=int, default=256)
     t.add_argument("--lr", type=float, default=2e-4)
     t.add_argument("--sensitivity-min", type=float, default=0.3)
-    # SmolLM2's FFN partial sums are rarely within 10 % of the full output: at the default
-    # tau = 0.1 nearly every mid-layer token is labelled level K (measured: 4096 of 4096
-    # calibration tokens at layers 7-25), which leaves the router nothing to rank; tau = 0.4
-    # spreads the labels over the levels.
-    t.add_argument("--label-tolerance", type=float, default=0.4,
-                   help="--dynamoe-label-tolerance of the DynaMoE fine-tune")
     t.add_argument("--distill", action="store_true",
                    help="distil from the frozen dense model (--dynamoe-distill-teacher)")
     t.add_argument("--no-topk", action="store_true", help="skip the top-k baseline")
@@ -148,8 +143,7 @@ def main(argv=None) -> int:
     job.run("fine-tune dynamoe", torchrun + [
         "launch/train.py", "--pretrained-checkpoint", f"{ckpt}/smollm2-dynamoe", "--save",
         f"{ckpt}/dynamoe-ft", "--tensorboard-dir", os.path.join(out, "tensorboard", "dynamoe"),
-        "--dynamoe-sensitivity-min", str(args.sensitivity_min), "--dynamoe-label-tolerance",
-        str(args.label_tolerance), *distill, *common])
+        "--dynamoe-sensitivity-min", str(args.sensitivity_min), *distill, *common])
     evaluate = [py, "tools/evaluate.py", "--load", f"{ckpt}/dynamoe-ft", "--dense-load",
                 f"{ckpt}/smollm2", "--tokenizer", "smollm2", "--output-dir",
                 os.path.join(out, "results"), "--sensitivities", args.sensitivities,

@@ -80,7 +80,9 @@ def test_theta_one_equals_dense_forward_and_gradients(label_fraction):
 
 
 def _layer_with_random_router(theta, label_fraction=1.0, tolerance=0.5, seed=3):
-    dyn = DynaMoEConfig(num_shells=8, label_fraction=label_fraction, label_tolerance=tolerance)
+    # A layer called on its own has no residual stream: hard labels relative to the FFN output.
+    dyn = DynaMoEConfig(num_shells=8, label_fraction=label_fraction, label_tolerance=tolerance,
+                        label_tolerance_max=None, label_reference="ffn")
     dense = build_dense(seed=seed)
     model = build_dynamoe(dyn)
     model.load_state_dict(moefied_state(dense, dyn, router_seed=seed))

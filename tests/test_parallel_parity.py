@@ -35,7 +35,9 @@ def _layout_run(rank, world_size, case, workdir):
     layout = ParallelLayout(tensor_model_parallel_size=case["tp"],
                             expert_model_parallel_size=case["ep"])
     initialize_parallel(layout)
-    dyn = DynaMoEConfig(num_shells=4, label_fraction=0.5, label_tolerance=0.5)
+    # Residual-relative soft labels over a range that spreads the tiny model's tokens.
+    dyn = DynaMoEConfig(num_shells=4, label_fraction=0.5, label_tolerance=0.01,
+                        label_tolerance_max=0.08)
     model = build_dynamoe(dyn, layout, sequence_parallel=case["tp"] > 1,
                           dispatcher=case["dispatcher"])
     weights = os.path.join(workdir, "weights")

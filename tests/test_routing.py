@@ -112,3 +112,60 @@ def test_label_schedule(fraction, expected):
 def test_label_schedule_rate_is_exact_over_long_runs():
     assert sum(is_label_step(s, 0.1) for s in range(1000)) == 100
     assert sum(is_label_step(s, 1 / 3) for s in range(999)) == 333
+
+
+def test_soft_label_targets_match_float64_hand_formula():
+    gen = torch.Generator().manual_seed(5)
+    groups = torch.randn(50, 4, 16, generator=gen) * torch.rand(50, 4, 1, generator=gen)
+    reference = 0.5 + torch.rand(50, generator=gen)
+    errors = R.level_errors(groups)
+    low, high = 0.1, 0.9
+    targets = R.label_targets(errors, reference, low, high)
+    assert targets.shape == (50, 4)
+    assert torch.allclose(targets.sum(-1), torch.ones(50), atol=1e-6)
+    assert torch.all(targets >= 0)
+    g = groups.double()
+    for t in range(50):
+        q_prev = 0.0
+        for e in range(4):
+            err = (g[t].sum(0) - g[t, :e + 1].sum(0)).norm().item()
+            q = 1.0 if e == 3 else min(1.0, max(0.0, (high - err / reference[t].item())
+                                                   / (high - low)))
+            q = max(q, q_prev)  # within tolerance at level e -> at every larger level
+            assert abs(targets[t, e].item() - (q - q_prev)) < 1e-6, (t, e)
+            q_prev = q
+
+
+def test_soft_targets_turn_theta_into_the_tolerance():
+    # A router that reproduces the soft targets routes at theta exactly like hard labels at
+    # tolerance high - theta (high - low): theta sweeps the tolerance range.
+    gen = torch.Generator().manual_seed(6)
+    groups = torch.randn(400, 4, 8, generator=gen) * torch.rand(400, 4, 1, generator=gen)
+    reference = torch.rand(400, generator=gen) + 0.2
+    errors = R.level_errors(groups)
+    low, high = 0.05, 0.6
+    q = torch.cumsum(R.label_targets(errors, reference, low, high).double(), dim=-1)
+    spread = set()
+    for theta in (0.13, 0.37, 0.61, 0.89):
+        routed = R.levels_at_sensitivity(q, theta)
+        tolerance = high - theta * (high - low)
+        hard = R.label_targets(errors, reference, tolerance).argmax(-1) + 1
+        assert torch.equal(routed, hard), theta
+        spread.add(float(routed.double().mean()))
+    assert len(spread) == 4  # the sweep really moves compute
+
+
+def test_hard_targets_are_one_hot_labels_and_soft_cross_entropy():
+    gen = torch.Generator().manual_seed(7)
+    groups = torch.randn(30, 4, 8, generator=gen) * torch.rand(30, 4, 1, generator=gen)
+    full = groups.double().sum(1).norm(dim=-1)
+    hard = R.label_targets(R.level_errors(groups), full, 0.4)
+    labels = R.difficulty_labels(groups, 0.4)
+    assert torch.equal(hard, torch.nn.functional.one_hot(labels - 1, 4).float())
+    assert torch.equal(R.median_levels(hard), labels)
+    logits = torch.randn(30, 4, generator=gen)
+    # One-hot targets give the hard cross-entropy; soft targets the expected one.
+    assert torch.allclose(R.router_cross_entropy(logits, hard), R.router_cross_entropy(logits, labels))
+    soft = torch.softmax(torch.randn(30, 4, generator=gen), -1)
+    expected = -(soft.double() * torch.log_softmax(logits.double(), -1)).sum()
+    assert torch.allclose(R.router_cross_entropy(logits, soft).double(), expected, rtol=1e-6)

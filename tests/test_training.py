@@ -16,7 +16,8 @@ from tests.multiproc import run_processes
 
 # Four layers, so that PP=2 x VPP=2 has a layer per model chunk.
 ARCH4 = dataclasses.replace(get_architecture("tiny-llama"), num_layers=4)
-INFO = CheckpointInfo(ARCH4, DynaMoEConfig(label_fraction=0.5, label_tolerance=0.3), {})
+INFO = CheckpointInfo(ARCH4, DynaMoEConfig(label_fraction=0.5, label_tolerance=0.01,
+                                                 label_tolerance_max=0.08), {})
 BASE = dict(model="tiny-llama", micro_batch_size=2, global_batch_size=8, seq_length=32,
             lr=3e-3, lr_warmup_iters=2, log_interval=100, dynamoe_sensitivity_min=0.3,
             seed=7)

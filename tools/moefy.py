@@ -2,9 +2,11 @@
 """MoEfy a dense Megatron-Core checkpoint into a DynaMoE checkpoint.
 
 Ranks every FFN's neurons (calibration activations on real text, or data-free weight norms),
-permutes them, cuts them into nested shells, zero-initialises the difficulty routers (uniform
-levels until fine-tuned), checks that theta = 1 reproduces the dense model's logits, and only
-then writes the DynaMoE checkpoint (torch_dist + dynamoe.json recording the DynaMoE config).
+permutes them, cuts them into nested shells, fits the difficulty routers to their labels on
+the calibration text (zero-initialised, i.e. uniform levels, without calibration text or with
+--no-dynamoe-fit-routers), checks that theta = 1 reproduces the dense model's logits, and only
+then writes the DynaMoE checkpoint (torch_dist + dynamoe.json recording the DynaMoE config and
+the router fit).
 
 The checkpoint is layout-independent (shells are keyed by importance order, not by EP rank):
 it loads at any TP / PP / EP. The layout flags are validated against the model and the
@@ -37,6 +39,15 @@ def _fractions(text: str):
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers")
 
 
+def _optional_float(text: str):
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number or 'none'")
+
+
 def _layers(text: str):
     if text == "all":
         return None
@@ -64,9 +75,20 @@ def parse_args(argv=None):
                    default="activation")
     d.add_argument("--dynamoe-shell-placement", choices=("balanced", "contiguous"),
                    default="balanced")
-    d.add_argument("--dynamoe-label-tolerance", type=float, default=0.1)
+    d.add_argument("--dynamoe-label-reference", choices=("residual", "ffn"),
+                   default="residual", help="what a level's error is relative to: the "
+                   "residual stream (default) or the full FFN output")
+    d.add_argument("--dynamoe-label-tolerance", type=float, default=0.02)
+    d.add_argument("--dynamoe-label-tolerance-max", type=_optional_float, default=0.3,
+                   help="soft labels over [tolerance, tolerance-max]; 'none' for hard labels")
     d.add_argument("--dynamoe-label-fraction", type=float, default=1.0)
     d.add_argument("--dynamoe-router-loss-coeff", type=float, default=1.0)
+    d.add_argument("--dynamoe-fit-routers", action=argparse.BooleanOptionalAction,
+                   default=None, help="fit the routers to their labels on the calibration "
+                   "text (default: on when --tokenizer gives calibration text)")
+    d.add_argument("--router-fit-steps", type=int, default=300,
+                   help="full-batch Adam steps per router (convex problem)")
+    d.add_argument("--router-fit-lr", type=float, default=1e-2)
     c = p.add_argument_group("calibration and parity text")
     c.add_argument("--tokenizer", help="Hugging Face folder with a tokenizer, or 'smollm2'; "
                                        "needed for activation importance")
@@ -102,6 +124,7 @@ def main(argv=None) -> int:
     )
     from megatron_dynamoe.dynamoe.config import DynaMoEConfig
     from megatron_dynamoe.dynamoe.moefy import calibrate_importance, moefy_state_dict
+    from megatron_dynamoe.dynamoe.router_fit import fit_routers as fit_routers_to_labels
     from megatron_dynamoe.model_builder import build_gpt_model, set_sensitivity
     from megatron_dynamoe.parallel import ParallelLayout, initialize_parallel
 
@@ -109,7 +132,9 @@ def main(argv=None) -> int:
         num_shells=args.dynamoe_num_shells, level_fractions=args.dynamoe_level_fractions,
         moefied_layers=args.dynamoe_layers, importance=args.dynamoe_importance,
         shell_placement=args.dynamoe_shell_placement,
+        label_reference=args.dynamoe_label_reference,
         label_tolerance=args.dynamoe_label_tolerance,
+        label_tolerance_max=args.dynamoe_label_tolerance_max,
         label_fraction=args.dynamoe_label_fraction,
         router_loss_coeff=args.dynamoe_router_loss_coeff)
     layout = layout_from_args(args)
@@ -122,6 +147,12 @@ def main(argv=None) -> int:
     if dyn.importance == "activation" and args.tokenizer is None:
         raise ToolError("activation importance needs calibration text: pass --tokenizer "
                         "(a Hugging Face folder, or 'smollm2'), or use --dynamoe-importance weight")
+    fit_routers = args.dynamoe_fit_routers
+    if fit_routers is None:
+        fit_routers = args.tokenizer is not None
+    if fit_routers and args.tokenizer is None:
+        raise ToolError("--dynamoe-fit-routers needs calibration text: pass --tokenizer (a "
+                        "Hugging Face folder, or 'smollm2'), or --no-dynamoe-fit-routers")
     log(f"MoEfying {args.load}: {dyn.num_shells} shells, levels {list(dyn.level_fractions)}, "
         f"{dyn.importance} importance; layout TP={layout.tensor_model_parallel_size} "
         f"PP={layout.pipeline_model_parallel_size} EP={layout.expert_model_parallel_size} "
@@ -146,6 +177,21 @@ def main(argv=None) -> int:
 
     model = build_gpt_model(arch, transformer_config(arch, dynamoe=dyn), dyn)
     model.load_state_dict(moefy_state_dict(dense.state_dict(), dyn, arch.gated, importance))
+    router_fit = None
+    if fit_routers:
+        batches = progress(model_batches(tokens, args.batch_size), "router labels",
+                           total=-(-tokens.shape[0] // args.batch_size))
+        fits = fit_routers_to_labels(model, batches, steps=args.router_fit_steps,
+                                     lr=args.router_fit_lr,
+                                     progress=lambda xs: progress(xs, "router fit"))
+        router_fit = dict(steps=args.router_fit_steps, lr=args.router_fit_lr,
+                          tokens=fits[0].tokens, layers=[f.to_dict() for f in fits])
+        gap = sum(f.loss - f.target_entropy for f in fits) / len(fits)
+        log(f"routers fitted on {fits[0].tokens} calibration tokens per layer: mean "
+            f"cross-entropy {sum(f.loss for f in fits) / len(fits):.3f} (uniform "
+            f"{sum(f.initial_loss for f in fits) / len(fits):.3f}, lower bound "
+            f"{sum(f.target_entropy for f in fits) / len(fits):.3f}, gap {gap:.3f}), median-"
+            f"level accuracy {sum(f.accuracy for f in fits) / len(fits):.3f}")
     set_sensitivity(model, 1.0)
     probe = tokens[:2]
     error = check_parity(megatron_logits(dense, probe), megatron_logits(model, probe),
@@ -155,7 +201,7 @@ def main(argv=None) -> int:
                  calibration_text=args.calibration_text if importance is not None else None,
                  calibration_tokens=int(tokens.numel()) if importance is not None else 0,
                  theta1_parity=error, tokenizer=args.tokenizer, gguf_file=args.gguf_file,
-                 tool="tools/moefy.py")
+                 router_fit=router_fit, tool="tools/moefy.py")
     save_checkpoint(model, args.output, CheckpointInfo(arch, dyn, extra), args.overwrite)
     log(f"wrote DynaMoE checkpoint {args.output}")
     return 0

@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 
 SHELL_PLACEMENTS = ("balanced", "contiguous")
 IMPORTANCE_METHODS = ("activation", "weight")
+LABEL_REFERENCES = ("residual", "ffn")
 
 
 @dataclass
@@ -28,8 +29,16 @@ class DynaMoEConfig:
         level_fractions: fraction of the FFN at each level, strictly increasing, ending at 1.0;
             each fraction x S must be a whole number of shells.
         sensitivity: theta used by the routed forward (set at run time via `set_sensitivity`).
-        label_tolerance: tau; a token's label is the smallest level whose partial FFN output
-            is within relative L2 error tau of the full output.
+        label_reference: what a level's error ||P_K - P_e|| is relative to. 'residual' (the
+            default): the norm of the residual stream the FFN output is added to, so a token
+            whose FFN barely moves its hidden state needs few shells; 'ffn': the norm of the
+            full FFN output P_K.
+        label_tolerance: tau; a token's label is the smallest level whose relative error is
+            within tau.
+        label_tolerance_max: soft labels: tau drawn uniformly from [label_tolerance,
+            label_tolerance_max], so the router learns P(level e suffices) over that range
+            and theta sweeps the tolerance (theta = 1 -> label_tolerance, theta = 0 ->
+            label_tolerance_max). None (or equal to label_tolerance) gives hard labels.
         label_fraction: fraction of training steps that compute labels (full-FFN pass) and
             train the router; 1.0 = every step, 0.0 = never.
         router_loss_coeff: weight of the router cross-entropy side loss.
@@ -43,7 +52,11 @@ class DynaMoEConfig:
     num_shells: int = 4
     level_fractions: Tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     sensitivity: float = 1.0
-    label_tolerance: float = 0.1
+    # Measured on SmolLM2-135M (README, "Routing labels"): residual-relative soft labels over
+    # [0.02, 0.3] spread each mid layer's tokens over all four levels.
+    label_reference: str = "residual"
+    label_tolerance: float = 0.02
+    label_tolerance_max: Optional[float] = 0.3
     label_fraction: float = 1.0
     router_loss_coeff: float = 1.0
     shell_placement: str = "balanced"
@@ -81,6 +94,15 @@ class DynaMoEConfig:
         if not 0.0 <= self.label_tolerance < 1.0:
             raise ValueError(f"--dynamoe-label-tolerance must be in [0, 1), got "
                              f"{self.label_tolerance}")
+        if self.label_tolerance_max is not None and not (
+                self.label_tolerance <= self.label_tolerance_max <= 10.0):
+            raise ValueError(
+                f"--dynamoe-label-tolerance-max {self.label_tolerance_max} must lie in "
+                f"[--dynamoe-label-tolerance {self.label_tolerance}, 10] (equal to it for "
+                f"hard labels)")
+        if self.label_reference not in LABEL_REFERENCES:
+            raise ValueError(f"--dynamoe-label-reference {self.label_reference!r}: choose one "
+                             f"of {LABEL_REFERENCES}")
         if not 0.0 <= self.label_fraction <= 1.0:
             raise ValueError(f"--dynamoe-label-fraction must be in [0, 1], got "
                              f"{self.label_fraction}")
@@ -99,6 +121,12 @@ class DynaMoEConfig:
                 raise ValueError(f"--dynamoe-layers {self.moefied_layers}: give 0-based layer "
                                  f"indices, or omit the flag to MoEfy every layer")
             self.moefied_layers = layers
+
+    @property
+    def soft_labels(self) -> bool:
+        """Whether labels are distributions over a tolerance range (see label_targets)."""
+        return (self.label_tolerance_max is not None
+                and self.label_tolerance_max > self.label_tolerance)
 
     @property
     def num_levels(self) -> int:
@@ -146,6 +174,10 @@ class DynaMoEConfig:
     def from_dict(cls, d: dict) -> "DynaMoEConfig":
         """Rebuild a config written by `to_dict`."""
         d = dict(d)
+        if "label_reference" not in d:
+            # Written before soft, residual-relative labels: keep that checkpoint's meaning
+            # (hard labels relative to the FFN output).
+            d.update(label_reference="ffn", label_tolerance_max=None)
         d["level_fractions"] = tuple(d["level_fractions"])
         if d.get("moefied_layers") is not None:
             d["moefied_layers"] = tuple(d["moefied_layers"])

@@ -9,7 +9,8 @@ Two forwards, both through Megatron's own token dispatcher and experts:
 - labelled (a `label_fraction` of training steps): every token is dispatched K times, copy j
   to the shells that level j adds (disjoint groups, so the expert work equals one full-FFN
   pass). The K group outputs give every level's partial output as a prefix sum, hence the
-  difficulty labels; the layer output is each token's prefix at its routed level (same
+  difficulty labels (relative to the residual stream, which `DynaMoETransformerLayer`
+  hands the layer, or to the full FFN output); the layer output is each token's prefix at its routed level (same
   value and same gradient paths as the routed forward) and the router's cross-entropy on
   the labels is attached to it as a side loss with Megatron's MoEAuxLossAutoScaler.
 """
@@ -107,6 +108,12 @@ class DynaMoELayer(MoELayer):
         self.dynamoe_config = dynamoe_config
         self.step = 0
         self.last_stats: Dict[str, torch.Tensor] = {}
+        # Per-token norms of the residual stream entering the FFN block, set by the enclosing
+        # DynaMoETransformerLayer just before this layer's forward (label reference).
+        self._residual_norms: Optional[torch.Tensor] = None
+        # Router fitting (router_fit.py): label every forward, whatever the mode, and keep
+        # the router inputs and targets in last_stats.
+        self.collect_router_data = False
         shells = torch.tensor(dynamoe_config.level_shells, dtype=torch.float32)
         self.register_buffer("level_compute_fraction", shells / dynamoe_config.num_shells,
                              persistent=False)
@@ -122,8 +129,19 @@ class DynaMoELayer(MoELayer):
 
     def computes_labels(self) -> bool:
         """Whether the next forward is a labelled one."""
-        return (self.training and torch.is_grad_enabled()
-                and is_label_step(self.step, self.dynamoe_config.label_fraction))
+        return self.collect_router_data or (
+            self.training and torch.is_grad_enabled()
+            and is_label_step(self.step, self.dynamoe_config.label_fraction))
+
+    def observe_residual(self, residual: torch.Tensor) -> None:
+        """Record the per-token norm of the residual stream [s, b, H] this FFN's output is
+        added to (called by DynaMoETransformerLayer before the pre-MLP norm); kept only when
+        the next forward computes residual-relative labels."""
+        self._residual_norms = None
+        if self.dynamoe_config.label_reference == "residual" and self.computes_labels():
+            with torch.no_grad():
+                self._residual_norms = residual.detach().reshape(
+                    -1, residual.shape[-1]).float().norm(dim=-1)
 
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None,
@@ -138,7 +156,10 @@ class DynaMoELayer(MoELayer):
         self.last_stats = {}
         decision = self.router.decide(hidden_states)
         if self.computes_labels():
-            output = self._labelled_forward(hidden_states, decision)
+            try:
+                output = self._labelled_forward(hidden_states, decision)
+            finally:
+                self._residual_norms = None
         else:
             output = self._dispatch_to_shells(hidden_states, decision.probs, decision.routing_map)
         self._record_routing_stats(decision)
@@ -163,20 +184,42 @@ class DynaMoELayer(MoELayer):
         groups = self._dispatch_to_shells(copies, group_map.to(torch.float32), group_map)
         groups = groups.view(tokens, levels, hidden)
 
-        labels = routing.difficulty_labels(groups, self.dynamoe_config.label_tolerance)
+        targets = self._label_targets(groups)
+        labels = routing.median_levels(targets)
         output = routing.select_level_output(groups, decision.levels).view(seq, batch, hidden)
-        output = self._attach_router_loss(output, decision.logits, labels)
+        if torch.is_grad_enabled():
+            output = self._attach_router_loss(output, decision.logits, targets)
         with torch.no_grad():
-            predicted = decision.logits.argmax(dim=-1) + 1
+            predicted = routing.median_levels(torch.softmax(decision.logits.float(), dim=-1))
             self.last_stats["router_accuracy"] = (predicted == labels).float().mean()
             self.last_stats["label_counts"] = torch.bincount(labels - 1, minlength=levels)
             self.last_stats["labels"] = labels
+            if self.collect_router_data:
+                self.last_stats["router_inputs"] = hidden_states.detach().reshape(
+                    tokens, hidden).float()
+                self.last_stats["label_targets"] = targets
         return output
 
-    def _attach_router_loss(self, output, logits, labels):
+    def _label_targets(self, groups: torch.Tensor) -> torch.Tensor:
+        """[T, K, H] group outputs -> [T, K] router targets (routing.label_targets)."""
+        cfg = self.dynamoe_config
+        errors = routing.level_errors(groups)
+        if cfg.label_reference == "ffn":
+            reference = groups.detach().double().sum(dim=1).norm(dim=-1)
+        else:
+            reference = self._residual_norms
+            if reference is None or reference.shape[0] != groups.shape[0]:
+                raise RuntimeError(
+                    "residual-relative labels need the residual stream: build the layer "
+                    "through megatron_dynamoe.dynamoe.spec (DynaMoETransformerLayer), or set "
+                    "label_reference='ffn'")
+        return routing.label_targets(errors, reference, cfg.label_tolerance,
+                                     cfg.label_tolerance_max)
+
+    def _attach_router_loss(self, output, logits, targets):
         coeff = self.dynamoe_config.router_loss_coeff
         tokens = logits.shape[0]
-        ce_sum = routing.router_cross_entropy(logits, labels)
+        ce_sum = routing.router_cross_entropy(logits, targets)
         # Mean over the sequence: with sequence parallelism each TP rank holds 1/TP of the
         # tokens and the router's gradients are summed over TP.
         tp_share = self.attn_tp_group.size() if self.config.sequence_parallel else 1

@@ -5,7 +5,7 @@ Shapes: T tokens, K levels, S shells, H hidden size. Levels are 1-based (1..K) e
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -89,13 +89,67 @@ def level_routing_map(levels: torch.Tensor, level_masks_physical: torch.Tensor) 
     return level_masks_physical.to(levels.device)[levels - 1]
 
 
+def level_errors(group_outputs: torch.Tensor) -> torch.Tensor:
+    """||P_K - P_e||_2 per token and level, where P_e is the prefix sum of the first e groups.
+
+    One full-FFN pass yields every level's partial output, so this costs no extra expert work.
+
+    Args:
+        group_outputs: [T, K, H] output of each level's added shells.
+    Returns:
+        [T, K] float64 errors; the last column is exactly 0.
+    """
+    g = group_outputs.detach().double()
+    # Residual of level e = sum of the groups above it: a reversed cumulative sum.
+    tail = torch.flip(torch.cumsum(torch.flip(g, dims=[1]), dim=1), dims=[1])
+    residual = torch.cat([tail[:, 1:], torch.zeros_like(tail[:, :1])], dim=1)
+    return residual.norm(dim=-1)
+
+
+def label_targets(errors: torch.Tensor, reference: torch.Tensor, tolerance: float,
+                  tolerance_max: Optional[float] = None) -> torch.Tensor:
+    """Router targets over levels from each level's error relative to a reference norm.
+
+    With r_e = errors_e / reference, a token's label at tolerance tau is the smallest level
+    with r_e <= tau. Hard labels (`tolerance_max` None or equal to `tolerance`) are that
+    label one-hot. Soft labels draw tau uniformly from [tolerance, tolerance_max]: the target
+    cumulative probability is q_e = P(r_e <= tau), so a router that matches them turns theta
+    into a tolerance, q_e >= theta <=> r_e <= tolerance_max - theta (tolerance_max -
+    tolerance). An error of exactly 0 counts as within any tolerance (a zero FFN output
+    gets level 1).
+
+    Args:
+        errors: [T, K] from `level_errors` (last column 0); reference: [T] norms (the FFN
+            output's, or the residual stream's).
+    Returns:
+        [T, K] float32 probabilities over levels 1..K (rows sum to 1).
+    """
+    ratio = errors / reference.double().unsqueeze(-1)
+    ratio = torch.where(errors == 0, torch.zeros_like(ratio), ratio)
+    if tolerance_max is None or tolerance_max <= tolerance:
+        q = (ratio <= tolerance).double()
+    else:
+        q = ((tolerance_max - ratio) / (tolerance_max - tolerance)).clamp(0.0, 1.0)
+    # Errors need not fall monotonically with the level; a token that is within tolerance
+    # at level e counts as within it at every larger level.
+    q = torch.cummax(q, dim=-1).values
+    q[:, -1] = 1.0
+    return torch.diff(q, dim=-1, prepend=torch.zeros_like(q[:, :1])).float()
+
+
+def median_levels(level_probs: torch.Tensor) -> torch.Tensor:
+    """[T, K] probabilities over levels -> [T] int64 smallest level whose cumulative
+    probability reaches 1/2 (the hard label at the middle tolerance; for one-hot rows, the
+    label itself)."""
+    q = torch.cumsum(level_probs.double(), dim=-1)
+    return 1 + (q[:, :-1] < 0.5 - 1e-9).sum(dim=-1)
+
+
 def difficulty_labels(group_outputs: torch.Tensor, tolerance: float) -> torch.Tensor:
     """Label = smallest level whose partial output is within `tolerance` of the full output.
 
-    The partial output at level e is the prefix sum of the first e group outputs, so one
-    full-FFN pass yields every level's output. Relative error is
-    ||P_K - P_e||_2 / ||P_K||_2 per token; level K always qualifies (error 0). A token whose
-    full output is exactly zero gets level 1.
+    Relative error is ||P_K - P_e||_2 / ||P_K||_2 per token; level K always qualifies
+    (error 0). A token whose full output is exactly zero gets level 1.
 
     Args:
         group_outputs: [T, K, H] output of each level's added shells.
@@ -104,14 +158,9 @@ def difficulty_labels(group_outputs: torch.Tensor, tolerance: float) -> torch.Te
         [T] int64 labels in 1..K.
     """
     with torch.no_grad():
-        g = group_outputs.double()
-        # Residual of level e = sum of the groups above it: a reversed cumulative sum.
-        tail = torch.flip(torch.cumsum(torch.flip(g, dims=[1]), dim=1), dims=[1])
-        residual = torch.cat([tail[:, 1:], torch.zeros_like(tail[:, :1])], dim=1)
-        full_norm = tail[:, 0].norm(dim=-1, keepdim=True)
-        ok = residual.norm(dim=-1) <= tolerance * full_norm
-        # First qualifying level; ok[:, -1] is always True.
-        return ok.double().argmax(dim=-1) + 1
+        full = group_outputs.double().sum(dim=1).norm(dim=-1)
+        targets = label_targets(level_errors(group_outputs), full, tolerance)
+        return targets.argmax(dim=-1) + 1
 
 
 def select_level_output(group_outputs: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -130,17 +179,22 @@ def select_level_output(group_outputs: torch.Tensor, levels: torch.Tensor) -> to
     return (group_outputs * keep.unsqueeze(-1).to(group_outputs.dtype)).sum(dim=1)
 
 
-def router_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+def router_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
                          valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum over valid tokens of -log softmax(logits)[label-1] (sum, not mean: callers
+    """Sum over valid tokens of -sum_e target_e log softmax(logits)_e (sum, not mean: callers
     normalise by the global token count).
 
     Args:
-        logits: [T, K]; labels: [T] in 1..K; valid: optional [T] bool.
+        logits: [T, K]; targets: [T] int64 labels in 1..K, or [T, K] probabilities over
+            levels (from `label_targets`); valid: optional [T] bool.
     Returns:
         scalar float32.
     """
-    losses = torch.nn.functional.cross_entropy(logits.float(), labels - 1, reduction="none")
+    if targets.dim() == 1:
+        losses = torch.nn.functional.cross_entropy(logits.float(), targets - 1,
+                                                   reduction="none")
+    else:
+        losses = -(targets.float() * torch.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
     if valid is not None:
         losses = losses * valid.to(losses.dtype)
     return losses.sum()

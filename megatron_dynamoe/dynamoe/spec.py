@@ -24,7 +24,10 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    get_transformer_layer_offset,
+)
 
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
 from megatron_dynamoe.dynamoe.experts import ShellExperts
@@ -91,6 +94,21 @@ def dense_layer_spec(normalization: str, use_te: bool, qk_layernorm: bool = Fals
     return _swap_torch_norms(spec, _norm_class(False))
 
 
+class DynaMoETransformerLayer(TransformerLayer):
+    """Megatron's TransformerLayer that shows its DynaMoE FFN the residual stream.
+
+    Residual-relative difficulty labels compare a level's error with the norm of the hidden
+    state the FFN output is added to; the FFN itself only sees the pre-MLP-normalised input,
+    so the layer passes the residual over just before normalising it (recomputation included,
+    since it re-runs this method). Everything else, checkpoint keys included, is Megatron's.
+    """
+
+    def _forward_pre_mlp_layernorm(self, hidden_states):
+        if isinstance(self.mlp, DynaMoELayer):
+            self.mlp.observe_residual(hidden_states)
+        return super()._forward_pre_mlp_layernorm(hidden_states)
+
+
 def dynamoe_mlp_spec(dynamoe_config: DynaMoEConfig, moe_mlp_spec: ModuleSpec) -> ModuleSpec:
     """Turn Megatron's MoE MLP spec into the DynaMoE one (layer, experts, router)."""
     experts = copy.copy(moe_mlp_spec.submodules.experts)
@@ -129,6 +147,7 @@ def dynamoe_layer_spec(dynamoe_config: DynaMoEConfig, normalization: str, use_te
     spec = moe_layer_spec(dynamoe_config.num_shells,
                           functools.partial(dynamoe_mlp_spec, dynamoe_config),
                           normalization, use_te, qk_layernorm)
+    spec.module = DynaMoETransformerLayer
     _quiet_unknown_mlp_warning()
     return spec
 

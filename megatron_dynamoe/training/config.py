@@ -74,7 +74,11 @@ class TrainConfig:
     dynamoe_num_shells: int = 4
     dynamoe_sensitivity_min: float = 0.0
     dynamoe_sensitivity_max: float = 1.0
-    dynamoe_label_tolerance: Optional[float] = None  # None: keep the checkpoint's value
+    # None: keep the checkpoint's value. --dynamoe-label-tolerance-max equal to the tolerance
+    # gives hard labels.
+    dynamoe_label_reference: Optional[str] = None
+    dynamoe_label_tolerance: Optional[float] = None
+    dynamoe_label_tolerance_max: Optional[float] = None
     dynamoe_label_fraction: Optional[float] = None
     dynamoe_router_loss_coeff: Optional[float] = None
     # Distillation from the frozen dense model (a dense checkpoint of the same architecture):
