@@ -71,8 +71,9 @@ class TrainingMonitor:
             # The provider's statistics are gathered only where they are written.
             for tag, value in (scalars() if scalars else {}).items():
                 w.add_scalar(tag, value, iteration)
-            w.add_scalar("dynamoe/sensitivity", theta, iteration)
-            w.add_scalar("dynamoe/ffn-compute-fraction", ffn, iteration)
+            if layers:
+                w.add_scalar("dynamoe/sensitivity", theta, iteration)
+                w.add_scalar("dynamoe/ffn-compute-fraction", ffn, iteration)
             w.add_scalar("memory/max-rss-gb",
                          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, iteration)
             for layer in layers:
@@ -85,8 +86,9 @@ class TrainingMonitor:
             print(f" iteration {iteration:8d}/{cfg.train_iters:8d} | lm loss: {loss_text} | "
                   f"lr: {lr:.3E} | grad norm: {gn} | "
                   + (f"distill kl: {distill_kl:.4E} | " if distill_kl is not None else "")
-                  + f"theta: {theta:.3f} | "
-                  f"FFN compute: {ffn:.3f} | tokens/s: {tokens_per_s:.1f} | "
+                  # theta and FFN compute mean something only for DynaMoE layers.
+                  + (f"theta: {theta:.3f} | FFN compute: {ffn:.3f} | " if layers else "")
+                  + f"tokens/s: {tokens_per_s:.1f} | "
                   f"ETA: {eta:.0f} s" + (" | skipped" if skipped else ""),
                   file=self.stream, flush=True)
         if w is not None:
