@@ -65,6 +65,8 @@ def test_theta_outside_unit_interval(theta):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(label_fraction=1.5), "--dynamoe-label-fraction"),
     (dict(label_tolerance=-0.1), "--dynamoe-label-tolerance"),
+    (dict(label_tolerance_max=0.01), r"--dynamoe-label-tolerance-max 0.01 must lie in \[--dynamoe"),
+    (dict(label_reference="hidden"), "--dynamoe-label-reference 'hidden'"),
     (dict(shell_placement="random"), "--dynamoe-shell-placement"),
     (dict(importance="magic"), "--dynamoe-importance"),
     (dict(moefied_layers=(-1,)), "0-based layer"),
@@ -72,6 +74,20 @@ def test_theta_outside_unit_interval(theta):
 def test_other_bad_knobs(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DynaMoEConfig(**kwargs)
+
+
+def test_config_round_trip_and_checkpoints_written_before_soft_labels():
+    cfg = DynaMoEConfig(label_reference="ffn", label_tolerance=0.05, label_tolerance_max=0.4)
+    assert DynaMoEConfig.from_dict(cfg.to_dict()) == cfg and cfg.soft_labels
+    assert not DynaMoEConfig(label_tolerance=0.3, label_tolerance_max=0.3).soft_labels
+    # A dynamoe.json from before label_reference existed keeps its meaning: hard labels
+    # relative to the FFN output at its tolerance.
+    old = {k: v for k, v in DynaMoEConfig().to_dict().items()
+           if k not in ("label_reference", "label_tolerance_max")}
+    old["label_tolerance"] = 0.5
+    loaded = DynaMoEConfig.from_dict(old)
+    assert (loaded.label_reference, loaded.label_tolerance, loaded.label_tolerance_max) == (
+        "ffn", 0.5, None)
 
 
 def test_moefied_layer_beyond_model():

@@ -222,6 +222,14 @@ def test_bad_inputs_fail_cleanly(plain_dense, moefied, tmp_path):
                           "bias-free FFNs", out)
     _assert_clean_failure(_tool_here("moefy.py", "--load", plain_dense[0], "--model", "tiny-llama",
                                 "--output", out), "needs calibration text", out)
+    _assert_clean_failure(_tool_here("moefy.py", "--load", plain_dense[0], "--model", "tiny-llama",
+                                "--output", out, "--dynamoe-importance", "weight",
+                                "--dynamoe-fit-routers"), "--dynamoe-fit-routers needs calibration", out)
+    _assert_clean_failure(_tool_here("moefy.py", "--load", plain_dense[0], "--model", "tiny-llama",
+                                "--output", out, "--dynamoe-importance", "weight",
+                                "--dynamoe-label-tolerance", "0.5",
+                                "--dynamoe-label-tolerance-max", "0.2"),
+                          "--dynamoe-label-tolerance-max 0.2 must lie in", out)
     _assert_clean_failure(_tool_here("export.py", "--load", plain_dense[0], "--output", out),
                           "not a DynaMoE checkpoint", out)
     _assert_clean_failure(_tool_here("export.py", "--load", moefied, "--output", out, "--level", 7),
