@@ -46,6 +46,9 @@ class TrainConfig:
     min_lr: float = 0.0
     lr_warmup_iters: int = 0
     lr_decay_style: str = "cosine"
+    # Learning-rate multiplier of the MoE routers' parameters (DynaMoE difficulty routers,
+    # top-k / adaptive gates): their own warm-up and decay from --lr x mult to --min-lr x mult.
+    router_lr_mult: float = 1.0
     weight_decay: float = 0.0
     clip_grad: float = 1.0
     adam_beta1: float = 0.9
@@ -113,6 +116,8 @@ class TrainConfig:
                              f"{LR_DECAY_STYLES}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
+        if not 0.0 < self.router_lr_mult <= 1e4:
+            raise ValueError(f"--router-lr-mult {self.router_lr_mult} must be in (0, 1e4]")
         if self.lr_warmup_iters < 0 or self.lr_warmup_iters > self.train_iters:
             raise ValueError("--lr-warmup-iters must be in [0, --train-iters]")
         if not 0.0 <= self.dynamoe_sensitivity_min <= self.dynamoe_sensitivity_max <= 1.0:

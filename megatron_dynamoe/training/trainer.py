@@ -129,6 +129,22 @@ def build_scheduler(cfg: TrainConfig, optimizer):
         wd_incr_style="constant")
 
 
+def optimizer_overrides(cfg: TrainConfig, optimizer_config):
+    """Megatron's per-parameter-group overrides for this run: the standard ones (no weight
+    decay on biases and 1-d parameters) plus, with --router-lr-mult, the routers' own peak
+    and minimum learning rates. None (Megatron's default, the standard ones) when the
+    multiplier is 1, so default runs build exactly Megatron's parameter groups."""
+    if cfg.router_lr_mult == 1.0:
+        return None
+    from megatron.core.optimizer import ParamKey, get_standard_config_overrides
+    from megatron.core.optimizer_param_scheduler import ParamGroupOverride
+
+    overrides = get_standard_config_overrides(optimizer_config)
+    overrides[ParamKey(name="*.mlp.router.*")] = ParamGroupOverride(
+        max_lr=cfg.lr * cfg.router_lr_mult, min_lr=cfg.min_lr * cfg.router_lr_mult)
+    return overrides
+
+
 def reset_megatron_moe_state() -> None:
     """Clear Megatron's process-global MoE state, at the start and end of every run.
 
@@ -216,11 +232,14 @@ def train(cfg: TrainConfig, model_info, source: BatchSource, logger=None,
     ddps = [DistributedDataParallel(config, ddp_config, module=chunk,
                                     disable_bucketing=i > 0)
             for i, chunk in enumerate(model)]
-    optimizer = get_megatron_optimizer(OptimizerConfig(
+    optimizer_config = OptimizerConfig(
         optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
         clip_grad=cfg.clip_grad, bf16=cfg.bf16, params_dtype=config.params_dtype,
-        use_distributed_optimizer=cfg.use_distributed_optimizer), ddps)
+        use_distributed_optimizer=cfg.use_distributed_optimizer)
+    optimizer = get_megatron_optimizer(optimizer_config, ddps,
+                                       config_overrides=optimizer_overrides(cfg,
+                                                                            optimizer_config))
     scheduler = build_scheduler(cfg, optimizer)
     config.no_sync_func = ([d.no_sync for d in ddps] if len(ddps) > 1 else ddps[0].no_sync)
     config.finalize_model_grads_func = finalize_model_grads
