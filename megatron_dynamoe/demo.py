@@ -83,7 +83,8 @@ class Job:
         log("  $ " + " ".join(command))
         path = os.path.join(self.out, "logs", f"{index:02d}-{name.replace(' ', '-')}.log")
         tic = time.time()
-        with open(path, "w") as logfile:
+        # Line-buffered: the step log can be followed (tail -f) while the step runs.
+        with open(path, "w", buffering=1) as logfile:
             # Progress bars and logs go to the terminal and the step's log file.
             proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True,
