@@ -50,7 +50,7 @@ from megatron_dynamoe.curriculum import (  # noqa: E402
 )
 from megatron_dynamoe.data import collate_samples  # noqa: E402
 from megatron_dynamoe.model_builder import ModelProvider, causal_attention_mask  # noqa: E402
-from megatron_dynamoe.parallel import ParallelLayout, initialize_parallel  # noqa: E402
+from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel  # noqa: E402
 from megatron_dynamoe.training.config import TrainConfig  # noqa: E402
 from megatron_dynamoe.training.trainer import train  # noqa: E402
 

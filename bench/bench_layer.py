@@ -27,7 +27,7 @@ from megatron.core.transformer.spec_utils import build_module  # noqa: E402
 from megatron_dynamoe.architectures import ModelArchitecture, transformer_config  # noqa: E402
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig  # noqa: E402
 from megatron_dynamoe.dynamoe.spec import dense_layer_spec, dynamoe_layer_spec  # noqa: E402
-from megatron_dynamoe.parallel import ParallelLayout, initialize_parallel  # noqa: E402
+from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel  # noqa: E402
 
 
 def _time(fn, repeats: int, warmup: int = 1) -> float:

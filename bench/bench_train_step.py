@@ -27,7 +27,7 @@ from megatron_dynamoe.architectures import ModelArchitecture  # noqa: E402
 from megatron_dynamoe.checkpointing import CheckpointInfo  # noqa: E402
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig  # noqa: E402
 from megatron_dynamoe.model_builder import causal_attention_mask  # noqa: E402
-from megatron_dynamoe.parallel import initialize_parallel  # noqa: E402
+from megatron_dynamoe.runtime.parallel import initialize_parallel  # noqa: E402
 from megatron_dynamoe.training.config import TrainConfig  # noqa: E402
 from megatron_dynamoe.training.trainer import train  # noqa: E402
 

@@ -35,7 +35,7 @@ from megatron_dynamoe.adaptive.upcycle import (  # noqa: E402
 from megatron_dynamoe.cli import log, model_batches  # noqa: E402
 from megatron_dynamoe.corpora import load_texts, token_windows  # noqa: E402
 from megatron_dynamoe.model_builder import ModelProvider  # noqa: E402
-from megatron_dynamoe.parallel import ParallelLayout, initialize_parallel  # noqa: E402
+from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel  # noqa: E402
 
 
 @torch.no_grad()

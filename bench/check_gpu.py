@@ -40,7 +40,7 @@ from megatron_dynamoe.model_builder import (  # noqa: E402
     set_static_level,
     set_training_step,
 )
-from megatron_dynamoe.parallel import ParallelLayout, initialize_parallel  # noqa: E402
+from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel  # noqa: E402
 
 ARCH = get_architecture("tiny-llama")
 DYN = DynaMoEConfig(num_shells=8, label_tolerance=0.01, label_tolerance_max=0.08)

@@ -122,7 +122,7 @@ def model_provider(info):
 
 
 def main(argv=None) -> int:
-    from megatron_dynamoe import launch_env
+    from megatron_dynamoe.runtime import launch_env
     from megatron_dynamoe.cli import log
     from megatron_dynamoe.training.config import parse_train_args
 
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     cfg = parse_train_args(argv)
     from megatron.core import parallel_state
 
-    from megatron_dynamoe.parallel import initialize_parallel
+    from megatron_dynamoe.runtime.parallel import initialize_parallel
     from megatron_dynamoe.training.monitor import TrainingMonitor
     from megatron_dynamoe.training.trainer import train
 

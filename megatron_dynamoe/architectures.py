@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
-from megatron_dynamoe.parallel import ParallelLayout
+from megatron_dynamoe.runtime.parallel import ParallelLayout
 
 FAMILIES = ("llama", "gpt2")
 # FFN activation per family: LLaMA's SwiGLU gate uses silu; GPT-2 uses GELU, the tanh

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from megatron_dynamoe.parallel import ParallelLayout
+from megatron_dynamoe.runtime.parallel import ParallelLayout
 
 EXIT_BAD_INPUT = 2
 EXIT_PARITY = 3

@@ -591,7 +591,7 @@ def build_gpt_datasets(data_path: Union[str, Sequence[str]], tokenizer, *, seq_l
     if not torch.distributed.is_initialized():
         raise RuntimeError("build_gpt_datasets needs torch.distributed initialised (Megatron's "
                            "dataset builder synchronises ranks): call "
-                           "megatron_dynamoe.parallel.initialize_parallel first")
+                           "megatron_dynamoe.runtime.parallel.initialize_parallel first")
     os.makedirs(cache, exist_ok=True)
     backend = dataset_helpers_backend()
     if backend != "compiled":

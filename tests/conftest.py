@@ -9,7 +9,7 @@ import torch
 @pytest.fixture(scope="session")
 def single_rank():
     """torch.distributed (gloo, world 1) + Megatron groups at TP=PP=EP=1, once per session."""
-    from megatron_dynamoe.parallel import ParallelLayout, initialize_parallel
+    from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
 
     initialize_parallel(ParallelLayout())
     yield

@@ -34,7 +34,7 @@ def _gating(case):
 
 
 def _worker(rank, world_size, ep, cases, workdir):
-    from megatron_dynamoe.parallel import ParallelLayout, destroy_parallel, initialize_parallel
+    from megatron_dynamoe.runtime.parallel import ParallelLayout, destroy_parallel, initialize_parallel
 
     initialize_parallel(ParallelLayout(expert_model_parallel_size=ep))
     for case in cases:   # one process launch for every case (imports cost ~10 s)
@@ -47,7 +47,7 @@ def _run_case(rank, ep, case, workdir):
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     from megatron_dynamoe.adaptive.provider import AdaptiveMoEProvider, adaptive_layers
-    from megatron_dynamoe.parallel import ParallelLayout
+    from megatron_dynamoe.runtime.parallel import ParallelLayout
     from tests.builders import ARCH, batch
 
     layout = ParallelLayout(expert_model_parallel_size=ep)

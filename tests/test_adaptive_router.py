@@ -10,7 +10,7 @@ import torch
 
 from megatron_dynamoe.adaptive.config import AdaptiveGatingConfig
 from megatron_dynamoe.architectures import get_architecture
-from megatron_dynamoe.parallel import ParallelLayout
+from megatron_dynamoe.runtime.parallel import ParallelLayout
 
 ARCH = get_architecture("tiny-llama")
 E = 4

@@ -20,7 +20,7 @@ def dense_checkpoint(tmp_path_factory, single_rank):
 
     from megatron_dynamoe.checkpointing import CheckpointInfo, save_checkpoint
     from megatron_dynamoe.model_builder import ModelProvider
-    from megatron_dynamoe.parallel import ParallelLayout
+    from megatron_dynamoe.runtime.parallel import ParallelLayout
 
     arch = get_architecture("tiny-smollm2")
     provider = ModelProvider(arch, None)
@@ -35,7 +35,7 @@ def test_upcycle_tool_writes_a_loadable_adaptive_checkpoint(dense_checkpoint, tm
                                                             single_rank):
     from megatron_dynamoe.adaptive.provider import AdaptiveMoEProvider
     from megatron_dynamoe.checkpointing import load_checkpoint, read_info
-    from megatron_dynamoe.parallel import ParallelLayout
+    from megatron_dynamoe.runtime.parallel import ParallelLayout
 
     out = str(tmp_path / "moe")
     result = run_tool_here("tools/upcycle.py", "--load", dense_checkpoint, "--output", out,

@@ -10,7 +10,7 @@ from megatron_dynamoe.architectures import (
     transformer_config,
 )
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig, check_sensitivity
-from megatron_dynamoe.parallel import ParallelLayout
+from megatron_dynamoe.runtime.parallel import ParallelLayout
 
 
 def test_defaults_are_four_levels_of_quarters():

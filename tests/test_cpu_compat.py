@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megatron_dynamoe import cpu_compat
+from megatron_dynamoe.runtime import cpu_compat
 from tests.multiproc import run_processes
 
 pytestmark = pytest.mark.usefixtures("single_rank")
@@ -145,7 +145,7 @@ def _uneven_collectives(rank, world_size):
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
-    from megatron_dynamoe.parallel import ParallelLayout, destroy_parallel, initialize_parallel
+    from megatron_dynamoe.runtime.parallel import ParallelLayout, destroy_parallel, initialize_parallel
 
     initialize_parallel(ParallelLayout(tensor_model_parallel_size=2))
     group = parallel_state.get_tensor_model_parallel_group()

@@ -150,7 +150,7 @@ def _provider(threshold):
 
 def _profile(provider, dataset, batch_size):
     from megatron_dynamoe.data import collate_samples
-    from megatron_dynamoe.parallel import ParallelLayout
+    from megatron_dynamoe.runtime.parallel import ParallelLayout
 
     torch.manual_seed(0)
     model = provider.build(provider.transformer_config(ParallelLayout()))
@@ -172,7 +172,7 @@ def test_profile_scores_each_sequence(single_rank):
 
 
 def test_trainer_with_curriculum_resumes_bit_identically(single_rank, tmp_path):
-    from megatron_dynamoe.parallel import initialize_parallel
+    from megatron_dynamoe.runtime.parallel import initialize_parallel
     from megatron_dynamoe.training.config import TrainConfig
     from megatron_dynamoe.training.trainer import train
 

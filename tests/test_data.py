@@ -453,7 +453,7 @@ class _StubTokenizer:
 
 
 def _two_rank_worker(rank, world_size, prefixes, cache, out):
-    from megatron_dynamoe.parallel import ParallelLayout, initialize_parallel
+    from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
 
     initialize_parallel(ParallelLayout())
     train = build_gpt_datasets(["0.75", prefixes[0], "0.25", prefixes[1]],

@@ -28,7 +28,7 @@ from megatron_dynamoe.evaluation import tasks as task_lib
 from megatron_dynamoe.evaluation.flops import forward_flops_per_token, relative_forward_flops
 from megatron_dynamoe.evaluation.recorder import FFNComputeRecorder
 from megatron_dynamoe.model_builder import set_sensitivity, set_static_level
-from megatron_dynamoe.parallel import ParallelLayout
+from megatron_dynamoe.runtime.parallel import ParallelLayout
 from tests.builders import ARCH, build_dense, build_dynamoe, moefied_state
 
 pytestmark = pytest.mark.usefixtures("single_rank")

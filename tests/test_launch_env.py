@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from megatron_dynamoe import launch_env
-from megatron_dynamoe.launch_env import (
+from megatron_dynamoe.runtime import launch_env
+from megatron_dynamoe.runtime.launch_env import (
     LaunchEnv,
     LaunchError,
     discover,

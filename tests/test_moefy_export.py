@@ -154,7 +154,7 @@ def test_dense_state_dict_level_cut_is_the_prefix_of_shells(moefied):
 
 def _reshard_worker(rank, world_size, source, target, mode):
     from megatron_dynamoe.checkpointing import CheckpointInfo, save_checkpoint
-    from megatron_dynamoe.parallel import ParallelLayout, destroy_parallel, initialize_parallel
+    from megatron_dynamoe.runtime.parallel import ParallelLayout, destroy_parallel, initialize_parallel
     from tests.builders import build_dynamoe
 
     info = read_info(source)

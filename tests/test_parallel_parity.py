@@ -29,7 +29,7 @@ def _layout_run(rank, world_size, case, workdir):
 
     from megatron_dynamoe.dynamoe.config import DynaMoEConfig
     from megatron_dynamoe.model_builder import set_sensitivity, set_training_step
-    from megatron_dynamoe.parallel import ParallelLayout, destroy_parallel, initialize_parallel
+    from megatron_dynamoe.runtime.parallel import ParallelLayout, destroy_parallel, initialize_parallel
     from tests.builders import batch, build_dense, build_dynamoe, moefied_state
 
     layout = ParallelLayout(tensor_model_parallel_size=case["tp"],

@@ -24,7 +24,7 @@ BASE = dict(model="tiny-llama", micro_batch_size=2, global_batch_size=8, seq_len
 
 
 def _run(layout=None, **overrides):
-    from megatron_dynamoe.parallel import initialize_parallel
+    from megatron_dynamoe.runtime.parallel import initialize_parallel
     from megatron_dynamoe.training.trainer import train
 
     cfg = TrainConfig(**{**BASE, **(layout or {}), **overrides})

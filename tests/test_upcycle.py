@@ -18,7 +18,7 @@ from megatron_dynamoe.adaptive.upcycle import (
     upcycled_gating,
 )
 from megatron_dynamoe.dynamoe.shells import ffn_hidden_activations
-from megatron_dynamoe.parallel import ParallelLayout
+from megatron_dynamoe.runtime.parallel import ParallelLayout
 from tests.builders import ARCH, batch, build_dense
 
 E = 4

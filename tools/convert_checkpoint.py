@@ -394,7 +394,7 @@ def _parity_tokens(tokenizer, arch, args):
 def _start_single_process_world() -> None:
     """A one-process world at TP=PP=EP=1 (initialize_parallel applies the CPU compatibility
     layer and, for one process, binds no port: conversions can run side by side)."""
-    from megatron_dynamoe.parallel import ParallelLayout, initialize_parallel
+    from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
 
     initialize_parallel(ParallelLayout())
 

@@ -149,7 +149,7 @@ def main(argv=None) -> int:
         resolve_checkpoint_folder,
     )
     from megatron_dynamoe.hf_interop import load_tokenizer
-    from megatron_dynamoe.parallel import ParallelLayout, initialize_parallel
+    from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
 
     check_output_path(args.output_dir, args.overwrite)
     family = model_family(read_info(resolve_checkpoint_folder(args.load)))

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     )
     from megatron_dynamoe.dynamoe.export import dense_state_dict, exported_architecture
     from megatron_dynamoe.model_builder import build_gpt_model, set_static_level
-    from megatron_dynamoe.parallel import ParallelLayout, initialize_parallel
+    from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
 
     check_output_path(args.output, args.overwrite)
     if args.ffn_budget is not None:
@@ -140,7 +140,7 @@ def export_budget(args) -> int:
     from megatron_dynamoe.cli import ToolError, check_parity, log, megatron_logits
     from megatron_dynamoe.evaluation import budget
     from megatron_dynamoe.evaluation.loading import load_for_evaluation
-    from megatron_dynamoe.parallel import ParallelLayout, initialize_parallel
+    from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
 
     if args.level is not None:
         raise ToolError("--level and --ffn-budget exclude each other: a level is a static "

@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     from megatron_dynamoe.dynamoe.moefy import calibrate_importance, moefy_state_dict
     from megatron_dynamoe.dynamoe.router_fit import fit_routers as fit_routers_to_labels
     from megatron_dynamoe.model_builder import build_gpt_model, set_sensitivity
-    from megatron_dynamoe.parallel import ParallelLayout, initialize_parallel
+    from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
 
     dyn = DynaMoEConfig(
         num_shells=args.dynamoe_num_shells, level_fractions=args.dynamoe_level_fractions,

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
 
     from megatron_dynamoe.adaptive.provider import AdaptiveMoEProvider, set_threshold
     from megatron_dynamoe.model_builder import ModelProvider, set_sensitivity
-    from megatron_dynamoe.parallel import ParallelLayout, initialize_parallel
+    from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
 
     if "adaptive" in (info.extra or {}):
         provider, metric = AdaptiveMoEProvider.from_checkpoint_info(info), "two-expert-share"

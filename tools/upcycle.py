@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         relative_logit_error,
     )
     from megatron_dynamoe.model_builder import ModelProvider
-    from megatron_dynamoe.parallel import ParallelLayout, initialize_parallel
+    from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
 
     check_output_path(args.output, args.overwrite)
     arch, info = resolve_architecture(args.load, args.model)

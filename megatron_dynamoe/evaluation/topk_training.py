@@ -56,7 +56,7 @@ def write_topk_init(load: str, output: str, overwrite: bool = False,
     )
     from megatron_dynamoe.evaluation.loading import load_for_evaluation
     from megatron_dynamoe.model_builder import set_sensitivity, set_static_level
-    from megatron_dynamoe.parallel import ParallelLayout, initialize_parallel
+    from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
 
     check_output_path(output, overwrite)
     initialize_parallel(ParallelLayout())
@@ -91,11 +91,11 @@ def train_topk(argv) -> int:
     """launch/train.py's main with the model built by TopKProvider."""
     from megatron.core import parallel_state
 
-    from megatron_dynamoe import launch_env
+    from megatron_dynamoe.runtime import launch_env
     from megatron_dynamoe.cli import ToolError, log
     from megatron_dynamoe.evaluation.baselines import TopKProvider
     from megatron_dynamoe.evaluation.loading import model_family
-    from megatron_dynamoe.parallel import initialize_parallel
+    from megatron_dynamoe.runtime.parallel import initialize_parallel
     from megatron_dynamoe.training.config import parse_train_args
     from megatron_dynamoe.training.monitor import TrainingMonitor
     from megatron_dynamoe.training.trainer import train

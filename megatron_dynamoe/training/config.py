@@ -11,7 +11,7 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional, Sequence
 
-from megatron_dynamoe.parallel import ParallelLayout
+from megatron_dynamoe.runtime.parallel import ParallelLayout
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 

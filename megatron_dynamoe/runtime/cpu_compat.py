@@ -7,11 +7,12 @@ unchanged on CPU. It is the ONLY place in megatron_dynamoe that knows about the 
 library code never branches on the device.
 
 Rules:
-- `apply()` is explicit (called at start-up by our entry points and tests) and is a no-op
-  when CUDA is available: on a GPU machine nothing here is ever installed.
-- Every accommodation replaces something that *raises* on a CPU-only build (e.g.
-  `torch.cuda.current_device()` -> "Torch not compiled with CUDA enabled"), so it cannot
-  change behaviour that worked before.
+- `apply()` is explicit: `runtime.device.activate()` calls it when the process's device
+  policy is the CPU (`--device cpu`, or `auto` without a GPU), and only then. It is chosen
+  because the device is the CPU, not because CUDA is absent: on a GPU node `--device cpu`
+  needs the same accommodations, since Megatron would otherwise allocate on `cuda:0`.
+- Every accommodation replaces a CUDA entry point or literal with its CPU meaning (on a
+  CPU-only build each of them would raise), and nothing else.
 - The `device="cuda"` literals are rewritten only inside the Megatron modules that contain
   them (a per-module `torch` proxy), not through a process-wide TorchFunctionMode, which
   would add Python overhead to every tensor op of the model.
@@ -400,18 +401,17 @@ def fix_missing_transformer_engine() -> None:
         _note("moe_utils.te_general_gemm", "None without Transformer Engine (torch gating)")
 
 
-def apply(force: bool = False) -> bool:
-    """Install the CPU accommodations once per process, only when CUDA is unavailable.
+def apply() -> bool:
+    """Install the CPU accommodations, once per process (idempotent; returns True).
 
-    Call it before building Megatron models or optimizers (our entry points do). Returns True
-    when the CPU path is active. `force=True` is for tests of this module only.
+    Called by `runtime.device.activate()` for a CPU policy, before any Megatron model or
+    optimizer is built. Never call it in a process that runs on a GPU: it redirects
+    `torch.cuda.current_device()` and `Tensor.cuda()` to the CPU for the rest of the process.
     """
     global _APPLIED
     fix_missing_transformer_engine()
     if _APPLIED:
         return True
-    if torch.cuda.is_available() and not force:
-        return False
     _install_torch_cuda_stand_ins()
     _rewrite_cuda_literals()
     _install_uneven_collectives()

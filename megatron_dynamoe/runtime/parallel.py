@@ -1,9 +1,11 @@
 """Process-group set-up: torch.distributed + Megatron-Core model-parallel groups.
 
 One function, `initialize_parallel`, brings a process from "launched" to "ready to build a
-model": it applies the CPU compatibility layer where CUDA is absent, starts torch.distributed
-(NCCL on GPUs, gloo on CPU) from the usual RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT
-environment, creates Megatron's TP / PP / EP / DP groups and seeds the model-parallel RNG.
+model": it activates the device policy (`runtime.device`: the GPU and NCCL, or the CPU, gloo
+and the CPU accommodations), starts torch.distributed from the usual RANK / WORLD_SIZE /
+MASTER_ADDR / MASTER_PORT environment, creates Megatron's TP / PP / EP / DP groups and seeds
+the model-parallel RNG. `destroy_parallel` tears it down (entry points call it at exit, so
+NCCL communicators are released rather than leaked into interpreter shutdown).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_dynamoe import cpu_compat
+from megatron_dynamoe.runtime import device as runtime_device
+
+DEFAULT_TIMEOUT_MINUTES = 10
 
 
 @dataclass(frozen=True)
@@ -52,40 +56,47 @@ class ParallelLayout:
         return world_size // model_parallel
 
 
-def default_backend() -> str:
-    """NCCL where CUDA is available, gloo otherwise."""
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
-def initialize_parallel(layout: ParallelLayout, seed: int = 1234, timeout_minutes: int = 10):
+def initialize_parallel(layout: ParallelLayout, seed: int = 1234,
+                        timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES, device="auto"):
     """Start torch.distributed (if needed) and Megatron's parallel groups for `layout`.
 
-    Reads RANK / WORLD_SIZE (default 0 / 1) and, for several processes, MASTER_ADDR /
-    MASTER_PORT (default 127.0.0.1 / 29500); a single process uses an in-process store.
-    Calling it again re-creates the Megatron groups; returns the ProcessGroupCollection.
+    `device` is a `--device` choice ('auto', 'cuda', 'cpu') or a `DevicePolicy`; it is
+    activated first (once per process). Reads RANK / WORLD_SIZE (default 0 / 1) and, for
+    several processes, MASTER_ADDR / MASTER_PORT (default 127.0.0.1 / 29500); a single process
+    uses an in-process store. `timeout_minutes` bounds every collective of the default group
+    (--distributed-timeout-minutes). Calling it again re-creates the Megatron groups; returns
+    the ProcessGroupCollection.
     """
     from datetime import timedelta
 
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    cpu_compat.apply()
+    if timeout_minutes <= 0:
+        raise ValueError(f"--distributed-timeout-minutes must be > 0, got {timeout_minutes}")
+    policy = (device if isinstance(device, runtime_device.DevicePolicy)
+              else runtime_device.resolve(device))
+    runtime_device.activate(policy)
     if not dist.is_initialized():
         rank = int(os.environ.get("RANK", "0"))
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        timeout = timedelta(minutes=timeout_minutes)
+        kwargs = dict(rank=rank, world_size=world_size,
+                      timeout=timedelta(minutes=timeout_minutes))
+        if policy.is_cuda:
+            # Eager NCCL communicator creation bound to this rank's GPU (as Megatron-LM's
+            # maybe_force_nccl_backend_init): a wrong device shows up here, not mid-step.
+            kwargs["device_id"] = policy.device
         if world_size == 1:
             # One process needs no rendezvous: an in-process store never binds a port, so
             # tools run side by side (or inside a test that holds a port) do not collide.
-            dist.init_process_group(default_backend(), store=dist.HashStore(), rank=0,
-                                    world_size=1, timeout=timeout)
+            kwargs["store"] = dist.HashStore()
         else:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", "29500")
-            dist.init_process_group(default_backend(), rank=rank, world_size=world_size,
-                                    timeout=timeout)
+        dist.init_process_group(policy.backend, **kwargs)
+    elif dist.get_backend() != policy.backend:
+        raise ValueError(f"torch.distributed already runs {dist.get_backend()}, but the device "
+                         f"policy ({policy.device}) needs {policy.backend}")
     layout.data_parallel_size(dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
