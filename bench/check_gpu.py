@@ -40,6 +40,7 @@ from megatron_dynamoe.model_builder import (  # noqa: E402
     set_static_level,
     set_training_step,
 )
+from megatron_dynamoe.runtime.device import misplaced_tensors  # noqa: E402
 from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel  # noqa: E402
 
 ARCH = get_architecture("tiny-llama")
@@ -58,7 +59,9 @@ def _batch(device, seed=0, batch_size=4, seq_len=64):
 
 def _states():
     torch.manual_seed(11)
-    dense = build_gpt_model(ARCH, transformer_config(ARCH))
+    # Megatron's CPU initialisation in both processes, so the GPU run and the CPU reference
+    # start from the same random weights (the model is then placed on the policy's device).
+    dense = build_gpt_model(ARCH, transformer_config(ARCH, use_cpu_initialization=True))
     state = moefy_state_dict(dense.state_dict(), DYN, gated=ARCH.gated)
     gen = torch.Generator().manual_seed(5)
     for key in list(state):
@@ -68,14 +71,15 @@ def _states():
 
 
 def _model(state, device, dtype, dynamoe=True):
-    # On the GPU, as in Megatron-LM's get_model: allocate on the device (the rotary inverse
-    # frequencies are a plain attribute that `.cuda()` would not move), then `.cuda()` what
-    # Megatron leaves on the CPU whatever the flag (torch norms).
-    config = transformer_config(ARCH, dynamoe=DYN if dynamoe else None, params_dtype=dtype,
-                                use_cpu_initialization=device == "cpu")
+    # Built by the device policy (GPU initialisation, then everything Megatron or we leave
+    # on the host placed on the GPU); the check fails if anything stayed behind.
+    config = transformer_config(ARCH, dynamoe=DYN if dynamoe else None, params_dtype=dtype)
     model = build_gpt_model(ARCH, config, DYN if dynamoe else None)
     model.load_state_dict(state, strict=False)
-    return model.cuda() if device == "cuda" else model
+    left = misplaced_tensors(model, device)
+    if left:
+        raise AssertionError(f"not on {device}: {left[:5]}")
+    return model
 
 
 def _run(model, data, theta, labelled):
@@ -101,7 +105,7 @@ def _rel(a, b):
 
 def _reference(path: str) -> None:
     """CPU fp32 results, in a process that sees no GPU (so Megatron runs its CPU path)."""
-    initialize_parallel(ParallelLayout())
+    initialize_parallel(ParallelLayout(), device="cpu")
     _, state = _states()
     data = _batch("cpu")
     runs = {labelled: _run(_model(state, "cpu", torch.float32), data, 0.6, labelled)
@@ -123,7 +127,7 @@ def main(argv) -> int:
         subprocess.run([sys.executable, os.path.abspath(__file__), "--reference", path],
                        env=dict(os.environ, CUDA_VISIBLE_DEVICES=""), check=True)
         reference = torch.load(path, weights_only=False)
-    initialize_parallel(ParallelLayout())
+    initialize_parallel(ParallelLayout(), device="cuda")
     dense_state, state = _states()
     gpu_data = _batch("cuda")
     results, failures = {"device": torch.cuda.get_device_name()}, []

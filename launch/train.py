@@ -121,45 +121,88 @@ def model_provider(info):
     return ModelProvider(info.architecture, info.dynamoe)
 
 
-def main(argv=None) -> int:
-    from megatron_dynamoe.runtime import launch_env
+def set_cuda_connection_limit(cfg, environ=None) -> None:
+    """CUDA_DEVICE_MAX_CONNECTIONS=1 with tensor parallelism on a GPU (Megatron-LM asserts it
+    on Hopper and earlier): with one hardware queue, the sequence-parallel all-gather /
+    reduce-scatter are scheduled before the GEMMs that overlap them. Must be set before the
+    first CUDA call of the process; a different value the user exported is kept, with a
+    warning."""
     from megatron_dynamoe.cli import log
-    from megatron_dynamoe.training.config import parse_train_args
 
-    # Rank discovery (torchrun, srun, mpirun, DeepSpeed launcher) -> RANK / WORLD_SIZE / MASTER_*
-    # for initialize_parallel; also drops a launcher-appended --local_rank.
-    launch, argv = launch_env.prepare(argv)
-    log(launch.describe())
-    cfg = parse_train_args(argv)
+    environ = os.environ if environ is None else environ
+    if cfg.device == "cpu" or cfg.tensor_model_parallel_size == 1:
+        return
+    value = environ.get("CUDA_DEVICE_MAX_CONNECTIONS")
+    if value is None:
+        environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+    elif value != "1":
+        log(f"warning: CUDA_DEVICE_MAX_CONNECTIONS={value} with TP="
+            f"{cfg.tensor_model_parallel_size}: Megatron's communication/GEMM overlap expects 1")
+
+
+def main(argv=None, provider_for=model_provider) -> int:
+    """The training entry point; `provider_for(info)` picks the model provider of the
+    checkpoint (other families' launchers pass their own)."""
+    from megatron_dynamoe.cli import log
+    from megatron_dynamoe.runtime import launch_env
+    from megatron_dynamoe.training.config import parse_train_args
+    from megatron_dynamoe.training.preemption import PreemptionFlag
+
+    # First of all, SIGTERM / SIGUSR1 only set a flag: a preemption during the (long) start-up
+    # (model build, checkpoint load) then ends the job cleanly before its first iteration
+    # instead of killing it with the signal's default action.
+    preempted = PreemptionFlag()
+    with preempted.installed():
+        # Rank discovery (torchrun, srun, mpirun, DeepSpeed launcher) -> RANK / WORLD_SIZE /
+        # MASTER_* for initialize_parallel; also drops a launcher-appended --local_rank.
+        launch, argv = launch_env.prepare(argv)
+        log(launch.describe())
+        cfg = parse_train_args(argv)
+        set_cuda_connection_limit(cfg)
+        return _train(cfg, preempted, provider_for)
+
+
+def _train(cfg, preempted, provider_for) -> int:
     from megatron.core import parallel_state
 
-    from megatron_dynamoe.runtime.parallel import initialize_parallel
+    from megatron_dynamoe.runtime import transformer_impl
+    from megatron_dynamoe.runtime.device import current
+    from megatron_dynamoe.runtime.parallel import destroy_parallel, initialize_parallel
     from megatron_dynamoe.training.monitor import TrainingMonitor
     from megatron_dynamoe.training.trainer import train
 
+    transformer_impl.select(cfg.transformer_impl)
     info = resolve_model(cfg)
-    provider = model_provider(info)
+    provider = provider_for(info)
     # Refuse a layout that does not fit the model before starting any process group.
     provider.transformer_config(cfg.layout, sequence_parallel=cfg.sequence_parallel)
-    initialize_parallel(cfg.layout, seed=cfg.seed)
-    cfg.num_microbatches(parallel_state.get_data_parallel_world_size())
-    source = batch_source(cfg, info.architecture,
-                          parallel_state.get_data_parallel_world_size())
-    monitor = TrainingMonitor(cfg)
-    kind = ("adaptive-gating MoE" if provider.name == "adaptive" else
-            "DynaMoE" if info.dynamoe else "dense")
-    monitor.text(f"training {kind} "
-                 f"{info.architecture.family} model: TP={cfg.tensor_model_parallel_size} "
-                 f"PP={cfg.pipeline_model_parallel_size} EP={cfg.expert_model_parallel_size} "
-                 f"DP={parallel_state.get_data_parallel_world_size()}")
+    initialize_parallel(cfg.layout, seed=cfg.seed, device=cfg.device,
+                        timeout_minutes=cfg.distributed_timeout_minutes)
     try:
-        result = train(cfg, info, source, logger=monitor, provider=provider)
+        cfg.num_microbatches(parallel_state.get_data_parallel_world_size())
+        source = batch_source(cfg, info.architecture,
+                              parallel_state.get_data_parallel_world_size())
+        monitor = TrainingMonitor(cfg)
+        kind = {"adaptive": "adaptive-gating MoE", "topk": "top-k baseline"}.get(
+            provider.name, "DynaMoE" if info.dynamoe else "dense")
+        monitor.text(f"training {kind} "
+                     f"{info.architecture.family} model: TP={cfg.tensor_model_parallel_size} "
+                     f"PP={cfg.pipeline_model_parallel_size} EP={cfg.expert_model_parallel_size} "
+                     f"DP={parallel_state.get_data_parallel_world_size()} | "
+                     f"{current().describe()} | transformer-impl {cfg.transformer_impl}")
+        try:
+            result = train(cfg, info, source, logger=monitor, provider=provider,
+                           preemption_flag=preempted)
+        finally:
+            monitor.close()
+        if result.stopped_by_signal:
+            where = (f"after iteration {result.iteration}" if result.iteration else
+                     "before the first iteration")
+            monitor.text(f"stopped by a preemption signal {where}; "
+                         f"resume with --load {cfg.save or cfg.load}")
+        return 0
     finally:
-        monitor.close()
-    if result.stopped_by_signal:
-        monitor.text(f"stopped by a preemption signal after iteration {result.iteration}; "
-                     f"resume with --load {cfg.save}")
-    return 0
+        destroy_parallel()
 
 
 if __name__ == "__main__":

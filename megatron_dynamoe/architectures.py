@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
+from megatron_dynamoe.runtime import device as runtime_device
+from megatron_dynamoe.runtime import transformer_impl as runtime_impl
 from megatron_dynamoe.runtime.parallel import ParallelLayout
 
 FAMILIES = ("llama", "gpt2")
@@ -153,6 +155,26 @@ def get_architecture(name: str) -> ModelArchitecture:
         raise ValueError(f"unknown model {name!r}: choose one of {sorted(PRESETS)}") from None
 
 
+def _keep_uninitialised(tensor: torch.Tensor) -> torch.Tensor:
+    """Megatron init method that leaves the (empty) weight as allocated."""
+    return tensor
+
+
+def skip_random_init(config: TransformerConfig) -> TransformerConfig:
+    """Make `config` build models without random-initialisation work (their weights are about
+    to be loaded), in place; returns it.
+
+    Not `perform_initialization=False`: in megatron-core 0.16.1 that also skips
+    `set_tensor_model_parallel_attributes` on every TP-split weight (it lives inside the init
+    helpers), so at TP > 1 the gradient norm counts each shard as a duplicate and clipping
+    differs from TP = 1. No-op init methods keep the attributes and draw no random numbers.
+    """
+    config.init_method = _keep_uninitialised
+    config.output_layer_init_method = _keep_uninitialised
+    config.embedding_init_method = _keep_uninitialised
+    return config
+
+
 def transformer_config(arch: ModelArchitecture, layout: ParallelLayout = ParallelLayout(),
                        dynamoe: Optional[DynaMoEConfig] = None, *,
                        sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32,
@@ -160,9 +182,15 @@ def transformer_config(arch: ModelArchitecture, layout: ParallelLayout = Paralle
                        **overrides) -> TransformerConfig:
     """Megatron TransformerConfig for `arch` at `layout`, with MoE fields for DynaMoE.
 
-    Dropout is off (fine-tuning a pre-trained model), initialisation is on the CPU so that
-    it does not depend on the TP layout, and fusions that need Apex/TE/CUDA are off unless
-    `overrides` turn them on. Raises when the layout does not divide the model.
+    Dropout is off (fine-tuning a pre-trained model) and fusions that need Apex/TE/CUDA are
+    off unless `overrides` turn them on. Parameters are created where the device policy puts
+    the model (`runtime.device`): on the GPU the Megatron-LM way, on the CPU through
+    Megatron's CPU initialisation (the master weight is initialised, then split, so a random
+    model does not depend on the TP layout). Pass `perform_initialization=False` when a
+    checkpoint will be loaded: no random-init work is done for weights about to be replaced
+    (`skip_random_init`; Megatron's own flag stays on, see there).
+    The layer implementation is the process's `--transformer-impl` (`runtime.transformer_impl`)
+    unless `overrides` name one. Raises when the layout does not divide the model.
     """
     tp = layout.tensor_model_parallel_size
     if arch.num_attention_heads % tp or arch.query_groups % tp:
@@ -202,7 +230,11 @@ def transformer_config(arch: ModelArchitecture, layout: ParallelLayout = Paralle
         params_dtype=params_dtype,
         bf16=bf16,
         pipeline_dtype=params_dtype,
-        use_cpu_initialization=True,
+        use_cpu_initialization=not runtime_device.current().is_cuda,
+        # Megatron-LM's default: free each pipeline stage's output once sent, so in-flight
+        # micro-batches do not keep their activations alive (memory at PP > 1).
+        deallocate_pipeline_outputs=True,
+        transformer_impl=runtime_impl.current(),
         gradient_accumulation_fusion=False,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
@@ -236,8 +268,10 @@ def transformer_config(arch: ModelArchitecture, layout: ParallelLayout = Paralle
             moe_grouped_gemm=False,
             moe_router_dtype="fp32",
         )
+    skip_init = overrides.pop("perform_initialization", True) is False
     fields.update(overrides)
     if fields.get("num_moe_experts"):
         # Every MoE family (DynaMoE, or MoE fields given as overrides) uses the dispatcher.
         fields.setdefault("moe_token_dispatcher_type", moe_token_dispatcher_type)
-    return TransformerConfig(**fields)
+    config = TransformerConfig(**fields)
+    return skip_random_init(config) if skip_init else config

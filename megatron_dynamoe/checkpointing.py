@@ -133,8 +133,14 @@ def save_checkpoint(model: torch.nn.Module, directory: str, info: CheckpointInfo
         dist_checkpointing.save(model.sharded_state_dict(), tmp)
         _barrier()
         if _rank() == 0:
+            from megatron_dynamoe.runtime import transformer_impl
+
+            payload = info.to_json()
+            # Provenance: the layer implementation that wrote these weights.
+            payload["extra"] = {**payload["extra"],
+                                "transformer_impl": transformer_impl.current()}
             with open(os.path.join(tmp, METADATA_FILE), "w") as f:
-                json.dump(info.to_json(), f, indent=2)
+                json.dump(payload, f, indent=2)
             if os.path.exists(directory):
                 shutil.rmtree(directory)
             os.replace(tmp, directory)

@@ -71,6 +71,34 @@ def add_layout_arguments(parser) -> None:
     group.add_argument("--expert-model-parallel-size", type=int, default=1)
 
 
+def add_runtime_arguments(parser) -> None:
+    """--device and --transformer-impl: where the tool runs and which layer implementation
+    Megatron-Core builds (read by `start_runtime`)."""
+    from megatron_dynamoe.runtime.device import DEVICE_CHOICES
+    from megatron_dynamoe.runtime.transformer_impl import DEFAULT, TRANSFORMER_IMPLS
+
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
+                       help="cuda: cuda:(LOCAL_RANK %% GPU count) with NCCL; cpu: gloo (also on "
+                            "a GPU node); auto (default): cuda when torch sees a GPU")
+    group.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default=DEFAULT,
+                       help="Megatron-Core layer implementation (default local; "
+                            "transformer_engine needs TE installed); recorded in checkpoints")
+
+
+def start_runtime(args, layout: Optional[ParallelLayout] = None, seed: int = 1234):
+    """Select --transformer-impl and start the one-process (or launched) world of a tool on
+    --device (`runtime.parallel.initialize_parallel`); logs where it runs."""
+    from megatron_dynamoe.runtime import transformer_impl
+    from megatron_dynamoe.runtime.device import current
+    from megatron_dynamoe.runtime.parallel import initialize_parallel
+
+    transformer_impl.select(args.transformer_impl)
+    groups = initialize_parallel(layout or ParallelLayout(), seed=seed, device=args.device)
+    log(f"running on {current().describe()}, transformer-impl {args.transformer_impl}")
+    return groups
+
+
 def add_calibration_arguments(group, sequences: int) -> None:
     """--calibration-text / --calibration-sequences / --calibration-seq-length (the text that
     calibration, routing fits and budgets run on; `calibration_windows` reads them)."""
@@ -124,12 +152,14 @@ def atomic_output_dir(path: str, overwrite: bool):
 
 
 def relative_logit_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
-    """max |candidate - reference| / max |reference| (shapes must match)."""
+    """max |candidate - reference| / max |reference| (shapes must match), computed in fp32 on
+    the host: the reference may come from another device (an HF model on the CPU)."""
     if reference.shape != candidate.shape:
         raise ParityError(f"logit shapes differ: {tuple(candidate.shape)} vs "
                           f"{tuple(reference.shape)}")
-    return ((candidate.float() - reference.float()).abs().max()
-            / reference.float().abs().max().clamp_min(1e-12)).item()
+    reference, candidate = reference.float().cpu(), candidate.float().cpu()
+    return ((candidate - reference).abs().max()
+            / reference.abs().max().clamp_min(1e-12)).item()
 
 
 def check_parity(reference: torch.Tensor, candidate: torch.Tensor, tolerance: float,
@@ -147,24 +177,28 @@ def check_parity(reference: torch.Tensor, candidate: torch.Tensor, tolerance: fl
 # Model inputs
 # ---------------------------------------------------------------------------------------------
 def model_batches(tokens: torch.Tensor, batch_size: int) -> Iterator[dict]:
-    """Batches (tokens, position_ids, causal attention_mask) for GPTModel.forward."""
+    """Batches (tokens, position_ids, causal attention_mask) for GPTModel.forward, on the
+    models' device (`runtime.device.place_batch`)."""
     from megatron_dynamoe.model_builder import causal_attention_mask
+    from megatron_dynamoe.runtime.device import model_device, place_batch
 
     seq_length = tokens.shape[1]
-    mask = causal_attention_mask(seq_length)
+    device = model_device()
+    mask = causal_attention_mask(seq_length, device=device)
+    positions = torch.arange(seq_length, device=device)
     for start in range(0, tokens.shape[0], batch_size):
-        chunk = tokens[start:start + batch_size]
-        yield dict(tokens=chunk, position_ids=torch.arange(seq_length).expand_as(chunk),
-                   attention_mask=mask)
+        chunk = place_batch(dict(tokens=tokens[start:start + batch_size]))["tokens"]
+        yield dict(tokens=chunk, position_ids=positions.expand_as(chunk), attention_mask=mask)
 
 
 @torch.no_grad()
 def megatron_logits(model, tokens: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
-    """[n, s, V] logits of a (TP=1, PP=1) GPTModel in eval mode."""
+    """[n, s, V] logits of a (TP=1, PP=1) GPTModel in eval mode, on the host (one copy per
+    batch; tools compare them with host references)."""
     was_training = model.training
     model.eval()
     try:
-        return torch.cat([model(b["tokens"], b["position_ids"], b["attention_mask"])
+        return torch.cat([model(b["tokens"], b["position_ids"], b["attention_mask"]).cpu()
                           for b in model_batches(tokens, batch_size)])
     finally:
         model.train(was_training)

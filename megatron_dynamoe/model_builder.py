@@ -14,6 +14,7 @@ from megatron_dynamoe.architectures import ModelArchitecture, transformer_config
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig, check_sensitivity
 from megatron_dynamoe.dynamoe.layer import DynaMoELayer
 from megatron_dynamoe.dynamoe.spec import decoder_block_spec
+from megatron_dynamoe.runtime.device import place_model
 
 
 def build_gpt_model(arch: ModelArchitecture, config: TransformerConfig,
@@ -26,6 +27,9 @@ def build_gpt_model(arch: ModelArchitecture, config: TransformerConfig,
     `pre_process` / `post_process` default to whether this rank holds the first / last
     pipeline stage. `block_spec` (a TransformerBlockSubmodules for this stage) replaces the
     dense / DynaMoE decoder block, so other MoE families share every other GPTModel argument.
+    The model comes back on the device policy's device (`runtime.device.place_model`: what
+    Megatron or our modules created on the host, norms, routers, buffers, rotary
+    frequencies, is moved), before any DDP wrapper sees it, as Megatron-LM's `get_model`.
     Parallel groups must be initialised (`parallel.initialize_parallel`).
     """
     if pre_process is None:
@@ -37,7 +41,7 @@ def build_gpt_model(arch: ModelArchitecture, config: TransformerConfig,
     if block_spec is None:
         block_spec = decoder_block_spec(config, dynamoe, use_te=use_te, vp_stage=vp_stage)
     llama = arch.family == "llama"
-    return GPTModel(
+    return place_model(GPTModel(
         config=config,
         transformer_layer_spec=block_spec,
         vocab_size=arch.vocab_size,
@@ -49,7 +53,7 @@ def build_gpt_model(arch: ModelArchitecture, config: TransformerConfig,
         position_embedding_type="rope" if llama else "learned_absolute",
         rotary_base=int(arch.rotary_base) if llama else 10000,
         vp_stage=vp_stage,
-    )
+    ))
 
 
 class ModelProvider:

@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_dynamoe.cli import (  # noqa: E402
     ToolError,
     add_layout_arguments,
+    add_runtime_arguments,
     check_output_path,
     log,
     run_tool,
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch_dist checkpoint folder to write")
     h2m.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     add_layout_arguments(h2m)
+    add_runtime_arguments(h2m)
     _add_parity_arguments(h2m)
 
     m2h = commands.add_parser(
@@ -97,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                           f"into --output and used for the parity check")
     m2h.add_argument("--gguf-file", metavar="NAME",
                      help="GGUF file inside --tokenizer to read the tokenizer from")
+    add_runtime_arguments(m2h)
     _add_parity_arguments(m2h)
     return parser
 
@@ -178,7 +181,7 @@ def hf_to_megatron(args) -> int:
     except OSError as e:
         raise ToolError(f"cannot load the weights in {folder!r}: {_first_line(e)}") from e
 
-    _start_single_process_world()
+    _start_single_process_world(args)
     model = _build_dense_model(arch)
     _copy_hf_weights(model, hf_model, arch)
 
@@ -266,7 +269,7 @@ def megatron_to_hf(args) -> int:
         tokenizer = _load_tokenizer(tok_folder, tok_gguf, required=True)
     tokens, token_source = _parity_tokens(tokenizer, arch, args)
 
-    _start_single_process_world()
+    _start_single_process_world(args)
     model = _build_dense_model(arch)
     log(f"loading {args.load}")
     load_checkpoint(model, args.load, origin)
@@ -391,12 +394,12 @@ def _parity_tokens(tokenizer, arch, args):
     return tokens, f"{n} x {s} tokens of {args.parity_text!r} text"
 
 
-def _start_single_process_world() -> None:
-    """A one-process world at TP=PP=EP=1 (initialize_parallel applies the CPU compatibility
-    layer and, for one process, binds no port: conversions can run side by side)."""
-    from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
+def _start_single_process_world(args) -> None:
+    """A one-process world at TP=PP=EP=1 on --device (for one process no port is bound:
+    conversions can run side by side)."""
+    from megatron_dynamoe.cli import start_runtime
 
-    initialize_parallel(ParallelLayout())
+    start_runtime(args)
 
 
 def _build_dense_model(arch):

@@ -81,6 +81,9 @@ def parse_args(argv=None):
                                           "of the first held-out document)")
     d.add_argument("--routing-tokens", type=int, default=80)
     p.add_argument("--title", default="")
+    from megatron_dynamoe.cli import add_runtime_arguments
+
+    add_runtime_arguments(p)
     return p.parse_args(argv)
 
 
@@ -140,7 +143,13 @@ def main(argv=None) -> int:
     thetas, task_names, baselines = _validate(args)
 
     from megatron_dynamoe.checkpointing import read_info
-    from megatron_dynamoe.cli import ToolError, atomic_output_dir, check_output_path, log
+    from megatron_dynamoe.cli import (
+        ToolError,
+        atomic_output_dir,
+        check_output_path,
+        log,
+        start_runtime,
+    )
     from megatron_dynamoe.evaluation import budget, harness, report
     from megatron_dynamoe.evaluation.baselines import Variant
     from megatron_dynamoe.evaluation.loading import (
@@ -149,7 +158,6 @@ def main(argv=None) -> int:
         resolve_checkpoint_folder,
     )
     from megatron_dynamoe.hf_interop import load_tokenizer
-    from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
 
     check_output_path(args.output_dir, args.overwrite)
     family = model_family(read_info(resolve_checkpoint_folder(args.load)))
@@ -162,7 +170,7 @@ def main(argv=None) -> int:
                             f"static / topk baselines need a DynaMoE --load (tools/moefy.py)")
         thetas, baselines = [], ["dense"]
     started = time.time()
-    initialize_parallel(ParallelLayout())
+    start_runtime(args)
     tokenizer = load_tokenizer(args.tokenizer, args.gguf_file)
     held_out, calibration, first_held_out = _texts(args, tokenizer)
     data = harness.prepare_data(tokenizer, task_names, args.limit, held_out)

@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_dynamoe.cli import (  # noqa: E402
     add_calibration_arguments,
+    add_runtime_arguments,
     calibration_windows,
     run_tool,
 )
@@ -55,6 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--gguf-file", help="GGUF file inside --tokenizer's folder")
     p.add_argument("--parity-text", default="sotu")
     p.add_argument("--tolerance", type=float, default=1e-4)
+    add_runtime_arguments(p)
     return p.parse_args(argv)
 
 
@@ -75,10 +77,10 @@ def main(argv=None) -> int:
         check_parity,
         log,
         megatron_logits,
+        start_runtime,
     )
     from megatron_dynamoe.dynamoe.export import dense_state_dict, exported_architecture
     from megatron_dynamoe.model_builder import build_gpt_model, set_static_level
-    from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
 
     check_output_path(args.output, args.overwrite)
     if args.ffn_budget is not None:
@@ -94,8 +96,10 @@ def main(argv=None) -> int:
     log(f"exporting level {level}/{dyn.num_levels} (FFN {dense_arch.ffn_hidden_size} of "
         f"{arch.ffn_hidden_size}) as {args.format}")
 
-    initialize_parallel(ParallelLayout())
-    model = build_gpt_model(arch, transformer_config(arch, dynamoe=dyn), dyn)
+    start_runtime(args)
+    # Weights come from the checkpoint / the DynaMoE model: no random-init work.
+    model = build_gpt_model(arch, transformer_config(arch, dynamoe=dyn,
+                                                     perform_initialization=False), dyn)
     load_checkpoint(model, args.load)
     set_static_level(model, level)
 
@@ -111,7 +115,8 @@ def main(argv=None) -> int:
                                generator=torch.Generator().manual_seed(0))
     reference = megatron_logits(model, tokens)
 
-    dense = build_gpt_model(dense_arch, transformer_config(dense_arch))
+    dense = build_gpt_model(dense_arch, transformer_config(dense_arch,
+                                                           perform_initialization=False))
     dense.load_state_dict(dense_state_dict(model.state_dict(), dyn, arch.gated, level))
     dense_logits = megatron_logits(dense, tokens)
     error = check_parity(reference, dense_logits, args.tolerance,
@@ -137,10 +142,9 @@ def export_budget(args) -> int:
     import dataclasses
 
     from megatron_dynamoe.checkpointing import CheckpointInfo, save_checkpoint
-    from megatron_dynamoe.cli import ToolError, check_parity, log, megatron_logits
+    from megatron_dynamoe.cli import ToolError, check_parity, log, megatron_logits, start_runtime
     from megatron_dynamoe.evaluation import budget
     from megatron_dynamoe.evaluation.loading import load_for_evaluation
-    from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
 
     if args.level is not None:
         raise ToolError("--level and --ffn-budget exclude each other: a level is a static "
@@ -154,7 +158,7 @@ def export_budget(args) -> int:
     if args.tokenizer is None:
         raise ToolError("--ffn-budget needs calibration text: pass --tokenizer (a Hugging "
                         "Face folder, or 'smollm2')")
-    initialize_parallel(ParallelLayout())
+    start_runtime(args)
     loaded = load_for_evaluation(args.load)
     if loaded.family != "dynamoe":
         raise ToolError(f"{args.load} is a {loaded.family} checkpoint: --ffn-budget needs a "
@@ -188,7 +192,8 @@ def _model_from_metadata(info, state):
     from megatron_dynamoe.model_builder import build_gpt_model
 
     model = build_gpt_model(info.architecture,
-                            transformer_config(info.architecture, dynamoe=info.dynamoe),
+                            transformer_config(info.architecture, dynamoe=info.dynamoe,
+                                               perform_initialization=False),
                             info.dynamoe)
     model.load_state_dict(state)
     apply_checkpoint_sensitivities(model, info)

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_dynamoe.cli import (  # noqa: E402
     add_calibration_arguments,
     add_layout_arguments,
+    add_runtime_arguments,
     calibration_windows,
     run_tool,
 )
@@ -98,6 +99,7 @@ def parse_args(argv=None):
     c.add_argument("--tolerance", type=float, default=1e-4,
                    help="theta = 1 parity: max |logit diff| / max |logit|")
     add_layout_arguments(p)
+    add_runtime_arguments(p)
     return p.parse_args(argv)
 
 
@@ -121,12 +123,12 @@ def main(argv=None) -> int:
         megatron_logits,
         model_batches,
         progress,
+        start_runtime,
     )
     from megatron_dynamoe.dynamoe.config import DynaMoEConfig
     from megatron_dynamoe.dynamoe.moefy import calibrate_importance, moefy_state_dict
     from megatron_dynamoe.dynamoe.router_fit import fit_routers as fit_routers_to_labels
     from megatron_dynamoe.model_builder import build_gpt_model, set_sensitivity
-    from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
 
     dyn = DynaMoEConfig(
         num_shells=args.dynamoe_num_shells, level_fractions=args.dynamoe_level_fractions,
@@ -158,8 +160,9 @@ def main(argv=None) -> int:
         f"PP={layout.pipeline_model_parallel_size} EP={layout.expert_model_parallel_size} "
         f"validated (the checkpoint loads at any layout)")
 
-    initialize_parallel(ParallelLayout())
-    dense = build_gpt_model(arch, transformer_config(arch))
+    start_runtime(args)
+    # Both models take their weights from checkpoints: no random-init work.
+    dense = build_gpt_model(arch, transformer_config(arch, perform_initialization=False))
     load_checkpoint(dense, args.load)
 
     if args.tokenizer is not None:
@@ -175,7 +178,8 @@ def main(argv=None) -> int:
         importance = calibrate_importance(dense, batches, gated=arch.gated,
                                           activation=arch.activation_func)
 
-    model = build_gpt_model(arch, transformer_config(arch, dynamoe=dyn), dyn)
+    model = build_gpt_model(arch, transformer_config(arch, dynamoe=dyn,
+                                                     perform_initialization=False), dyn)
     model.load_state_dict(moefy_state_dict(dense.state_dict(), dyn, arch.gated, importance))
     router_fit = None
     if fit_routers:

@@ -49,6 +49,9 @@ def parse_args(argv=None):
                         "token at the last level, which scores nothing)")
     p.add_argument("--batch-size", type=int, default=8,
                    help="sequences per forward (DynaMoE models use 1)")
+    from megatron_dynamoe.cli import add_runtime_arguments
+
+    add_runtime_arguments(p)
     return p.parse_args(argv)
 
 
@@ -57,7 +60,7 @@ def main(argv=None) -> int:
     import tempfile
 
     from megatron_dynamoe.checkpointing import load_checkpoint, read_info
-    from megatron_dynamoe.cli import ToolError, check_output_path, log, progress
+    from megatron_dynamoe.cli import ToolError, check_output_path, log, progress, start_runtime
     from megatron_dynamoe.curriculum import profile_scores, save_scores
 
     if not args.output.endswith((".json", ".npz")):
@@ -73,7 +76,8 @@ def main(argv=None) -> int:
 
     from megatron_dynamoe.adaptive.provider import AdaptiveMoEProvider, set_threshold
     from megatron_dynamoe.model_builder import ModelProvider, set_sensitivity
-    from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
+    from megatron_dynamoe.runtime.device import place_batch
+    from megatron_dynamoe.runtime.parallel import ParallelLayout
 
     if "adaptive" in (info.extra or {}):
         provider, metric = AdaptiveMoEProvider.from_checkpoint_info(info), "two-expert-share"
@@ -84,8 +88,9 @@ def main(argv=None) -> int:
     else:
         raise ToolError(f"{args.load} is a dense checkpoint: nothing routes its tokens")
 
-    initialize_parallel(ParallelLayout(), seed=args.seed)
-    model = provider.build(provider.transformer_config(ParallelLayout()))
+    start_runtime(args, seed=args.seed)
+    model = provider.build(provider.transformer_config(ParallelLayout(),
+                                                       perform_initialization=False))
     load_checkpoint(model, args.load)
     if metric == "two-expert-share" and args.threshold is not None:
         set_threshold(model, args.threshold)
@@ -107,7 +112,8 @@ def main(argv=None) -> int:
                                  split=args.split, seed=args.seed).train
     count = min(num_samples, len(dataset))
     log(f"profiling {count} samples of {args.seq_length} tokens with {args.load} ({metric})")
-    batches = (collate_samples([dataset[i] for i in range(s, min(s + batch_size, count))])
+    batches = (place_batch(collate_samples([dataset[i]
+                                            for i in range(s, min(s + batch_size, count))]))
                for s in range(0, count, batch_size))
     provenance = dict(
         tool="tools/profile_curriculum.py", checkpoint=os.path.abspath(args.load),

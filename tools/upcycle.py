@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_dynamoe.cli import (  # noqa: E402
     add_calibration_arguments,
     add_layout_arguments,
+    add_runtime_arguments,
     calibration_windows,
     run_tool,
 )
@@ -79,6 +80,7 @@ def parse_args(argv=None):
     c.add_argument("--tolerance", type=float, default=1e-4,
                    help="construction parity: max |logit diff| / max |logit|")
     add_layout_arguments(p)
+    add_runtime_arguments(p)
     return p.parse_args(argv)
 
 
@@ -105,9 +107,10 @@ def main(argv=None) -> int:
         megatron_logits,
         model_batches,
         relative_logit_error,
+        start_runtime,
     )
     from megatron_dynamoe.model_builder import ModelProvider
-    from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
+    from megatron_dynamoe.runtime.parallel import ParallelLayout
 
     check_output_path(args.output, args.overwrite)
     arch, info = resolve_architecture(args.load, args.model)
@@ -130,9 +133,10 @@ def main(argv=None) -> int:
         f"PP={layout.pipeline_model_parallel_size} EP={layout.expert_model_parallel_size} "
         f"validated")
 
-    initialize_parallel(ParallelLayout())
+    start_runtime(args)
     dense_provider = ModelProvider(arch, None)
-    dense = dense_provider.build(dense_provider.transformer_config(ParallelLayout()))
+    dense = dense_provider.build(dense_provider.transformer_config(
+        ParallelLayout(), perform_initialization=False))  # the checkpoint replaces it
     load_checkpoint(dense, args.load)
     inputs = None
     if args.tokenizer is not None:

@@ -22,7 +22,7 @@ from megatron_dynamoe.adaptive.router import AdaptiveRouter
 from megatron_dynamoe.dynamoe.spec import (
     moe_layer_spec,
     stage_block_spec,
-    transformer_engine_available,
+    uses_transformer_engine,
 )
 
 
@@ -52,8 +52,9 @@ def decoder_block_spec(config: TransformerConfig, gating: AdaptiveGatingConfig,
                        use_te: Optional[bool] = None, vp_stage: Optional[int] = None,
                        pp_rank: Optional[int] = None) -> TransformerBlockSubmodules:
     """Decoder block spec for this pipeline stage (or virtual chunk): MoE layers where
-    `gating.is_moe(i)`, dense layers elsewhere."""
+    `gating.is_moe(i)`, dense layers elsewhere. `use_te` defaults to
+    `config.transformer_impl`."""
     if use_te is None:
-        use_te = transformer_engine_available()
+        use_te = uses_transformer_engine(config)
     moe = adaptive_layer_spec(gating, config.normalization, use_te, config.qk_layernorm)
     return stage_block_spec(config, gating.is_moe, moe, use_te, vp_stage, pp_rank)

@@ -52,13 +52,10 @@ def _quiet_unknown_mlp_warning() -> None:
         log.addFilter(_KnownMLPFilter())
 
 
-def transformer_engine_available() -> bool:
-    """Whether Transformer Engine imports (selects TE specs on GPU machines)."""
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def uses_transformer_engine(config: TransformerConfig) -> bool:
+    """Whether `config` asks for Transformer Engine layers (`--transformer-impl`): the choice
+    is explicit, never inferred from TE being importable."""
+    return config.transformer_impl == "transformer_engine"
 
 
 def _norm_class(use_te: bool):
@@ -66,22 +63,30 @@ def _norm_class(use_te: bool):
         from megatron.core.extensions.transformer_engine import TENorm
 
         return TENorm
+    # Always our torch norm for the local implementation: Megatron's fallback
+    # (WrappedTorchNorm) refuses sequence parallelism, and Apex's FusedLayerNorm, which
+    # Megatron picks whenever Apex imports, asserts LayerNorm-only (every RMSNorm model
+    # would crash) and would make Apex's presence change the model silently.
+    return SequenceParallelTorchNorm
+
+
+def _is_replaceable_norm(module) -> bool:
     from megatron.core.models.gpt import gpt_layer_specs
 
-    # Apex's FusedLayerNorm supports sequence parallelism; Megatron's torch fallback does not.
-    return (SequenceParallelTorchNorm if gpt_layer_specs.LNImpl is WrappedTorchNorm
-            else gpt_layer_specs.LNImpl)
+    return module is WrappedTorchNorm or module is gpt_layer_specs.LNImpl
 
 
 def _swap_torch_norms(spec: ModuleSpec, norm) -> ModuleSpec:
-    """Replace Megatron's WrappedTorchNorm in a layer spec (input, pre-MLP, q/k norms)."""
+    """Replace Megatron's local-spec norm (WrappedTorchNorm, or Apex's FusedLayerNorm where
+    Apex imports) in a layer spec: input, pre-MLP, q/k norms."""
     sub = spec.submodules
     for name in ("input_layernorm", "pre_mlp_layernorm"):
-        if getattr(sub, name) is WrappedTorchNorm:
+        if _is_replaceable_norm(getattr(sub, name)):
             setattr(sub, name, norm)
     attn = sub.self_attention.submodules
     for name in ("q_layernorm", "k_layernorm"):
-        if getattr(attn, name, None) is WrappedTorchNorm:
+        current = getattr(attn, name, None)
+        if current is not None and _is_replaceable_norm(current):
             setattr(attn, name, norm)
     return spec
 
@@ -173,9 +178,10 @@ def decoder_block_spec(config: TransformerConfig, dynamoe_config: Optional[DynaM
                        use_te: Optional[bool] = None, vp_stage: Optional[int] = None,
                        pp_rank: Optional[int] = None) -> TransformerBlockSubmodules:
     """Decoder block spec for this pipeline stage: DynaMoE layers where
-    `dynamoe_config.is_moefied(i)`, dense layers elsewhere (all dense when it is None)."""
+    `dynamoe_config.is_moefied(i)`, dense layers elsewhere (all dense when it is None).
+    `use_te` defaults to `config.transformer_impl`."""
     if use_te is None:
-        use_te = transformer_engine_available()
+        use_te = uses_transformer_engine(config)
     if dynamoe_config is None:
         return stage_block_spec(config, lambda i: False, None, use_te, vp_stage, pp_rank)
     moe = dynamoe_layer_spec(dynamoe_config, config.normalization, use_te, config.qk_layernorm)

@@ -62,11 +62,14 @@ def load_for_evaluation(path: str, preset: Optional[str] = None) -> LoadedModel:
         info = CheckpointInfo(arch, None, {})
     family = model_family(info)
     dyn = info.dynamoe
+    # Built on the device policy's device without random-init work (the load replaces it).
     if family == "topk":
         model = build_topk_model(arch, transformer_config(arch, dynamoe=dyn,
+                                                          perform_initialization=False,
                                                           **topk_overrides(dyn)), dyn)
     else:
-        model = build_gpt_model(arch, transformer_config(arch, dynamoe=dyn), dyn)
+        model = build_gpt_model(arch, transformer_config(arch, dynamoe=dyn,
+                                                         perform_initialization=False), dyn)
     load_checkpoint(model, folder, origin=f"the {family} model of {folder}")
     if family == "dynamoe":
         from megatron_dynamoe.evaluation.budget import apply_checkpoint_sensitivities

@@ -49,7 +49,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, recorder=None,
             # traffic), summed in float64.
             nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                   b["tokens"][:, 1:].reshape(-1), reduction="none")
-            total += float(nll.double().sum())
+            total += float(nll.double().sum())  # one host copy per batch
             count += b["tokens"][:, 1:].numel()
             if recorder is not None:
                 recorder.commit(torch.ones_like(b["tokens"], dtype=torch.bool))

@@ -16,6 +16,7 @@ import torch
 
 from megatron_dynamoe.evaluation.recorder import FFNComputeRecorder
 from megatron_dynamoe.model_builder import causal_attention_mask, dynamoe_layers
+from megatron_dynamoe.runtime.device import place_batch
 
 # Sequential palette, level 1 (lightest) .. level K (darkest); interpolated for other K.
 _PALETTE = ["#f7fbff", "#c6dbef", "#6baed6", "#2171b5", "#08306b"]
@@ -37,8 +38,10 @@ def token_levels(model, tokenizer, text: str, max_tokens: int = 96
     model.eval()
     try:
         with FFNComputeRecorder(model) as recorder:
-            model(tokens, torch.arange(len(ids)).unsqueeze(0), causal_attention_mask(len(ids)))
-            recorder.commit(torch.ones_like(tokens, dtype=torch.bool))
+            b = place_batch(dict(tokens=tokens, positions=torch.arange(len(ids)).unsqueeze(0),
+                                 mask=causal_attention_mask(len(ids))))
+            model(b["tokens"], b["positions"], b["mask"])
+            recorder.commit(torch.ones_like(b["tokens"], dtype=torch.bool))
     finally:
         model.train(was_training)
     rows = [i for i, layer in enumerate(recorder.layers) if layer.mlp in set(layers)]

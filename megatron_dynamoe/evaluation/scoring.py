@@ -62,14 +62,18 @@ def continuation_logprobs(logits: torch.Tensor, targets: torch.Tensor, ends: tor
     for r, (end, length) in enumerate(zip(ends.tolist(), lengths.tolist())):
         rows.extend([r] * length)
         positions.extend(range(end - length, end))
-    rows_t, positions_t = torch.tensor(rows), torch.tensor(positions)
+    device = logits.device
+    rows_t = torch.tensor(rows, device=device)
+    positions_t = torch.tensor(positions, device=device)
     picked = logits[rows_t, positions_t].double()                     # [n, V]
-    wanted = targets[rows_t, positions_t]                             # [n]
+    wanted = targets.to(device)[rows_t, positions_t]                  # [n]
     token_lp = torch.log_softmax(picked, dim=-1).gather(1, wanted[:, None]).squeeze(1)
     hit = picked.argmax(dim=-1) == wanted
     batch = logits.shape[0]
-    loglik = torch.zeros(batch, dtype=torch.float64).index_add_(0, rows_t, token_lp)
-    misses = torch.zeros(batch, dtype=torch.long).index_add_(0, rows_t, (~hit).long())
+    loglik = torch.zeros(batch, dtype=torch.float64, device=device).index_add_(0, rows_t,
+                                                                              token_lp)
+    misses = torch.zeros(batch, dtype=torch.long, device=device).index_add_(
+        0, rows_t, (~hit).long())
     return loglik, misses == 0
 
 
@@ -105,6 +109,7 @@ def score_requests(model, requests: Sequence[Encoded], *, max_length: int,
         One ContinuationScore per request, in the input order.
     """
     from megatron_dynamoe.model_builder import causal_attention_mask
+    from megatron_dynamoe.runtime.device import place_batch
 
     sequences, cont_lengths = [], []
     for context, continuation in requests:
@@ -128,15 +133,19 @@ def score_requests(model, requests: Sequence[Encoded], *, max_length: int,
                 seq = torch.tensor(sequences[i])
                 tokens[row, :len(seq) - 1] = seq[:-1]
                 targets[row, :len(seq) - 1] = seq[1:]
-            positions = torch.arange(width).expand(len(batch), width)
-            logits = model(tokens, positions, causal_attention_mask(width))
+            # Built on the host, moved to the model's device in one place.
+            b = place_batch(dict(tokens=tokens, positions=torch.arange(width).expand(
+                len(batch), width), mask=causal_attention_mask(width),
+                valid=torch.arange(width).unsqueeze(0) < ends.unsqueeze(1)))
+            logits = model(b["tokens"], b["positions"], b["mask"])
             lengths = torch.tensor([cont_lengths[i] for i in batch])
             loglik, greedy = continuation_logprobs(logits, targets, ends, lengths)
             if recorder is not None:
-                recorder.commit(torch.arange(width).unsqueeze(0) < ends.unsqueeze(1))
-            for row, i in enumerate(batch):
-                results[i] = ContinuationScore(float(loglik[row]), bool(greedy[row]),
-                                               cont_lengths[i])
+                recorder.commit(b["valid"])
+            # One device-to-host copy per batch.
+            for row, (ll, hit) in enumerate(zip(loglik.tolist(), greedy.tolist())):
+                i = batch[row]
+                results[i] = ContinuationScore(ll, hit, cont_lengths[i])
             if progress is not None:
                 progress(len(batch))
     finally:

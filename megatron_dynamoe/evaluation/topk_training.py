@@ -37,7 +37,7 @@ def _launch_train_module():
 
 
 def write_topk_init(load: str, output: str, overwrite: bool = False,
-                    tolerance: float = 1e-4) -> None:
+                    tolerance: float = 1e-4, device: str = "auto") -> None:
     """Write the top-k initial checkpoint of DynaMoE checkpoint `load` to `output` after its
     parity checks (single process): k = S against theta = 1 at `tolerance`, and the untrained
     router at k < S against the static sub-network of as many shells (the tie-break picks
@@ -59,14 +59,15 @@ def write_topk_init(load: str, output: str, overwrite: bool = False,
     from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
 
     check_output_path(output, overwrite)
-    initialize_parallel(ParallelLayout())
+    initialize_parallel(ParallelLayout(), device=device)
     source = load_for_evaluation(load)
     if source.family != "dynamoe":
         raise ToolError(f"{load} is a {source.family} checkpoint: the top-k baseline starts "
                         f"from a DynaMoE (MoEfied) checkpoint")
     arch, dyn = source.info.architecture, source.info.dynamoe
-    model = build_topk_model(arch, transformer_config(arch, dynamoe=dyn, **topk_overrides(dyn)),
-                             dyn)
+    model = build_topk_model(arch, transformer_config(arch, dynamoe=dyn,
+                                                      perform_initialization=False,
+                                                      **topk_overrides(dyn)), dyn)
     model.load_state_dict(topk_state_from_dynamoe(source.model.state_dict(), dyn))
     tokens = torch.randint(0, arch.vocab_size, (2, min(64, arch.max_position_embeddings)),
                            generator=torch.Generator().manual_seed(0))
@@ -88,40 +89,19 @@ def write_topk_init(load: str, output: str, overwrite: bool = False,
 
 
 def train_topk(argv) -> int:
-    """launch/train.py's main with the model built by TopKProvider."""
-    from megatron.core import parallel_state
-
-    from megatron_dynamoe.runtime import launch_env
-    from megatron_dynamoe.cli import ToolError, log
+    """launch/train.py's main with the model built by TopKProvider (its flags, device policy,
+    preemption handling and process-group tear-down included)."""
+    from megatron_dynamoe.cli import ToolError
     from megatron_dynamoe.evaluation.baselines import TopKProvider
     from megatron_dynamoe.evaluation.loading import model_family
-    from megatron_dynamoe.runtime.parallel import initialize_parallel
-    from megatron_dynamoe.training.config import parse_train_args
-    from megatron_dynamoe.training.monitor import TrainingMonitor
-    from megatron_dynamoe.training.trainer import train
 
-    launch, argv = launch_env.prepare(argv)
-    log(launch.describe())
-    cfg = parse_train_args(argv)
-    launcher = _launch_train_module()
-    info = launcher.resolve_model(cfg)
-    if model_family(info) != "topk":
-        raise ToolError("start the top-k fine-tune from a top-k checkpoint (the `init` step "
-                        "writes one), or resume its --save folder")
-    provider = TopKProvider(info.architecture, info.dynamoe)
-    provider.transformer_config(cfg.layout, sequence_parallel=cfg.sequence_parallel)
-    initialize_parallel(cfg.layout, seed=cfg.seed)
-    dp = parallel_state.get_data_parallel_world_size()
-    cfg.num_microbatches(dp)
-    source = launcher.batch_source(cfg, info.architecture, dp)
-    monitor = TrainingMonitor(cfg)
-    monitor.text(f"training the top-k baseline: DP={dp}, k drawn from "
-                 f"{list(info.dynamoe.level_shells)} per forward")
-    try:
-        train(cfg, info, source, logger=monitor, provider=provider)
-    finally:
-        monitor.close()
-    return 0
+    def provider_for(info):
+        if model_family(info) != "topk":
+            raise ToolError("start the top-k fine-tune from a top-k checkpoint (the `init` step "
+                            "writes one), or resume its --save folder")
+        return TopKProvider(info.architecture, info.dynamoe)
+
+    return _launch_train_module().main(argv, provider_for=provider_for)
 
 
 def main(argv=None) -> int:
@@ -137,9 +117,10 @@ def main(argv=None) -> int:
     init.add_argument("--load", required=True)
     init.add_argument("--output", required=True)
     init.add_argument("--overwrite", action="store_true")
+    init.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     sub.add_parser("train", help="fine-tune (launch/train.py flags)")
     args = parser.parse_args(argv)
-    write_topk_init(args.load, args.output, args.overwrite)
+    write_topk_init(args.load, args.output, args.overwrite, device=args.device)
     return 0
 
 

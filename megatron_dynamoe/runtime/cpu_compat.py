@@ -388,6 +388,34 @@ def _install_split_sizes_as_numpy() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# 6. Pipeline outputs are not pseudo-freed after their send.
+# --------------------------------------------------------------------------------------------
+def _keep_pipeline_outputs() -> None:
+    """`deallocate_pipeline_outputs` (on in our configs, as in Megatron-LM) replaces a stage's
+    output `.data` right after `isend`. NCCL has captured the buffer on its stream by then;
+    gloo sends from a background thread that reads the tensor later, so the next stage would
+    receive the replacement (a wrong loss with the interleaved schedule's overlapped p2p).
+    On the CPU the memory it saves does not matter: keep the outputs, and let the schedule's
+    direct autograd call (which asserts the output was freed) accept a kept one."""
+    from torch.autograd import Variable
+
+    from megatron.core.pipeline_parallel import schedules
+
+    def custom_backward(output, grad_output):
+        if grad_output is None:
+            grad_output = torch.ones_like(output, memory_format=torch.preserve_format)
+        Variable._execution_engine.run_backward(
+            tensors=(output,), grad_tensors=(grad_output,), keep_graph=False,
+            create_graph=False, inputs=tuple(), allow_unreachable=True, accumulate_grad=True)
+
+    schedules.deallocate_output_tensor = lambda out, deallocate_pipeline_outputs=False: None
+    schedules.custom_backward = custom_backward
+    _note("schedules.deallocate_output_tensor",
+          "no-op: gloo's asynchronous isend still reads the output after the call")
+    _note("schedules.custom_backward", "accepts the kept (not pseudo-freed) stage output")
+
+
+# --------------------------------------------------------------------------------------------
 # Not CPU-specific: Transformer Engine absent.
 # --------------------------------------------------------------------------------------------
 def fix_missing_transformer_engine() -> None:
@@ -418,5 +446,6 @@ def apply() -> bool:
     _scope_cuda_type_checks()
     _install_cpu_rng_tracker()
     _install_split_sizes_as_numpy()
+    _keep_pipeline_outputs()
     _APPLIED = True
     return True

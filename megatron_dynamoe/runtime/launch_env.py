@@ -1,5 +1,6 @@
 """One rank/world contract whatever started the processes: torchrun, the DeepSpeed launcher,
-SLURM `srun`, `mpirun` (Open MPI, MPICH / Intel MPI), or nothing (one process).
+SLURM `srun`, `mpirun` / `mpiexec` (Open MPI, MPICH / Intel MPI Hydra, Cray PALS), or nothing
+(one process).
 
 `discover(env)` reads a launcher's environment and returns a `LaunchEnv`; `export_to_environ`
 writes it back as the torchrun contract (RANK / LOCAL_RANK / WORLD_SIZE / LOCAL_WORLD_SIZE /
@@ -12,11 +13,22 @@ nest: torchrun inside srun, mpirun inside an sbatch script):
 1. torchrun (`TORCHELASTIC_RUN_ID`): it has already computed global ranks;
 2. the DeepSpeed launcher (`RANK` + `WORLD_SIZE` + its `CROSS_RANK` / `LOCAL_SIZE`);
 3. any other launcher that set `RANK` + `WORLD_SIZE` (a test harness, a hand-written script);
-4. MPI (`OMPI_COMM_WORLD_*`, or Hydra's `PMI_RANK` / `PMI_SIZE`): mpi4py broadcasts rank 0's
-   address and a free port unless `MASTER_ADDR` / `MASTER_PORT` were passed (`mpirun -x`);
-5. SLURM `srun` (`SLURM_PROCID` inside a job step): the batch script itself also carries
-   `SLURM_PROCID=0` and `SLURM_NTASKS`, so a step id is required to count as a rank;
-6. otherwise a single process.
+4. Open MPI's `mpirun` (`OMPI_COMM_WORLD_*`, which only mpirun / orted / prterun write, never
+   srun): inside an allocation mpirun starts its daemons with srun, so its ranks also carry
+   the daemon step's `SLURM_STEP_ID` and a `SLURM_PROCID` that numbers the daemon, not the rank;
+5. SLURM `srun` (`SLURM_PROCID` inside a job step, i.e. with `SLURM_STEP_ID` / `SLURM_STEPID`:
+   the batch script also carries `SLURM_PROCID=0` and `SLURM_NTASKS`, but no step), also when
+   srun's PMI plugin exported `PMI_RANK` / `PMI_SIZE` (`--mpi=pmi2`, `--mpi=cray_shasta`) or
+   `PMIX_*` (`--mpi=pmix`): srun wins when `PMI_RANK == SLURM_PROCID` and `PMI_SIZE` is the
+   step's task count (`pmi_set_by_srun`). The local rank is `SLURM_LOCALID`;
+6. other PMI launchers (`PMI_RANK` / `PMI_SIZE`): MPICH / Intel MPI's Hydra `mpiexec`, Cray
+   PALS `mpiexec`. Inside an allocation Hydra runs one proxy per node as the tasks of an srun
+   step, so `SLURM_PROCID` / `SLURM_STEP_NUM_TASKS` count proxies and disagree with
+   `PMI_RANK` / `PMI_SIZE` (with one rank per node they agree, and so do both answers). Local
+   rank from `MPI_LOCALRANKID` (Hydra) or `PMI_LOCAL_RANK` (Cray PALS). Under MPI (4 and 6)
+   mpi4py broadcasts rank 0's address and a free port unless `MASTER_ADDR` / `MASTER_PORT`
+   were passed (`mpirun -x`);
+7. otherwise a single process.
 """
 
 from __future__ import annotations
@@ -185,8 +197,7 @@ def _torch_contract(env: Mapping[str, str], launcher: str, local_world_var: str)
 
 def _slurm(env: Mapping[str, str]) -> LaunchEnv:
     fix = "launch one task per GPU with srun (sbatch --ntasks-per-node=GPUS)"
-    world = _int(env, "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS",
-                 "slurm", fix)
+    world = _int(env, _slurm_world_var(env), "slurm", fix)
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") \
         or env.get("SLURM_NODELIST")
     if not env.get("MASTER_ADDR") and not nodelist:
@@ -213,19 +224,41 @@ def _slurm(env: Mapping[str, str]) -> LaunchEnv:
         master_addr=env.get("MASTER_ADDR") or expand_hostlist(nodelist)[0], master_port=port)
 
 
-# (rank, size, local rank, local size) variables of each MPI family.
+# (rank, size, local rank, local size) variables of each MPI family; a local variable is a
+# tuple of alternatives, the first one set wins.
 MPI_VARIABLES = {
-    "Open MPI": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
-                 "OMPI_COMM_WORLD_LOCAL_SIZE"),
-    "MPICH/Intel MPI": ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+    "Open MPI": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", ("OMPI_COMM_WORLD_LOCAL_RANK",),
+                 ("OMPI_COMM_WORLD_LOCAL_SIZE",)),
+    # Hydra (MPICH, Intel MPI) writes MPI_LOCALRANKID; Cray PALS writes PMI_LOCAL_RANK.
+    "PMI": ("PMI_RANK", "PMI_SIZE", ("MPI_LOCALRANKID", "PMI_LOCAL_RANK"),
+            ("MPI_LOCALNRANKS", "PMI_LOCAL_SIZE")),
 }
 
 
-def _mpi_family(env: Mapping[str, str]) -> Optional[str]:
-    for family, names in MPI_VARIABLES.items():
-        if names[1] in env:
-            return family
-    return None
+def _same_int(a: Optional[str], b: Optional[str]) -> bool:
+    """Two variables hold the same integer (both set and numeric)."""
+    a, b = (a or "").strip(), (b or "").strip()
+    return a.isdigit() and b.isdigit() and int(a) == int(b)
+
+
+def _in_slurm_step(env: Mapping[str, str]) -> bool:
+    """A task of an srun job step (the batch shell has SLURM_PROCID but no step id)."""
+    return "SLURM_PROCID" in env and ("SLURM_STEP_ID" in env or "SLURM_STEPID" in env)
+
+
+def _slurm_world_var(env: Mapping[str, str]) -> str:
+    return "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
+
+
+def pmi_set_by_srun(env: Mapping[str, str]) -> bool:
+    """True when `PMI_RANK` / `PMI_SIZE` are srun's own (its mpi/pmi2 or mpi/cray_shasta plugin
+    numbers the step's tasks: `PMI_RANK == SLURM_PROCID`, `PMI_SIZE ==` the step's task
+    count), or absent; False when another launcher's ranks run inside an srun step (Hydra's
+    proxies are the step's tasks, one per node, and their children are the ranks)."""
+    if "PMI_RANK" not in env and "PMI_SIZE" not in env:
+        return True
+    return (_in_slurm_step(env) and _same_int(env.get("PMI_RANK"), env.get("SLURM_PROCID"))
+            and _same_int(env.get("PMI_SIZE"), env.get(_slurm_world_var(env))))
 
 
 def mpi4py_broadcast(value):
@@ -248,10 +281,11 @@ def _free_port() -> int:
 
 
 def _mpi(env: Mapping[str, str], family: str, broadcast: Callable) -> LaunchEnv:
-    rank_var, size_var, local_var, local_size_var = MPI_VARIABLES[family]
+    rank_var, size_var, local_vars, local_size_vars = MPI_VARIABLES[family]
     fix = "launch with mpirun -np N"
     rank, world = _int(env, rank_var, "mpirun", fix), _int(env, size_var, "mpirun", fix)
-    local_world = _opt_int(env, local_size_var, "mpirun")
+    local_var = next((v for v in local_vars if v in env), local_vars[0])
+    local_world = next((_opt_int(env, v, "mpirun") for v in local_size_vars if v in env), None)
     addr, port = env.get("MASTER_ADDR"), _opt_int(env, "MASTER_PORT", "mpirun")
     if not (addr and port):
         # Rank 0 chooses; everyone learns its choice. One host: loopback (always routable).
@@ -278,11 +312,12 @@ def discover(env: Optional[Mapping[str, str]] = None,
         return _torch_contract(env, "deepspeed", "LOCAL_SIZE")
     if has_contract:
         return _torch_contract(env, "env", "LOCAL_WORLD_SIZE")
-    family = _mpi_family(env)
-    if family is not None:
-        return _mpi(env, family, mpi_broadcast)
-    if "SLURM_PROCID" in env and ("SLURM_STEP_ID" in env or "SLURM_STEPID" in env):
+    if "OMPI_COMM_WORLD_SIZE" in env:
+        return _mpi(env, "Open MPI", mpi_broadcast)
+    if _in_slurm_step(env) and pmi_set_by_srun(env):
         return _slurm(env)
+    if "PMI_SIZE" in env or "PMI_RANK" in env:
+        return _mpi(env, "PMI", mpi_broadcast)
     return LaunchEnv(launcher="single", rank=0, local_rank=0, world_size=1, local_world_size=1,
                      master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
                      master_port=_opt_int(env, "MASTER_PORT", "single") or DEFAULT_MASTER_PORT)

@@ -27,6 +27,12 @@ class TrainConfig:
     pretrained_checkpoint: Optional[str] = None
     save: Optional[str] = None
     save_interval: Optional[int] = None
+    # Where it runs: --device auto|cuda|cpu (runtime.device), the layer implementation
+    # (local | transformer_engine, never inferred from what imports) and the bound on every
+    # collective of the default process group (a hung rank fails the job after this long).
+    device: str = "auto"
+    transformer_impl: str = "local"
+    distributed_timeout_minutes: float = 10.0
     # Layout.
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
@@ -103,6 +109,16 @@ class TrainConfig:
         if self.load is None and self.pretrained_checkpoint is None and self.model is None:
             raise ValueError("nothing to train: pass --load CHECKPOINT, "
                              "--pretrained-checkpoint CHECKPOINT or --model PRESET")
+        from megatron_dynamoe.runtime.device import DEVICE_CHOICES
+        from megatron_dynamoe.runtime.transformer_impl import TRANSFORMER_IMPLS
+
+        if self.device not in DEVICE_CHOICES:
+            raise ValueError(f"--device {self.device!r}: choose one of {', '.join(DEVICE_CHOICES)}")
+        if self.transformer_impl not in TRANSFORMER_IMPLS:
+            raise ValueError(f"--transformer-impl {self.transformer_impl!r}: choose one of "
+                             f"{', '.join(TRANSFORMER_IMPLS)}")
+        if not self.distributed_timeout_minutes > 0:
+            raise ValueError("--distributed-timeout-minutes must be > 0")
         for name in ("micro_batch_size", "global_batch_size", "seq_length", "train_iters",
                      "log_interval"):
             if getattr(self, name) < 1:

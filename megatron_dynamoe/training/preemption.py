@@ -3,7 +3,10 @@ finish the current iteration, save, exit cleanly.
 
 The handler only sets a flag; the trainer asks `agreed()` after each iteration, which
 all-reduces the flag so that every rank stops after the SAME iteration (a signal delivered to
-one rank, or to ranks at slightly different times, must not split the job).
+one rank, or to ranks at slightly different times, must not split the job). The flag tensor
+lives on the communication device of the world group (the GPU under NCCL, which takes no
+host tensors), and the entry point installs the handler before its long start-up (model
+build, checkpoint load), so a signal then ends the job cleanly instead of killing it.
 """
 
 from __future__ import annotations
@@ -37,7 +40,12 @@ class PreemptionFlag:
                 signal.signal(s, handler)
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        """True on every rank once any rank was signalled (a collective: all ranks call)."""
+        from megatron_dynamoe.runtime.device import comm_device
+
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return self.received
+        flag = torch.tensor([1 if self.received else 0], dtype=torch.int32,
+                            device=comm_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

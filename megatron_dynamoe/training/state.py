@@ -53,19 +53,33 @@ def latest_checkpoint(save_dir: str) -> Optional[Tuple[int, str]]:
 
 
 def _rng_state() -> dict:
+    """Every generator a resumed run must continue: Python, NumPy, torch's CPU generator,
+    this rank's GPU generator when it runs on one (as Megatron-LM's `cuda_rng_state`), and
+    Megatron's model-parallel tracker. States are host tensors (checkpoint common state)."""
     from megatron.core import tensor_parallel
 
-    return dict(python=random.getstate(), numpy=np.random.get_state(),
-                torch=torch.get_rng_state(),
-                tracker=tensor_parallel.get_cuda_rng_tracker().get_states())
+    from megatron_dynamoe.runtime import device as runtime_device
+
+    state = dict(python=random.getstate(), numpy=np.random.get_state(),
+                 torch=torch.get_rng_state(),
+                 tracker=tensor_parallel.get_cuda_rng_tracker().get_states())
+    if runtime_device.current().is_cuda:
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def _set_rng_state(state: dict) -> None:
     from megatron.core import tensor_parallel
 
+    from megatron_dynamoe.runtime import device as runtime_device
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    # A checkpoint written on the CPU resumes on a GPU (and back): a generator the
+    # checkpoint does not hold keeps its seeded state.
+    if "cuda" in state and runtime_device.current().is_cuda:
+        torch.cuda.set_rng_state(state["cuda"].cpu())
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 

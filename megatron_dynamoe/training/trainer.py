@@ -25,6 +25,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_dynamoe.runtime.device import place_batch
 from megatron_dynamoe.training.config import TrainConfig
 
 BatchSource = Callable[[int, int], Dict[str, torch.Tensor]]
@@ -110,7 +111,8 @@ class _MicroBatches:
     def __next__(self):
         if self._index == len(self._positions):
             raise StopIteration
-        batch = self._source(self._positions[self._index], self._mbs)
+        # The one way a batch reaches the model's device (pinned, non-blocking on a GPU).
+        batch = place_batch(self._source(self._positions[self._index], self._mbs))
         if self._teacher_logits:
             batch["teacher_logits"] = self._teacher_logits[self._index]
         self._index += 1
@@ -183,19 +185,40 @@ def build_teacher(cfg: TrainConfig, model_info, layout_config):
     provider = ModelProvider(arch, None)
     config = provider.transformer_config(
         cfg.layout, sequence_parallel=cfg.sequence_parallel,
-        params_dtype=layout_config.params_dtype)
+        params_dtype=layout_config.params_dtype, perform_initialization=False)
     chunks = build_model_chunks(provider, config)
     load_checkpoint(chunks, cfg.dynamoe_distill_teacher, origin="the distillation teacher")
     return FrozenTeacher(chunks)
 
 
+def build_training_model(cfg: TrainConfig, provider):
+    """(TransformerConfig, ModelChunks) of this rank for `cfg`, on the device policy's device
+    and not yet DDP-wrapped. Seeded by --seed; with --load / --pretrained-checkpoint no
+    random-init work is done (the checkpoint replaces every weight), as in Megatron-LM."""
+    from megatron_dynamoe.architectures import skip_random_init
+    from megatron_dynamoe.model_builder import build_model_chunks
+
+    config = provider.transformer_config(
+        cfg.layout, sequence_parallel=cfg.sequence_parallel,
+        moe_token_dispatcher_type=cfg.moe_token_dispatcher_type,
+        params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
+        **cfg.recompute_overrides())
+    if cfg.load or cfg.pretrained_checkpoint:
+        skip_random_init(config)
+    torch.manual_seed(cfg.seed)
+    return config, build_model_chunks(provider, config)
+
+
 def train(cfg: TrainConfig, model_info, source: BatchSource, logger=None,
           on_iteration: Optional[Callable[[int], None]] = None,
-          provider=None) -> TrainResult:
+          provider=None, preemption_flag=None) -> TrainResult:
     """Run (or resume) training. `model_info` is a CheckpointInfo describing the model
     (architecture + DynaMoE config); `provider` (a `model_builder.ModelProvider`, default:
     the DynaMoE / dense model of `model_info`) builds it. Parallel groups must be
-    initialised for `cfg.layout`."""
+    initialised for `cfg.layout`. `preemption_flag` (a `preemption.PreemptionFlag` the
+    caller installed before its own start-up work) lets a signal received while the model
+    and data load end the run before its first iteration, with no checkpoint written;
+    without one, the trainer installs its own for the loop."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -204,7 +227,6 @@ def train(cfg: TrainConfig, model_info, source: BatchSource, logger=None,
     from megatron_dynamoe.checkpointing import load_checkpoint
     from megatron_dynamoe.model_builder import (
         ModelProvider,
-        build_model_chunks,
         set_sensitivity,
         set_training_step,
     )
@@ -218,13 +240,7 @@ def train(cfg: TrainConfig, model_info, source: BatchSource, logger=None,
     if provider is None:
         provider = ModelProvider(model_info.architecture, model_info.dynamoe)
     reset_megatron_moe_state()
-    config = provider.transformer_config(
-        cfg.layout, sequence_parallel=cfg.sequence_parallel,
-        moe_token_dispatcher_type=cfg.moe_token_dispatcher_type,
-        params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
-        **cfg.recompute_overrides())
-    torch.manual_seed(cfg.seed)
-    model = build_model_chunks(provider, config)
+    config, model = build_training_model(cfg, provider)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.use_distributed_optimizer)
     # Megatron buckets only the first chunk's gradients for overlap; later chunks reduce
@@ -265,7 +281,7 @@ def train(cfg: TrainConfig, model_info, source: BatchSource, logger=None,
     num_micro = cfg.num_microbatches(dp_size)
     forward_backward = get_forward_backward_func()
     result = TrainResult(iteration=iteration, consumed_samples=consumed)
-    stop = preemption.PreemptionFlag()
+    stop = preemption_flag if preemption_flag is not None else preemption.PreemptionFlag()
     started_iter = iteration
 
     def micro_batches(start: int, teacher_logits=None) -> list:
@@ -275,7 +291,14 @@ def train(cfg: TrainConfig, model_info, source: BatchSource, logger=None,
 
     try:
         with stop.installed():
-            while iteration < cfg.train_iters:
+            if stop.agreed():
+                # Signalled during start-up: nothing was trained since the last checkpoint,
+                # so there is nothing to save; the requeued job starts where this one did.
+                if logger:
+                    logger.text("preemption signal received during start-up: exiting before "
+                                "the first iteration (no checkpoint written)")
+                result.stopped_by_signal = True
+            while iteration < cfg.train_iters and not result.stopped_by_signal:
                 tic = time.time()
                 theta = sample_sensitivity(cfg, iteration)
                 set_sensitivity(model, theta)
