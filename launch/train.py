@@ -195,11 +195,12 @@ def _train(cfg, preempted, provider_for) -> int:
                            preemption_flag=preempted)
         finally:
             monitor.close()
-        if result.stopped_by_signal:
-            where = (f"after iteration {result.iteration}" if result.iteration else
-                     "before the first iteration")
-            monitor.text(f"stopped by a preemption signal {where}; "
-                         f"resume with --load {cfg.save or cfg.load}")
+        if result.stopped_by_signal and result.trained_iterations:
+            monitor.text(f"stopped by a preemption signal after iteration {result.iteration}; "
+                         f"resume with --load {cfg.save}")
+        elif result.stopped_by_signal:
+            monitor.text("stopped by a preemption signal before the first iteration: nothing "
+                         "new to save; rerun the same command to continue")
         return 0
     finally:
         destroy_parallel()

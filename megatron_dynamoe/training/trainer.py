@@ -42,6 +42,7 @@ class TrainResult:
     iteration: int = 0
     consumed_samples: int = 0
     stopped_by_signal: bool = False
+    trained_iterations: int = 0  # iterations this run did (0: stopped during start-up)
 
 
 def sample_sensitivity(cfg: TrainConfig, iteration: int) -> float:
@@ -354,6 +355,7 @@ def train(cfg: TrainConfig, model_info, source: BatchSource, logger=None,
     finally:
         reset_megatron_moe_state()
     result.iteration, result.consumed_samples, result.model = iteration, consumed, model
+    result.trained_iterations = iteration - started_iter
     return result
 
 
