@@ -86,13 +86,23 @@ def add_runtime_arguments(parser) -> None:
                             "transformer_engine needs TE installed); recorded in checkpoints")
 
 
-def start_runtime(args, layout: Optional[ParallelLayout] = None, seed: int = 1234):
+def start_runtime(args, layout: Optional[ParallelLayout] = None, seed: int = 1234,
+                  local_weights: bool = False):
     """Select --transformer-impl and start the one-process (or launched) world of a tool on
-    --device (`runtime.parallel.initialize_parallel`); logs where it runs."""
+    --device (`runtime.parallel.initialize_parallel`); logs where it runs.
+
+    `local_weights`: the tool rewrites weights by the local implementation's parameter names
+    (conversion, MoEfy, upcycling, export), so it refuses transformer_engine; what it writes
+    loads into either implementation (the sharded checkpoint keys are the same).
+    """
     from megatron_dynamoe.runtime import transformer_impl
     from megatron_dynamoe.runtime.device import current
     from megatron_dynamoe.runtime.parallel import initialize_parallel
 
+    if local_weights and args.transformer_impl != "local":
+        raise ToolError("this tool edits weights by the local implementation's names: run it "
+                        "with --transformer-impl local (its checkpoint loads into "
+                        "transformer_engine training, same sharded keys)")
     transformer_impl.select(args.transformer_impl)
     groups = initialize_parallel(layout or ParallelLayout(), seed=seed, device=args.device)
     log(f"running on {current().describe()}, transformer-impl {args.transformer_impl}")

@@ -337,3 +337,70 @@ def test_sigterm_during_start_up_exits_cleanly_without_a_checkpoint(tmp_path, tr
     assert not save.exists() or not any(p.name.startswith(("iter_", "latest"))
                                         for p in save.iterdir()), list(save.iterdir())
     assert time.time() - started < 300
+
+
+def test_te_moe_layers_file_their_pre_mlp_norm_under_the_local_key(monkeypatch):
+    # Megatron's TE MoE layer spec keeps `pre_mlp_layernorm.*` where its local spec writes
+    # `mlp.linear_fc1.layer_norm_*`: our spec maps the TE name onto the local one. (The TE
+    # builder is replaced by the local one minus that mapping, which is what TE's spec has.)
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_dynamoe.dynamoe import spec
+
+    def te_like(**kwargs):
+        layer = get_gpt_layer_local_spec(**kwargs)
+        layer.submodules.sharded_state_dict_keys_map = {"mlp.0.weight":
+                                                        "mlp.linear_fc1.layer_norm_weight"}
+        return layer
+
+    monkeypatch.setattr(spec, "get_gpt_layer_with_transformer_engine_spec", te_like)
+    layer = spec.moe_layer_spec(4, lambda mlp: mlp, "RMSNorm", use_te=True)
+    local = spec.moe_layer_spec(4, lambda mlp: mlp, "RMSNorm", use_te=False)
+    assert layer.submodules.sharded_state_dict_keys_map["pre_mlp_layernorm."] == \
+        local.submodules.sharded_state_dict_keys_map["pre_mlp_layernorm."]
+
+
+@pytest.mark.usefixtures("single_rank")
+def test_checkpoint_loads_across_layer_implementations(tiny_checkpoints):
+    """local -> transformer_engine: same sharded keys, same logits. Runs where TE imports."""
+    from megatron_dynamoe.runtime import transformer_impl
+
+    if not transformer_impl.transformer_engine_available():
+        pytest.skip("Transformer Engine is not installed here (the GPU image has it)")
+    from megatron_dynamoe.architectures import transformer_config
+    from megatron_dynamoe.checkpointing import load_checkpoint
+    from megatron_dynamoe.cli import megatron_logits
+    from megatron_dynamoe.model_builder import build_gpt_model
+
+    arch, dyn = _tiny()
+    tokens = torch.randint(0, arch.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    for folder, d in zip(tiny_checkpoints, (None, dyn)):
+        logits = {}
+        for impl in ("local", "transformer_engine"):
+            model = build_gpt_model(arch, transformer_config(arch, dynamoe=d,
+                                                             transformer_impl=impl), d)
+            load_checkpoint(model, folder)
+            logits[impl] = megatron_logits(model, tokens)
+        error = (logits["local"] - logits["transformer_engine"]).abs().max()
+        assert error <= 1e-4 * logits["local"].abs().max(), (folder, float(error))
+
+
+def test_tensor_parallel_gpu_runs_get_one_cuda_connection():
+    import types
+
+    train_main = _tool_main("launch/train.py")
+    set_limit = train_main.__globals__["set_cuda_connection_limit"]
+
+    def cfg(device, tp):
+        return types.SimpleNamespace(device=device, tensor_model_parallel_size=tp)
+
+    env = {}
+    set_limit(cfg("auto", 2), env)
+    assert env == {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+    for args in (("auto", 1), ("cpu", 4)):
+        env = {}
+        set_limit(cfg(*args), env)
+        assert env == {}
+    env = {"CUDA_DEVICE_MAX_CONNECTIONS": "8"}  # the user's own choice is kept (with a warning)
+    set_limit(cfg("cuda", 8), env)
+    assert env == {"CUDA_DEVICE_MAX_CONNECTIONS": "8"}

@@ -399,7 +399,7 @@ def _start_single_process_world(args) -> None:
     conversions can run side by side)."""
     from megatron_dynamoe.cli import start_runtime
 
-    start_runtime(args)
+    start_runtime(args, local_weights=True)
 
 
 def _build_dense_model(arch):

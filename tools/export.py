@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     log(f"exporting level {level}/{dyn.num_levels} (FFN {dense_arch.ffn_hidden_size} of "
         f"{arch.ffn_hidden_size}) as {args.format}")
 
-    start_runtime(args)
+    start_runtime(args, local_weights=True)
     # Weights come from the checkpoint / the DynaMoE model: no random-init work.
     model = build_gpt_model(arch, transformer_config(arch, dynamoe=dyn,
                                                      perform_initialization=False), dyn)
@@ -158,7 +158,7 @@ def export_budget(args) -> int:
     if args.tokenizer is None:
         raise ToolError("--ffn-budget needs calibration text: pass --tokenizer (a Hugging "
                         "Face folder, or 'smollm2')")
-    start_runtime(args)
+    start_runtime(args, local_weights=True)
     loaded = load_for_evaluation(args.load)
     if loaded.family != "dynamoe":
         raise ToolError(f"{args.load} is a {loaded.family} checkpoint: --ffn-budget needs a "

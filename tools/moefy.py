@@ -160,7 +160,7 @@ def main(argv=None) -> int:
         f"PP={layout.pipeline_model_parallel_size} EP={layout.expert_model_parallel_size} "
         f"validated (the checkpoint loads at any layout)")
 
-    start_runtime(args)
+    start_runtime(args, local_weights=True)
     # Both models take their weights from checkpoints: no random-init work.
     dense = build_gpt_model(arch, transformer_config(arch, perform_initialization=False))
     load_checkpoint(dense, args.load)

@@ -133,7 +133,7 @@ def main(argv=None) -> int:
         f"PP={layout.pipeline_model_parallel_size} EP={layout.expert_model_parallel_size} "
         f"validated")
 
-    start_runtime(args)
+    start_runtime(args, local_weights=True)
     dense_provider = ModelProvider(arch, None)
     dense = dense_provider.build(dense_provider.transformer_config(
         ParallelLayout(), perform_initialization=False))  # the checkpoint replaces it

@@ -140,7 +140,15 @@ def moe_layer_spec(num_experts: int, mlp_spec: Callable[[ModuleSpec], ModuleSpec
     kwargs = {} if use_te else {"normalization": normalization}
     spec = builder(num_experts=num_experts, moe_grouped_gemm=False,
                    qk_layernorm=qk_layernorm, **kwargs)
-    if not use_te:
+    if use_te:
+        # Megatron's local spec files an MoE layer's pre-MLP norm under
+        # `mlp.linear_fc1.layer_norm_*` (the dense layers' fused-norm name); its TE MoE spec
+        # keeps a separate `pre_mlp_layernorm.*`. Use the local name for both, so a checkpoint
+        # written by either implementation loads into the other.
+        keys = dict(spec.submodules.sharded_state_dict_keys_map or {})
+        keys.setdefault("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_")
+        spec.submodules.sharded_state_dict_keys_map = keys
+    else:
         spec = _swap_torch_norms(spec, _norm_class(False))
     spec.submodules.mlp = mlp_spec(spec.submodules.mlp)
     return spec
