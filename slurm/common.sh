@@ -14,11 +14,13 @@ dyn_die() { dyn_log "error: $*"; exit 2; }
 # Print a command array as a copy-pasteable line.
 dyn_quote() { printf '%q ' "$@"; printf '\n'; }
 
-# Run python on the batch node: inside the container when CONTAINER_IMAGE is set in a job
-# (the host may have no Python environment), else ${PYTHON:-python}.
+# DYN_PYTHON: how a job runs one python process: an srun step in the container when
+# CONTAINER_IMAGE is set (the host may have no Python environment), else ${PYTHON:-python} on
+# the batch node. Set by dyn_container_args.
+# dyn_python runs it; outside a job (a dry run on a login node) it is always the host's python.
 dyn_python() {
   if [[ -n "${CONTAINER_IMAGE:-}" && -n "${SLURM_JOB_ID:-}" ]]; then
-    srun --nodes=1 --ntasks=1 "${DYN_CONTAINER_ARGS[@]}" python "$@"
+    "${DYN_PYTHON[@]}" "$@"
   else
     "${PYTHON:-python}" "$@"
   fi
@@ -113,15 +115,57 @@ dyn_nccl_env() {
 }
 
 # ---- container (pyxis) ---------------------------------------------------------------------
-# DYN_CONTAINER_ARGS: srun flags for pyxis when CONTAINER_IMAGE is set (empty otherwise). The
-# repository and the run folder are mounted at the same paths, so commands are identical
-# inside and outside the container; add mounts (data, model) with CONTAINER_MOUNTS=a:a,b:b.
+# CONTAINER_IMAGE: the image every srun step runs in (pyxis/enroot), normally the squashfs file
+# built from docker/Dockerfile (docker/README.md); empty: no container, the steps run in the
+# host's ${PYTHON:-python} environment (a venv made with `make install`).
+# DYN_CONTAINER_ARGS: the pyxis flags (empty without a container):
+#   --container-name=${DYNAMOE_CONTAINER_NAME:-dynamoe}: pyxis unpacks the image once per
+#     node and job and the later steps reuse it (a (re)start runs up to three: NUM_SHELLS,
+#     planner, training; without a name each would import the image again);
+#   --container-mounts: the repository and the run folder, plus the absolute paths given as
+#     arguments (checkpoints, model, data: each path, or its parent folder when it is not a
+#     folder yet), each at the same path, so commands are identical inside and outside the
+#     container; more with CONTAINER_MOUNTS=/a:/a,/b:/b;
+#   --container-workdir: the repository.
+# A .sqsh path that does not exist ends a job here (a dry run only notes it).
 dyn_container_args() {
   DYN_CONTAINER_ARGS=()
+  DYN_PYTHON=("${PYTHON:-python}")
   [[ -n "${CONTAINER_IMAGE:-}" ]] || return 0
-  local mounts="$REPO:$REPO,$RUN_DIR:$RUN_DIR${CONTAINER_MOUNTS:+,$CONTAINER_MOUNTS}"
-  DYN_CONTAINER_ARGS=(--container-image="$CONTAINER_IMAGE" --container-mounts="$mounts"
+  case "$CONTAINER_IMAGE" in
+    *.sqsh | *.squashfs | /* | ./*)
+      if [[ ! -f "$CONTAINER_IMAGE" ]]; then
+        local hint="build it (docker/README.md), or set CONTAINER_IMAGE= to run without a container"
+        if [[ "${DRY_RUN:-0}" == 1 ]]; then
+          dyn_log "note: CONTAINER_IMAGE=$CONTAINER_IMAGE does not exist yet: $hint"
+        else
+          dyn_die "CONTAINER_IMAGE=$CONTAINER_IMAGE does not exist: $hint"
+        fi
+      fi ;;
+    *) dyn_log "note: CONTAINER_IMAGE=$CONTAINER_IMAGE is pulled from a registry on every node;" \
+               "a .sqsh file on a shared file system starts faster (docker/README.md)" ;;
+  esac
+  local dirs=() path dir other covered mounts=""
+  for path in "$REPO" "$RUN_DIR" "$@"; do
+    [[ "$path" == /* ]] || continue              # names ('smollm2'), placeholders, weights
+    dir=$path
+    [[ -d "$dir" ]] || dir=$(dirname "$dir")
+    if [[ "$dir" != / ]]; then dirs+=("$dir"); fi
+  done
+  for dir in "${dirs[@]}"; do                    # each folder once, none inside another
+    covered=0
+    for other in "${dirs[@]}"; do
+      if [[ "$dir" == "$other"/* ]]; then covered=1; break; fi
+    done
+    if ((!covered)) && [[ ",$mounts," != *",$dir:$dir,"* ]]; then
+      mounts+="${mounts:+,}$dir:$dir"
+    fi
+  done
+  DYN_CONTAINER_ARGS=(--container-image="$CONTAINER_IMAGE"
+                      --container-name="${DYNAMOE_CONTAINER_NAME:-dynamoe}"
+                      --container-mounts="$mounts${CONTAINER_MOUNTS:+,$CONTAINER_MOUNTS}"
                       --container-workdir="$REPO")
+  DYN_PYTHON=(srun --nodes=1 --ntasks=1 "${DYN_CONTAINER_ARGS[@]}" python)
 }
 
 # ---- planner -------------------------------------------------------------------------------
@@ -222,7 +266,16 @@ dyn_defaults_70b() {
   RECOMPUTE=${RECOMPUTE:-selective}
   RECOMPUTE_METHOD=${RECOMPUTE_METHOD:-uniform}
   RECOMPUTE_NUM_LAYERS=${RECOMPUTE_NUM_LAYERS:-1}
-  GPU_MEMORY_GIB=${GPU_MEMORY_GIB:-80}
+  # GPU memory the planner fits into (nominal GB of the card; GPU_MEMORY_GIB overrides).
+  GPU_TYPE=${GPU_TYPE:-h100}
+  case "$GPU_TYPE" in
+    a100 | h100) GPU_MEMORY_GIB=${GPU_MEMORY_GIB:-80} ;;
+    h200) GPU_MEMORY_GIB=${GPU_MEMORY_GIB:-141} ;;
+    *) dyn_die "GPU_TYPE=$GPU_TYPE: choose a100, h100 or h200 (or set GPU_MEMORY_GIB)" ;;
+  esac
+  # The project's image (docker/README.md); CONTAINER_IMAGE= (empty) runs without a container.
+  CONTAINER_IMAGE=${CONTAINER_IMAGE-$REPO/docker/dynamoe.sqsh}
+  TRANSFORMER_IMPL=${TRANSFORMER_IMPL:-local}  # or transformer_engine (needs TE in the image)
 }
 
 # DYN_LAYOUT: the layout as launch/train.py flags (the planner takes the same ones).

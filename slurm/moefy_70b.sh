@@ -13,15 +13,18 @@
 #   DRY_RUN=1 bash slurm/moefy_70b.sh        # resolved layout, command, planner verdict
 #
 # Every size is an environment variable (defaults in slurm/common.sh: dyn_defaults_70b):
-# TP PP VPP EP ETP NUM_SHELLS MICRO_BATCH GLOBAL_BATCH SEQ_LEN RECOMPUTE GPU_MEMORY_GIB, and
-# TRAIN_ITERS LR MIN_LR WARMUP_ITERS SAVE_INTERVAL SENS_MIN SENS_MAX LABEL_FRACTION; more
-# nodes: sbatch --nodes=16. The layout planner (tools/plan_layout.py) runs first and a layout
-# that does not divide or does not fit GPU_MEMORY_GIB ends the job before srun, printing one
-# that fits. Outputs in RUN_DIR (default runs/moefy_70b-$MODEL): checkpoints/ (torch_dist,
-# --save == --load, so a requeued or resubmitted job resumes), tensorboard/, snapshots/ (this
-# script, git revision + diff, environment, job record, planner report, per (re)start).
-# Container (pyxis/enroot): CONTAINER_IMAGE=nvcr.io#nvidia/pytorch:25.01-py3 and
-# CONTAINER_MOUNTS=/data:/data,/models:/models; the repository and RUN_DIR are mounted.
+# TP PP VPP EP ETP NUM_SHELLS MICRO_BATCH GLOBAL_BATCH SEQ_LEN RECOMPUTE, GPU_TYPE=h100|h200
+# (or GPU_MEMORY_GIB), and TRAIN_ITERS LR MIN_LR WARMUP_ITERS SAVE_INTERVAL SENS_MIN SENS_MAX
+# LABEL_FRACTION DIST_TIMEOUT_MINUTES TRANSFORMER_IMPL; more nodes: sbatch --nodes=16. The
+# layout planner (tools/plan_layout.py) runs first and a layout that does not divide or does
+# not fit GPU_MEMORY_GIB ends the job before srun, printing one that fits. Outputs in RUN_DIR
+# (default runs/moefy_70b-$MODEL): checkpoints/ (torch_dist, --save == --load, so a requeued or
+# resubmitted job resumes), tensorboard/, snapshots/ (this script, git revision + diff,
+# environment, job record, planner report, per (re)start).
+# Container (pyxis/enroot): every step runs in CONTAINER_IMAGE, by default
+# $REPO/docker/dynamoe.sqsh (build it: docker/README.md); the repository, RUN_DIR, the
+# checkpoint, tokenizer and data folders are mounted at their paths (more: CONTAINER_MOUNTS=
+# /a:/a,/b:/b). CONTAINER_IMAGE= (empty) runs in the host's python environment instead.
 #
 #SBATCH --job-name=moefy_70b
 #SBATCH --nodes=8
@@ -69,6 +72,9 @@ SENS_MAX=${SENS_MAX:-1.0}
 LABEL_FRACTION=${LABEL_FRACTION:-0.25}         # iterations that compute difficulty labels
 EXIT_AFTER_ITERS=${EXIT_AFTER_ITERS:-}
 FLASH_ATTENTION=${FLASH_ATTENTION:-0}          # 1: the planner assumes TE/FlashAttention
+# Collective timeout: a ~1 TB checkpoint save or load on a busy file system can keep ranks
+# waiting at a barrier well past Megatron's 10-minute default.
+DIST_TIMEOUT_MINUTES=${DIST_TIMEOUT_MINUTES:-30}
 RUN_DIR=${RUN_DIR:-$REPO/runs/moefy_70b-$MODEL}
 CPUS_PER_TASK=${CPUS_PER_TASK:-${SLURM_CPUS_PER_TASK:-8}}
 EXTRA_ARGS=${EXTRA_ARGS:-}
@@ -79,7 +85,8 @@ if [[ -z "${SLURM_JOB_ID:-}" && "$DRY_RUN" != 1 ]]; then
   dyn_die "submit with sbatch (or DRY_RUN=1 bash $0 to see the plan)"
 fi
 dyn_run_paths
-dyn_container_args
+# shellcheck disable=SC2086  # DATA_PATH: a prefix or a blend "0.7 PREFIX1 0.3 PREFIX2"
+dyn_container_args "$DYNAMOE_CKPT" "$TOKENIZER" $DATA_PATH
 if [[ -f "$DYNAMOE_CKPT/dynamoe.json" ]]; then   # the checkpoint's shell count is the truth
   NUM_SHELLS=$(dyn_python -c 'import json, sys
 print(json.load(open(sys.argv[1]))["dynamoe"]["num_shells"])' "$DYNAMOE_CKPT/dynamoe.json")
@@ -90,7 +97,8 @@ dyn_layout_flags
 dyn_log "resolved: MODEL=$MODEL NODES=$NODES GPUS_PER_NODE=$GPUS_PER_NODE ($NUM_RANKS ranks)" \
         "TP=$TP PP=$PP VPP=${VPP:-off} EP=$EP ETP=$ETP NUM_SHELLS=$NUM_SHELLS" \
         "MICRO_BATCH=$MICRO_BATCH GLOBAL_BATCH=$GLOBAL_BATCH SEQ_LEN=$SEQ_LEN" \
-        "RECOMPUTE=$RECOMPUTE GPU_MEMORY_GIB=$GPU_MEMORY_GIB RUN_DIR=$RUN_DIR"
+        "RECOMPUTE=$RECOMPUTE GPU_MEMORY_GIB=$GPU_MEMORY_GIB RUN_DIR=$RUN_DIR" \
+        "CONTAINER_IMAGE=${CONTAINER_IMAGE:-(none)}"
 plan_args=(--model "$MODEL" --dynamoe-num-shells "$NUM_SHELLS" --nodes "$NODES"
            --gpus-per-node "$GPUS_PER_NODE" "${DYN_LAYOUT[@]}"
            --global-batch-size "$GLOBAL_BATCH" --seq-length "$SEQ_LEN" --bf16
@@ -104,8 +112,12 @@ fi
 start=(--pretrained-checkpoint "$DYNAMOE_CKPT")
 before=$(dyn_latest_iteration "$SAVE_DIR")
 ((before > 0)) && start+=(--load "$SAVE_DIR")
+# The tasks' interpreter: the image's python in the container, else the host's.
+if [[ -n "$CONTAINER_IMAGE" ]]; then task_python=python; else task_python=${PYTHON:-python}; fi
 # shellcheck disable=SC2206  # DATA_PATH (a blend) and EXTRA_ARGS are word lists
-train=(python "$REPO/launch/train.py" "${start[@]}" "${DYN_LAYOUT[@]}"
+train=("$task_python" "$REPO/launch/train.py" "${start[@]}" "${DYN_LAYOUT[@]}"
+       --device cuda --transformer-impl "$TRANSFORMER_IMPL"
+       --distributed-timeout-minutes "$DIST_TIMEOUT_MINUTES"
        --tokenizer "$TOKENIZER" --data-path $DATA_PATH --save "$SAVE_DIR"
        --save-interval "$SAVE_INTERVAL" --tensorboard-dir "$TB_DIR" --bf16
        --global-batch-size "$GLOBAL_BATCH" --seq-length "$SEQ_LEN" --train-iters "$TRAIN_ITERS"
@@ -114,13 +126,15 @@ train=(python "$REPO/launch/train.py" "${start[@]}" "${DYN_LAYOUT[@]}"
        --dynamoe-sensitivity-min "$SENS_MIN" --dynamoe-sensitivity-max "$SENS_MAX"
        --dynamoe-label-fraction "$LABEL_FRACTION"
        ${EXIT_AFTER_ITERS:+--exit-after-iters "$EXIT_AFTER_ITERS"} $EXTRA_ARGS)
-# One task per GPU; every task sees the node's 8 GPUs (--gpus-per-node, not --gpus-per-task)
-# and takes cuda:LOCAL_RANK. --kill-on-bad-exit: one failed rank ends the step instead of
-# leaving the others blocked in a collective until the NCCL timeout.
-# --cpus-per-task explicitly: srun does not take it from sbatch on every SLURM version, and
-# one core per rank starves the host side of the step.
-step=(srun --nodes="$NODES" --ntasks-per-node="$GPUS_PER_NODE" --cpus-per-task="$CPUS_PER_TASK"
-      --kill-on-bad-exit=1 "${DYN_CONTAINER_ARGS[@]}" "${train[@]}")
+# One task per GPU; every task sees the node's GPUs (--gpus-per-node, not --gpus-per-task)
+# and takes cuda:(LOCAL_RANK % device count). --gpus-per-node explicitly, so the step's GPUs
+# never depend on what srun reads from the job's environment; --cpus-per-task explicitly:
+# srun does not take it from sbatch on every SLURM version, and one core per rank starves the
+# host side of the step. --kill-on-bad-exit: one failed rank ends the step instead of leaving
+# the others blocked in a collective until the NCCL timeout.
+step=(srun --nodes="$NODES" --ntasks-per-node="$GPUS_PER_NODE" --gpus-per-node="$GPUS_PER_NODE"
+      --cpus-per-task="$CPUS_PER_TASK" --kill-on-bad-exit=1 "${DYN_CONTAINER_ARGS[@]}"
+      "${train[@]}")
 
 if [[ "$DRY_RUN" == 1 ]]; then
   [[ -d "$DYNAMOE_CKPT" ]] || dyn_log "note: $DYNAMOE_CKPT does not exist yet (slurm/convert_70b.sh)"

@@ -9,6 +9,12 @@
 #   TRAIN_ITERS=40 EXIT_AFTER_ITERS=10 sbatch slurm/moefy_tiny.sh   # 4 requeued chunks
 #   DRY_RUN=1 bash slurm/moefy_tiny.sh              # print layout, command, verdict
 #
+# No container by default (the host's ${PYTHON:-python}). On a GPU cluster, the same job in the
+# project's image, then on 2 GPUs (NCCL) instead of the CPU:
+#   CONTAINER_IMAGE=$PWD/docker/dynamoe.sqsh sbatch slurm/moefy_tiny.sh
+#   CONTAINER_IMAGE=$PWD/docker/dynamoe.sqsh DEVICE=cuda sbatch --gpus-per-node=2 \
+#       slurm/moefy_tiny.sh
+#
 #SBATCH --job-name=moefy_tiny
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=2
@@ -57,6 +63,8 @@ RECOMPUTE_NUM_LAYERS=${RECOMPUTE_NUM_LAYERS:-1}
 MEM_PER_TASK_GIB=${MEM_PER_TASK_GIB:-4}
 RUN_DIR=${RUN_DIR:-$REPO/runs/moefy_tiny}
 TOKENIZER=${TOKENIZER:-smollm2}               # 'smollm2' (the shipped GGUF) or an HF folder
+DEVICE=${DEVICE:-cpu}                         # cpu (gloo) or cuda (NCCL, one GPU per task)
+CONTAINER_IMAGE=${CONTAINER_IMAGE:-}          # empty: no container (see the top)
 DATA_PREFIX=${DATA_PREFIX:-$RUN_DIR/data/sotu_smollm2}
 DATA_DOCS=${DATA_DOCS:-12}
 EXTRA_ARGS=${EXTRA_ARGS:-}
@@ -66,13 +74,18 @@ if [[ -z "${SLURM_JOB_ID:-}" && "${DRY_RUN:-0}" != 1 ]]; then
   dyn_die "submit with sbatch (or DRY_RUN=1 bash $0 to see the plan)"
 fi
 dyn_run_paths
-dyn_container_args
-
+dyn_container_args "$DATA_PREFIX" "$TOKENIZER"
 dyn_layout_flags
+case "$DEVICE" in
+  cpu) gpu_flags=() ;;
+  cuda) gpu_flags=(--gpus-per-node="$GPUS_PER_NODE"); dyn_nccl_env ;;
+  *) dyn_die "DEVICE=$DEVICE: choose cpu or cuda" ;;
+esac
 
 dyn_log "resolved: MODEL=$MODEL NODES=$NODES x $GPUS_PER_NODE tasks ($NUM_RANKS ranks)" \
         "TP=$TP PP=$PP VPP=${VPP:-off} EP=$EP ETP=$ETP shells=$NUM_SHELLS micro=$MICRO_BATCH global=$GLOBAL_BATCH seq=$SEQ_LEN" \
-        "iters=$TRAIN_ITERS RUN_DIR=$RUN_DIR"
+        "iters=$TRAIN_ITERS RUN_DIR=$RUN_DIR DEVICE=$DEVICE" \
+        "CONTAINER_IMAGE=${CONTAINER_IMAGE:-(none)}"
 # CPU: fp32 and host memory per task; ~1 GiB of it is Python + torch + Megatron per process.
 dyn_plan --model "$MODEL" --dynamoe-num-shells "$NUM_SHELLS" --nodes "$NODES" \
   --gpus-per-node "$GPUS_PER_NODE" "${DYN_LAYOUT[@]}" --global-batch-size "$GLOBAL_BATCH" \
@@ -81,15 +94,17 @@ dyn_plan --model "$MODEL" --dynamoe-num-shells "$NUM_SHELLS" --nodes "$NODES" \
 start=(--model "$MODEL" --dynamoe-num-shells "$NUM_SHELLS")
 before=$(dyn_latest_iteration "$SAVE_DIR")
 ((before > 0)) && start+=(--load "$SAVE_DIR")
+# The tasks' interpreter: the image's python in the container, else the host's.
+if [[ -n "$CONTAINER_IMAGE" ]]; then task_python=python; else task_python=${PYTHON:-python}; fi
 # shellcheck disable=SC2206  # EXTRA_ARGS is a flag list: word splitting intended
-train=("${PYTHON:-python}" "$REPO/launch/train.py" "${start[@]}" "${DYN_LAYOUT[@]}"
-       --tokenizer "$TOKENIZER" --data-path "$DATA_PREFIX" --save "$SAVE_DIR"
+train=("$task_python" "$REPO/launch/train.py" "${start[@]}" "${DYN_LAYOUT[@]}"
+       --device "$DEVICE" --tokenizer "$TOKENIZER" --data-path "$DATA_PREFIX" --save "$SAVE_DIR"
        --save-interval "$SAVE_INTERVAL" --tensorboard-dir "$TB_DIR"
        --global-batch-size "$GLOBAL_BATCH" --seq-length "$SEQ_LEN" --train-iters "$TRAIN_ITERS"
        --lr "$LR" --lr-warmup-iters "$WARMUP_ITERS" --log-interval 1
        --dynamoe-sensitivity-min 0.3 --dynamoe-label-fraction 0.5
        ${EXIT_AFTER_ITERS:+--exit-after-iters "$EXIT_AFTER_ITERS"} $EXTRA_ARGS)
-step=(srun --nodes="$NODES" --ntasks-per-node="$GPUS_PER_NODE" --cpus-per-task=1
+step=(srun --nodes="$NODES" --ntasks-per-node="$GPUS_PER_NODE" "${gpu_flags[@]}" --cpus-per-task=1
       --kill-on-bad-exit=1 "${DYN_CONTAINER_ARGS[@]}" "${train[@]}")
 
 if [[ "${DRY_RUN:-0}" == 1 ]]; then

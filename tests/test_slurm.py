@@ -1,10 +1,12 @@
 """The SLURM scripts against a real single-node SLURM (Debian slurm-wlm + munge), started here
 with all state in a temporary folder: the tiny MoEfy job trains over gloo on 2 tasks, is
 signalled the way `--signal=USR1@60` signals it before its time limit, saves, requeues itself
-and resumes; a bad layout ends the job before srun; the 70B script's dry run; bash -n and
-shellcheck on every script."""
+and resumes; a bad layout ends the job before srun; the dry runs of the 70B scripts (the pyxis
+container flags, the GPU training step, the conversion tools on the CPU) and of the tiny one;
+bash -n and shellcheck on every script."""
 
 import glob
+import importlib.util
 import os
 import re
 import shlex
@@ -12,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -21,6 +24,46 @@ from tests.launch_helpers import REPO, loss_curve, quiet_env, shared_sotu_data
 
 SCRIPTS = sorted(glob.glob(os.path.join(REPO, "slurm", "*.sh")))
 INSTALL_HINT = "run `make install` (it installs slurm-wlm, munge and shellcheck with apt)"
+DEFAULT_IMAGE = os.path.join(REPO, "docker", "dynamoe.sqsh")
+# Settings the scripts read that the caller's environment must not decide for a test.
+SCRIPT_SETTINGS = ("CONTAINER_IMAGE", "CONTAINER_MOUNTS", "DYNAMOE_CONTAINER_NAME", "GPU_TYPE",
+                   "GPU_MEMORY_GIB", "DEVICE", "TRANSFORMER_IMPL", "DIST_TIMEOUT_MINUTES",
+                   "HF_MODEL", "CKPT_ROOT", "DATA_PATH", "TOKENIZER", "PYTHON")
+
+
+def _script_env(**extra) -> dict:
+    env = {k: v for k, v in quiet_env().items() if k not in SCRIPT_SETTINGS}
+    return env | extra
+
+
+def _dry_run(script, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", os.path.join(REPO, "slurm", script)],
+                          env=_script_env(DRY_RUN="1", **env), capture_output=True, text=True,
+                          timeout=300)
+
+
+def _commands(stderr) -> list:
+    """The dry run's `would run: ...` command lines, split as the shell would."""
+    return [shlex.split(line.split("would run: ", 1)[1]) for line in stderr.splitlines()
+            if "would run: " in line]
+
+
+def _flag(argv, name):
+    """The value of `--name=value` or `--name value` in argv (None when absent)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+        if arg == name:
+            return argv[i + 1]
+    return None
+
+
+def _tool_module(script):
+    spec = importlib.util.spec_from_file_location("slurm_test_" + os.path.basename(script)[:-3],
+                                                  os.path.join(REPO, script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _need(*binaries):
@@ -49,7 +92,8 @@ class Cluster:
 
     def __init__(self, root):
         self.root = root
-        self.env = quiet_env(SLURM_CONF=os.path.join(root, "slurm.conf"))
+        # No pyxis here: the tiny job runs in this Python environment, without a container.
+        self.env = _script_env(SLURM_CONF=os.path.join(root, "slurm.conf"), CONTAINER_IMAGE="")
 
     def run(self, *cmd, timeout=60, **env):
         return subprocess.run(cmd, env=self.env | env, capture_output=True, text=True,
@@ -152,42 +196,147 @@ def test_scripts_pass_bash_n_and_shellcheck():
 
 
 def test_70b_dry_run_prints_layout_command_and_verdict(tmp_path):
-    result = subprocess.run(["bash", os.path.join(REPO, "slurm", "moefy_70b.sh")],
-                            env=quiet_env(DRY_RUN="1", RUN_DIR=str(tmp_path / "run")),
-                            capture_output=True, text=True, timeout=300)
+    result = _dry_run("moefy_70b.sh", RUN_DIR=str(tmp_path / "run"))
     out = result.stderr
     assert result.returncode == 0, out
     assert ("resolved: MODEL=llama2-70b NODES=8 GPUS_PER_NODE=8 (64 ranks) TP=8 PP=4 VPP=5 EP=8 "
             "ETP=1 NUM_SHELLS=8 MICRO_BATCH=1 GLOBAL_BATCH=128 SEQ_LEN=4096") in out
     assert "TP=8 PP=4 VPP=5 EP=8 ETP=1 CP=1 -> DP=2, expert DP=2" in out
     assert "verdict: fits (57.4 GiB <= 80 GiB per GPU)" in out
+    # The container by default: the project's image, which does not exist here (noted only).
+    assert f"note: CONTAINER_IMAGE={DEFAULT_IMAGE} does not exist yet" in out
     command = out.split("would run: ", 1)[1]
-    assert command.startswith("srun --nodes=8 --ntasks-per-node=8 --cpus-per-task=8 "
-                              "--kill-on-bad-exit=1 python ")
+    assert command.startswith("srun --nodes=8 --ntasks-per-node=8 --gpus-per-node=8 "
+                              "--cpus-per-task=8 --kill-on-bad-exit=1 --container-image=")
     for flag in ("--tensor-model-parallel-size 8", "--pipeline-model-parallel-size 4",
                  "--virtual-pipeline-model-parallel-size 5", "--expert-model-parallel-size 8",
                  "--expert-tensor-parallel-size 1", "--sequence-parallel", "--bf16",
                  "--recompute-granularity selective", f"--save {tmp_path}/run/checkpoints",
-                 f"--tensorboard-dir {tmp_path}/run/tensorboard"):
+                 f"--tensorboard-dir {tmp_path}/run/tensorboard", "--device cuda",
+                 "--transformer-impl local", "--distributed-timeout-minutes 30"):
         assert flag in command, flag
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
+    args = shlex.split(command)
+    train = args.index(os.path.join(REPO, "launch", "train.py"))
+    # pyxis: the .sqsh, one named container per job, the repo and run folder at their paths
+    # (the run folder does not exist yet: its parent), the repo as working directory.
+    assert args[train - 1] == "python"  # the image's interpreter
+    assert _flag(args[:train], "--container-image") == DEFAULT_IMAGE
+    assert _flag(args[:train], "--container-name") == "dynamoe"
+    assert _flag(args[:train], "--container-mounts") == f"{REPO}:{REPO},{tmp_path}:{tmp_path}"
+    assert _flag(args[:train], "--container-workdir") == REPO
     # Every flag the script gives the trainer parses into the layout it printed.
     from megatron_dynamoe.training.config import parse_train_args
 
-    args = shlex.split(command)
-    cfg = parse_train_args(args[args.index(os.path.join(REPO, "launch", "train.py")) + 1:])
+    cfg = parse_train_args(args[train + 1:])
     assert (cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size,
             cfg.virtual_pipeline_model_parallel_size, cfg.expert_model_parallel_size,
             cfg.sequence_parallel, cfg.bf16, cfg.recompute_granularity) == \
         (8, 4, 5, 8, True, True, "selective")
     assert cfg.layout.expert_tensor_parallel_size == 1
+    assert (cfg.device, cfg.transformer_impl, cfg.distributed_timeout_minutes) == \
+        ("cuda", "local", 30)
+
+
+def test_70b_dry_run_h200_preset_and_no_container(tmp_path):
+    """CONTAINER_IMAGE= (empty): bare metal, the host's python; GPU_TYPE=h200: 141 GB GPUs;
+    the checkpoint, tokenizer and data folders of a containerised run are mounted."""
+    result = _dry_run("moefy_70b.sh", RUN_DIR=str(tmp_path / "run"), CONTAINER_IMAGE="",
+                      GPU_TYPE="h200", PYTHON=sys.executable)
+    out = result.stderr
+    assert result.returncode == 0, out
+    assert "GPU_MEMORY_GIB=141" in out and "<= 141 GiB per GPU" in out
+    assert "CONTAINER_IMAGE=(none)" in out and "--container" not in out
+    assert out.split("would run: ", 1)[1].startswith(
+        "srun --nodes=8 --ntasks-per-node=8 --gpus-per-node=8 --cpus-per-task=8 "
+        f"--kill-on-bad-exit=1 {sys.executable} ")
+
+    image, data, ckpt = tmp_path / "dynamoe.sqsh", tmp_path / "data", tmp_path / "ckpt"
+    image.write_bytes(b"")
+    (ckpt / "m-dynamoe").mkdir(parents=True)
+    result = _dry_run("moefy_70b.sh", RUN_DIR=str(tmp_path / "run"), CONTAINER_IMAGE=str(image),
+                      DYNAMOE_CKPT=str(ckpt / "m-dynamoe"), TOKENIZER="/models/Llama-2-70b-hf",
+                      DATA_PATH=f"0.7 {data}/a_text_document 0.3 {data}/b_text_document",
+                      CONTAINER_MOUNTS="/scratch:/scratch", DYNAMOE_CONTAINER_NAME="dyn-v2")
+    assert result.returncode == 0, result.stderr
+    assert "does not exist" not in result.stderr
+    (args,) = _commands(result.stderr)
+    assert _flag(args, "--container-image") == str(image)
+    assert _flag(args, "--container-name") == "dyn-v2"
+    # tmp_path holds the run folder's parent, the checkpoint and the data: one mount.
+    assert _flag(args, "--container-mounts") == \
+        f"{REPO}:{REPO},{tmp_path}:{tmp_path},/models:/models,/scratch:/scratch"
+
+
+def test_convert_dry_run_runs_the_tools_on_the_cpu_in_the_container(tmp_path):
+    image, hf, ckpt = tmp_path / "images" / "dynamoe.sqsh", tmp_path / "hf", tmp_path / "ckpt"
+    for folder in (hf, ckpt, image.parent):
+        folder.mkdir()
+    image.write_bytes(b"")
+    result = _dry_run("convert_70b.sh", CONTAINER_IMAGE=str(image), HF_MODEL=str(hf),
+                      CKPT_ROOT=str(ckpt))
+    out = result.stderr
+    assert result.returncode == 0, out
+    lines = [line.split("would run: ", 1)[1] for line in out.splitlines() if "would run: " in line]
+    assert len(lines) == 2, out
+    convert, moefy = _commands(out)
+    for line, argv, tool in ((lines[0], convert, "tools/convert_checkpoint.py"),
+                             (lines[1], moefy, "tools/moefy.py")):
+        # No GPU for the single-process tools, even on a node that has some.
+        assert line.startswith("CUDA_VISIBLE_DEVICES= srun --nodes=1 --ntasks=1 "
+                               f"--container-image={image} --container-name=dynamoe "), line
+        assert argv[0] == "CUDA_VISIBLE_DEVICES="
+        assert _flag(argv, "--container-mounts") == f"{REPO}:{REPO},{ckpt}:{ckpt},{hf}:{hf}"
+        assert _flag(argv, "--container-workdir") == REPO
+        tool_args = argv[argv.index(os.path.join(REPO, tool)) + 1:]
+        assert argv[argv.index(os.path.join(REPO, tool)) - 1] == "python"
+        assert _flag(tool_args, "--device") == "cpu"
+        assert _flag(tool_args, "--transformer-impl") == "local"
+    # The tools parse what the script gives them.
+    args = _tool_module("tools/convert_checkpoint.py").build_parser().parse_args(
+        convert[convert.index(os.path.join(REPO, "tools/convert_checkpoint.py")) + 1:])
+    assert (args.device, args.hf_model, args.output) == ("cpu", str(hf), f"{ckpt}/llama2-70b")
+    args = _tool_module("tools/moefy.py").parse_args(
+        moefy[moefy.index(os.path.join(REPO, "tools/moefy.py")) + 1:])
+    assert (args.device, args.load, args.output, args.dynamoe_num_shells) == \
+        ("cpu", f"{ckpt}/llama2-70b", f"{ckpt}/llama2-70b-dynamoe", 8)
+    assert not list(ckpt.iterdir())  # a dry run writes nothing
+
+    # Without a container: the host's python, still on the CPU.
+    result = _dry_run("convert_70b.sh", CONTAINER_IMAGE="", HF_MODEL=str(hf),
+                      CKPT_ROOT=str(ckpt), PYTHON=sys.executable)
+    assert result.returncode == 0, result.stderr
+    for argv in _commands(result.stderr):
+        assert argv[:2] == ["CUDA_VISIBLE_DEVICES=", sys.executable]
+        assert _flag(argv, "--device") == "cpu"
+
+
+def test_tiny_dry_run_cpu_without_container_and_gpu_in_container(tmp_path):
+    result = _dry_run("moefy_tiny.sh", RUN_DIR=str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    (args,) = _commands(result.stderr)
+    assert "--container-image" not in " ".join(args)
+    assert args[:5] == ["srun", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
+                        "--kill-on-bad-exit=1"]
+    assert _flag(args, "--device") == "cpu"
+
+    image = tmp_path / "dynamoe.sqsh"
+    image.write_bytes(b"")
+    result = _dry_run("moefy_tiny.sh", RUN_DIR=str(tmp_path / "run"), DEVICE="cuda",
+                      CONTAINER_IMAGE=str(image))
+    assert result.returncode == 0, result.stderr
+    (args,) = _commands(result.stderr)
+    assert args[:3] == ["srun", "--nodes=1", "--ntasks-per-node=2"]
+    assert _flag(args, "--gpus-per-node") == "2"
+    assert _flag(args, "--container-image") == str(image)
+    assert _flag(args, "--container-name") == "dynamoe"
+    assert _flag(args, "--device") == "cuda"
+    assert _flag(args, "--container-mounts") == f"{REPO}:{REPO},{tmp_path}:{tmp_path}"
 
 
 def test_70b_dry_run_refuses_a_layout_that_does_not_fit(tmp_path):
-    result = subprocess.run(["bash", os.path.join(REPO, "slurm", "moefy_70b.sh")],
-                            env=quiet_env(DRY_RUN="1", PP="2", VPP="", RECOMPUTE="none",
-                                          RUN_DIR=str(tmp_path / "run")),
-                            capture_output=True, text=True, timeout=300)
+    result = _dry_run("moefy_70b.sh", PP="2", VPP="", RECOMPUTE="none",
+                      RUN_DIR=str(tmp_path / "run"))
     assert result.returncode == 2
     assert "error: layout refused: llama2-70b needs 89.0 GiB per GPU" in result.stderr
     assert "a layout that fits (75.9 GiB): TP=8 PP=4 VPP= EP=8" in result.stderr
