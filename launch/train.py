@@ -7,10 +7,11 @@
         --global-batch-size 8 --seq-length 256 --train-iters 200 --lr 1e-4 \\
         --save-interval 50 --tensorboard-dir runs/ft/tb
 
-`--load DIR` resumes from DIR's latest complete training checkpoint when it has one, and
-otherwise starts from DIR as a model checkpoint (tools/convert_checkpoint.py, tools/moefy.py);
-`--pretrained-checkpoint DIR` always starts fresh from a model checkpoint; `--model PRESET`
-starts from random weights. SIGTERM / SIGUSR1 save a checkpoint after the current iteration
+`--load DIR` resumes from DIR's latest complete training checkpoint when it has one;
+otherwise the run starts from `--pretrained-checkpoint DIR` (a model checkpoint: fresh
+optimizer) when given, else from DIR itself as a model checkpoint (tools/convert_checkpoint.py,
+tools/moefy.py), so `--load SAVE --pretrained-checkpoint INIT` is one command for the first
+start and every requeue; `--model PRESET` starts from random weights. SIGTERM / SIGUSR1 save a checkpoint after the current iteration
 and exit 0, so a SLURM requeue resumes with the same command.
 """
 
@@ -33,12 +34,17 @@ def resolve_model(cfg):
     from megatron_dynamoe.dynamoe.config import DynaMoEConfig
     from megatron_dynamoe.training.state import latest_checkpoint
 
+    # The trainer's order: --load's latest training checkpoint, else --pretrained-checkpoint,
+    # else --load as a model checkpoint. So one command serves the first start (empty --load
+    # folder) and every requeue after it.
     info = None
-    if cfg.load:
-        latest = latest_checkpoint(cfg.load) if os.path.isdir(cfg.load) else None
-        info = read_info(latest[1] if latest else cfg.load)
+    latest = latest_checkpoint(cfg.load) if cfg.load and os.path.isdir(cfg.load) else None
+    if latest:
+        info = read_info(latest[1])
     elif cfg.pretrained_checkpoint:
         info = read_info(cfg.pretrained_checkpoint)
+    elif cfg.load:
+        info = read_info(cfg.load)
     if info is None:
         if cfg.model is None:
             from megatron_dynamoe.cli import ToolError

@@ -404,3 +404,15 @@ def test_tensor_parallel_gpu_runs_get_one_cuda_connection():
     env = {"CUDA_DEVICE_MAX_CONNECTIONS": "8"}  # the user's own choice is kept (with a warning)
     set_limit(cfg("cuda", 8), env)
     assert env == {"CUDA_DEVICE_MAX_CONNECTIONS": "8"}
+
+
+def test_one_train_command_serves_the_first_start_and_every_requeue(tiny_checkpoints, tmp_path):
+    # --load SAVE (empty at the first start) + --pretrained-checkpoint INIT: the model comes
+    # from INIT until SAVE holds a training checkpoint (what SLURM requeues rely on).
+    from megatron_dynamoe.training.config import TrainConfig
+
+    resolve_model = _tool_main("launch/train.py").__globals__["resolve_model"]
+    dense, dynamoe = tiny_checkpoints
+    for save in (tmp_path / "absent", tmp_path):
+        info = resolve_model(TrainConfig(load=str(save), pretrained_checkpoint=dynamoe))
+        assert info.dynamoe is not None and info.architecture == _tiny()[0]
