@@ -203,20 +203,25 @@ def sequence_scores(model) -> np.ndarray:
     the share of tokens that took two or more experts (adaptive routers), or the mean
     difficulty level (DynaMoE layers; their statistics cover the whole micro-batch, so
     profile them one sequence per forward)."""
+    import torch
+
     from megatron_dynamoe.adaptive.provider import adaptive_layers
     from megatron_dynamoe.model_builder import dynamoe_layers
 
-    per_layer: List[np.ndarray] = []
+    # Per-layer scores are computed where the statistics live and copied to the host once.
+    per_layer = []
     for layer in adaptive_layers(model):
         experts = layer.router.last_stats["experts_per_token"]               # [s, b]
-        per_layer.append((experts >= 2).double().mean(dim=0).numpy())
+        per_layer.append((experts >= 2).double().mean(dim=0))
     for layer in dynamoe_layers(model):
         counts = layer.last_stats["level_counts"].double()
-        mean_level = (counts * (np.arange(len(counts)) + 1)).sum() / counts.sum()
-        per_layer.append(np.array([float(mean_level)]))
+        levels = torch.arange(1, len(counts) + 1, dtype=torch.float64, device=counts.device)
+        per_layer.append(((counts * levels).sum() / counts.sum()).reshape(1))
     if not per_layer:
         raise CurriculumError("the model has no adaptive-gating or DynaMoE layer to profile")
-    return np.mean(np.stack(per_layer), axis=0)
+    host = torch.cat(per_layer).cpu().numpy()
+    sizes = np.cumsum([len(p) for p in per_layer])[:-1]
+    return np.mean(np.stack(np.split(host, sizes)), axis=0)
 
 
 def profile_scores(model, batches: Iterable[Dict], metric: str, indices: Sequence[int],

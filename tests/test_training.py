@@ -49,16 +49,21 @@ def test_loss_falls_and_resume_is_bit_identical(tmp_path):
 
 
 @pytest.mark.usefixtures("single_rank")
-def test_bf16_tracks_fp32():
-    """--bf16 (CPUs run bf16 too): bf16 weights except the fp32 difficulty routers, and on
-    the same data the loss curve follows the fp32 one (Megatron's optimizer keeps fp32 main
-    parameters)."""
+def test_bf16_tracks_fp32_and_saves(tmp_path):
+    """--bf16 (CPUs run bf16 too): every weight bf16, routers included (they compute in fp32;
+    Megatron's optimizers checkpoint only single-dtype models), the training checkpoint saves
+    and resumes, and on the same data the loss curve follows the fp32 one (Megatron's
+    optimizer keeps fp32 main parameters)."""
     fp32 = _run(train_iters=6)
-    bf16 = _run(train_iters=6, bf16=True)
-    dtypes = {p.dtype for name, p in bf16.model.named_parameters() if "router" not in name}
+    bf16 = _run(train_iters=6, bf16=True, save=str(tmp_path / "bf16"), save_interval=3)
+    dtypes = {p.dtype for name, p in bf16.model.named_parameters()}
     assert dtypes == {torch.bfloat16}
-    routers = {p.dtype for name, p in bf16.model.named_parameters() if "router" in name}
-    assert routers == {torch.float32}  # the difficulty router stays fp32 (moe_router_dtype)
+    resumed = _run(train_iters=6, bf16=True, load=str(tmp_path / "bf16"),
+                   save=str(tmp_path / "bf16"))
+    assert resumed.iteration == 6 and not resumed.losses  # the final checkpoint was complete
+    first = _run(train_iters=6, bf16=True, save=str(tmp_path / "half"), exit_after_iters=3)
+    rest = _run(train_iters=6, bf16=True, load=str(tmp_path / "half"), save=str(tmp_path / "half"))
+    assert {**first.losses, **rest.losses} == bf16.losses  # bf16 resume is exact on the CPU
     for it, value in fp32.losses.items():
         assert abs(bf16.losses[it] - value) <= 2e-3 * value, (it, bf16.losses[it], value)
     assert bf16.losses != fp32.losses  # really another precision

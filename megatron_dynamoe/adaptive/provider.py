@@ -6,7 +6,8 @@ it trains through the same schedules, DDP, distributed optimizer and checkpoints
 DynaMoE model. Checkpoints record the gating config in `dynamoe.json`'s `extra["adaptive"]`
 (`checkpoint_info` / `from_checkpoint_info`).
 
-Scalars (per logged iteration, from the logging rank's stage, last micro-batch):
+Scalars (per logged iteration, from the logging rank's stage, summed over the iteration's
+micro-batches on the device and copied to the host once):
 - `moe/layerNNN/two-expert-share`: share of tokens that chose two or more experts;
 - `moe/layerNNN/experts-per-token`: mean experts per token (FFN compute in expert units);
 - `moe/layerNNN/expertE-tokens`: tokens computed by expert E (after capacity dropping);
@@ -27,7 +28,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_dynamoe.adaptive.config import AdaptiveGatingConfig
-from megatron_dynamoe.adaptive.router import AdaptiveRouter
+from megatron_dynamoe.adaptive.router import AdaptiveRouter, window_scalars
 from megatron_dynamoe.adaptive.spec import decoder_block_spec
 from megatron_dynamoe.architectures import ModelArchitecture, transformer_config
 from megatron_dynamoe.model_builder import ModelProvider, build_gpt_model
@@ -49,31 +50,9 @@ def set_threshold(model, threshold: float) -> None:
 
 
 def routing_scalars(model) -> Dict[str, float]:
-    """TensorBoard scalars of the last forward of every adaptive layer (module docstring)."""
-    out: Dict[str, float] = {}
-    dropped, fully_dropped = 0.0, 0.0
-    for layer in adaptive_layers(model):
-        stats = layer.router.last_stats
-        if not stats:
-            continue
-        tag = f"moe/layer{layer.layer_number:03d}"
-        out[f"{tag}/two-expert-share"] = float(stats["two_expert_share"])
-        out[f"{tag}/experts-per-token"] = float(stats["mean_experts_per_token"])
-        load = stats["tokens_per_expert"].double()
-        for expert, count in enumerate(load.tolist()):
-            out[f"{tag}/expert{expert}-tokens"] = count
-        if load.sum() > 0:
-            out[f"{tag}/expert-load-imbalance"] = float(load.max() / load.mean())
-            ep = layer.ep_group.size()
-            if ep > 1:   # experts [r E/EP, (r+1) E/EP) live on EP rank r
-                per_rank = load.view(ep, -1).sum(dim=1)
-                out[f"{tag}/ep-load-imbalance"] = float(per_rank.max() / per_rank.mean())
-        dropped += float(stats["dropped_assignments"])
-        fully_dropped += float(stats["dropped_tokens"])
-    if out:
-        out["moe/dropped-tokens"] = dropped
-        out["moe/fully-dropped-tokens"] = fully_dropped
-    return out
+    """TensorBoard scalars of every adaptive layer over the statistics window (one training
+    iteration's micro-batches under the monitor), read with one device-to-host copy."""
+    return window_scalars(adaptive_layers(model))
 
 
 class AdaptiveMoEProvider(ModelProvider):

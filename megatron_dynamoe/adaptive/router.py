@@ -10,12 +10,17 @@ router adds Megatron's machinery around them: fp32 gating (`Router.gating`), inp
 and z-loss, capacity dropping (Megatron's capacity and policies), and the Switch
 load-balancing loss attached to the probs with `MoEAuxLossAutoScaler`
 (`attach_and_log_load_balancing_loss`), counted over top-1 decisions for adaptive / top-p
-gating. After every forward `last_stats` holds detached statistics of the local tokens.
+gating.
+
+Statistics of the local tokens are computed on the device without host synchronisation:
+after every forward `last_stats` holds that forward's detached tensors, and `stat_sums`
+(a `StatSums`) sums them over a window of forwards (reset by the training monitor every
+iteration), read on the host with one copy for all layers (`window_scalars`).
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -29,6 +34,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_dynamoe.adaptive.config import AdaptiveGatingConfig
+from megatron_dynamoe.dynamoe.layer import StatSums, counts_statistics, read_stat_sums
 
 LOAD_BALANCING_LOSS_NAME = "load_balancing_loss"  # Megatron's own tracker name
 
@@ -181,6 +187,15 @@ class AdaptiveRouter(TopKRouter):
     The gate is Megatron's: an [E, H] fp32 weight read by `Router.gating`, initialised by
     `config.init_method` and tagged for sequence parallelism. `moe_router_topk` is the bound
     on experts per token (2 for adaptive gating); tokens may use fewer.
+
+    Statistics (device tensors, no host syncs; padding excluded):
+    - `last_stats`, the last forward: `tokens`, `experts_per_token` [s, b] (0 at padding),
+      `two_expert_share`, `mean_experts_per_token`, `tokens_per_expert` [E] (after
+      capacity), `dropped_assignments`, `dropped_tokens`;
+    - `stat_sums`, summed over the forwards of the window (`counts_statistics`): `tokens`,
+      `two_expert_tokens`, `assignments` (experts chosen, before capacity),
+      `tokens_per_expert` [E], `dropped_assignments`, `dropped_tokens`, host counter
+      `forwards`; `summarize_stats` gives the window's shares, `reset_stats` a new window.
     """
 
     def __init__(self, config: TransformerConfig, pg_collection=None,
@@ -194,6 +209,28 @@ class AdaptiveRouter(TopKRouter):
         # The run-time T (the config, shared by every layer, keeps the built value).
         self.threshold = gating.threshold
         self.last_stats: Dict[str, torch.Tensor] = {}
+        self.stat_sums = StatSums([("tokens", 1), ("two_expert_tokens", 1), ("assignments", 1),
+                                   ("tokens_per_expert", self.num_experts),
+                                   ("dropped_assignments", 1), ("dropped_tokens", 1)],
+                                  counters=("forwards",))
+
+    def reset_stats(self) -> None:
+        """Start a new statistics window (`stat_sums`)."""
+        self.stat_sums.reset()
+
+    @staticmethod
+    def summarize_stats(sums: Dict[str, Any]) -> Dict[str, Any]:
+        """Host numbers of one window from its `read_stat_sums` entry (plain Python):
+        `forwards`, `tokens`, `two_expert_share`, `mean_experts_per_token` (0 without
+        tokens), `tokens_per_expert` [E], `dropped_assignments`, `dropped_tokens`."""
+        tokens = sums["tokens"][0]
+        per = max(tokens, 1.0)
+        return dict(forwards=sums["forwards"], tokens=tokens,
+                    two_expert_share=sums["two_expert_tokens"][0] / per,
+                    mean_experts_per_token=sums["assignments"][0] / per,
+                    tokens_per_expert=list(sums["tokens_per_expert"]),
+                    dropped_assignments=sums["dropped_assignments"][0],
+                    dropped_tokens=sums["dropped_tokens"][0])
 
     def set_threshold(self, threshold: float) -> None:
         """Change the adaptive threshold T for subsequent forwards (evaluation sweeps)."""
@@ -235,7 +272,8 @@ class AdaptiveRouter(TopKRouter):
                 self.config.moe_pad_expert_input_to_capacity)
         if self.training and torch.is_grad_enabled():
             probs = self._attach_balance_loss(probs, logits, padding_mask)
-        self._record_stats(decided, routing_map, padding_mask, seq_length, batch)
+        self._record_stats(decided, routing_map, padding_mask, seq_length, batch,
+                           counts_statistics(self))
         return probs, routing_map
 
     def _attach_balance_loss(self, probs, logits, padding_mask):
@@ -258,7 +296,8 @@ class AdaptiveRouter(TopKRouter):
             valid_token_count=local_tokens)
 
     @torch.no_grad()
-    def _record_stats(self, decided, routing_map, padding_mask, seq_length, batch) -> None:
+    def _record_stats(self, decided, routing_map, padding_mask, seq_length, batch,
+                      count: bool = True) -> None:
         # Masks and sums only: no boolean indexing or .item(), so no host synchronisation
         # in the forward path on a GPU.
         valid = (torch.ones(decided.shape[0], dtype=torch.bool, device=decided.device)
@@ -267,19 +306,71 @@ class AdaptiveRouter(TopKRouter):
         lost = decided & ~routing_map & valid
         per_token = (decided & valid).sum(dim=1)
         tokens = valid.sum()
+        two_expert = (per_token >= 2).sum()
+        assignments = per_token.sum()
+        tokens_per_expert = kept.sum(dim=0)
+        dropped_assignments = lost.sum()
+        dropped_tokens = (lost.any(dim=1) & ~kept.any(dim=1)).sum()
         self.last_stats = dict(
             tokens=tokens,
             # [s, b] experts chosen per token (0 at padding): per-sequence curriculum scores.
             experts_per_token=per_token.view(seq_length, batch),
-            two_expert_share=(per_token >= 2).sum() / tokens.clamp_min(1),
-            mean_experts_per_token=per_token.sum() / tokens.clamp_min(1),
-            tokens_per_expert=kept.sum(dim=0),
-            dropped_assignments=lost.sum(),
-            dropped_tokens=(lost.any(dim=1) & ~kept.any(dim=1)).sum(),
+            two_expert_share=two_expert / tokens.clamp_min(1),
+            mean_experts_per_token=assignments / tokens.clamp_min(1),
+            tokens_per_expert=tokens_per_expert,
+            dropped_assignments=dropped_assignments,
+            dropped_tokens=dropped_tokens,
         )
+        if count:
+            self.stat_sums.add(("forwards",), tokens=tokens, two_expert_tokens=two_expert,
+                               assignments=assignments, tokens_per_expert=tokens_per_expert,
+                               dropped_assignments=dropped_assignments,
+                               dropped_tokens=dropped_tokens)
 
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         """Megatron Router API: hidden states [s, b, H] -> (probs, routing_map), [s*b, E]."""
         input = self.apply_input_jitter(input)
         logits = self.gating(input)
         return self.routing(logits, padding_mask=padding_mask)
+
+
+# ---- TensorBoard scalars of a window -------------------------------------------------------
+def window_scalars(layers: Sequence[Any]) -> Dict[str, float]:
+    """TensorBoard scalars of the statistics window of every adaptive MoE layer in `layers`
+    (MoELayers with an AdaptiveRouter), read with ONE device-to-host copy for all of them:
+    the same tags as `adaptive.provider.routing_scalars`, over the window's forwards (one
+    training iteration's micro-batches under the training monitor) instead of the last one.
+
+    - `moe/layerNNN/two-expert-share`, `moe/layerNNN/experts-per-token`,
+      `moe/layerNNN/expertE-tokens`, `moe/layerNNN/expert-load-imbalance` and with EP > 1
+      `moe/layerNNN/ep-load-imbalance`;
+    - `moe/dropped-tokens`, `moe/fully-dropped-tokens` summed over layers.
+    Layers without a forward in the window are left out.
+    """
+    layers = list(layers)
+    out: Dict[str, float] = {}
+    dropped, fully_dropped = 0.0, 0.0
+    for layer, sums in zip(layers, read_stat_sums([layer.router for layer in layers])):
+        if not sums["forwards"]:
+            continue
+        stats = AdaptiveRouter.summarize_stats(sums)
+        tag = f"moe/layer{layer.layer_number:03d}"
+        out[f"{tag}/two-expert-share"] = stats["two_expert_share"]
+        out[f"{tag}/experts-per-token"] = stats["mean_experts_per_token"]
+        load: List[float] = stats["tokens_per_expert"]
+        for expert, count in enumerate(load):
+            out[f"{tag}/expert{expert}-tokens"] = count
+        total = sum(load)
+        if total > 0:
+            out[f"{tag}/expert-load-imbalance"] = max(load) / (total / len(load))
+            ep = layer.ep_group.size()
+            if ep > 1:   # experts [r E/EP, (r+1) E/EP) live on EP rank r
+                per = len(load) // ep
+                per_rank = [sum(load[r * per:(r + 1) * per]) for r in range(ep)]
+                out[f"{tag}/ep-load-imbalance"] = max(per_rank) / (total / ep)
+        dropped += stats["dropped_assignments"]
+        fully_dropped += stats["dropped_tokens"]
+    if out:
+        out["moe/dropped-tokens"] = dropped
+        out["moe/fully-dropped-tokens"] = fully_dropped
+    return out

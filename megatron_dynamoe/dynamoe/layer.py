@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import Dict, Optional
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -83,12 +83,104 @@ def check_megatron_config(config: TransformerConfig, dynamoe_config: DynaMoEConf
         raise ValueError("DynaMoE layer configuration: " + "; ".join(problems))
 
 
+# ---- routing statistics kept on the device ---------------------------------------------------
+class StatSums:
+    """Running sums of a module's routing statistics, kept on the device (no host syncs).
+
+    One flat float64 tensor laid out by `fields` ((name, length) pairs), allocated on the
+    device of the first values added; `add` is a few in-place device kernels per call, so a
+    forward never waits for the device. Counts known on the host (forwards) are plain ints in
+    `counters`. The window runs from construction or the last `reset` (the training monitor
+    resets every iteration); `read_stat_sums` brings any number of modules' sums to the host
+    with one device-to-host copy. float64 keeps token counts exact up to 2**53.
+    """
+
+    def __init__(self, fields: Sequence[Tuple[str, int]], counters: Sequence[str] = ()):
+        self.fields: Tuple[Tuple[str, int], ...] = tuple((name, int(n)) for name, n in fields)
+        self.slices: Dict[str, slice] = {}
+        offset = 0
+        for name, length in self.fields:
+            self.slices[name] = slice(offset, offset + length)
+            offset += length
+        self.size = offset
+        self.counter_names: Tuple[str, ...] = tuple(counters)
+        self.counters: Dict[str, int] = dict.fromkeys(self.counter_names, 0)
+        self.sums: Optional[torch.Tensor] = None   # [size] float64, on the model's device
+
+    def add(self, counters: Iterable[str] = (), **values: torch.Tensor) -> None:
+        """Add each tensor (any shape with the field's length of elements) to its field and 1
+        to each named host counter. Device kernels only."""
+        for name in counters:
+            self.counters[name] += 1
+        for name, value in values.items():
+            value = value.detach().reshape(-1)
+            if self.sums is None or self.sums.device != value.device:
+                self.sums = torch.zeros(self.size, dtype=torch.float64, device=value.device)
+            self.sums[self.slices[name]].add_(value)
+
+    def reset(self) -> None:
+        """Start a new window (one device kernel)."""
+        if self.sums is not None:
+            self.sums.zero_()
+        self.counters = dict.fromkeys(self.counter_names, 0)
+
+    def split(self, flat: Optional[List[float]]) -> Dict[str, Any]:
+        """Host values [size] (None: nothing added yet) -> {field: list of floats,
+        counter: int}."""
+        if flat is None:
+            flat = [0.0] * self.size
+        out: Dict[str, Any] = {name: flat[s] for name, s in self.slices.items()}
+        out.update(self.counters)
+        return out
+
+
+def read_stat_sums(holders: Sequence[Any]) -> List[Dict[str, Any]]:
+    """The running sums of every holder (a module with a `stat_sums` StatSums, e.g. a
+    DynaMoELayer or an AdaptiveRouter) on the host, as `StatSums.split` dicts, with ONE
+    device-to-host copy (the sums are concatenated on the device first; one copy per device,
+    and a rank's modules share one). Nothing else reads device memory."""
+    by_device: Dict[torch.device, List[int]] = {}
+    for i, holder in enumerate(holders):
+        sums = holder.stat_sums.sums
+        if sums is not None:
+            by_device.setdefault(sums.device, []).append(i)
+    host: List[Optional[List[float]]] = [None] * len(holders)
+    for indices in by_device.values():
+        flat = torch.cat([holders[i].stat_sums.sums for i in indices]).cpu().tolist()
+        offset = 0
+        for i in indices:
+            size = holders[i].stat_sums.size
+            host[i] = flat[offset:offset + size]
+            offset += size
+    return [holder.stat_sums.split(values) for holder, values in zip(holders, host)]
+
+
+def counts_statistics(module: torch.nn.Module) -> bool:
+    """Whether a forward of `module` adds to its running sums: every forward except a
+    training-mode one without autograd, which is the first pass of activation recompute
+    (Megatron reruns it with autograd in the backward, and that pass counts), so each
+    micro-batch counts once."""
+    return not module.training or torch.is_grad_enabled()
+
+
 class DynaMoELayer(MoELayer):
     """Nested-shell MoE layer (see module docstring). Returns (output, None) like MoELayer.
 
-    `last_stats` holds detached per-forward statistics of the local tokens for logging:
-    level counts, FFN compute fraction, tokens per physical expert, and on labelled steps
-    the router loss, accuracy and label counts.
+    Statistics of the local tokens, computed on the device without host synchronisation:
+
+    - `stat_sums` (a StatSums, summed over the forwards of the window; see
+      `counts_statistics`): `level_counts` [K] routed tokens per level; `label_counts` [K]
+      labelled tokens per label, `router_correct` [1] labelled tokens whose predicted
+      (median) level equals the label, `router_loss_sum` [1] the router cross-entropy summed
+      over labelled tokens (label sums only from forwards that computed the router loss);
+      host counters `forwards`, `labelled_forwards`. `summarize_stats` turns one
+      `read_stat_sums` entry into the logged numbers (FFN fraction, tokens per expert, ...).
+      `reset_stats` starts a new window; the training monitor does at every iteration.
+    - `last_stats`: detached tensors of the last forward alone (tests, router fitting,
+      curriculum profiling): `tokens`, `level_counts` [K], `ffn_fraction`,
+      `tokens_per_expert` [S] (physical experts), and on labelled forwards `labels` [T],
+      `label_counts` [K], `router_accuracy`, `router_loss` (when the loss is computed) and,
+      when collecting router data, `router_inputs` [T, H] and `label_targets` [T, K].
     """
 
     def __init__(self, config: TransformerConfig, submodules: Optional[MoESubmodules] = None,
@@ -117,6 +209,16 @@ class DynaMoELayer(MoELayer):
         shells = torch.tensor(dynamoe_config.level_shells, dtype=torch.float32)
         self.register_buffer("level_compute_fraction", shells / dynamoe_config.num_shells,
                              persistent=False)
+        num_levels = dynamoe_config.num_levels
+        self.stat_sums = StatSums([("level_counts", num_levels), ("label_counts", num_levels),
+                                   ("router_correct", 1), ("router_loss_sum", 1)],
+                                  counters=("forwards", "labelled_forwards"))
+        # Host copies of the routing constants, to summarise the sums without device reads:
+        # level e's FFN fraction, and whether physical expert slot p belongs to level e.
+        self._host_level_fraction = [n / dynamoe_config.num_shells
+                                     for n in dynamoe_config.level_shells]
+        self._host_level_slots = [[shell < n for shell in self.router.placement]
+                                  for n in dynamoe_config.level_shells]
 
     # ---- run-time control ------------------------------------------------------------------
     def set_sensitivity(self, theta: float) -> None:
@@ -132,6 +234,34 @@ class DynaMoELayer(MoELayer):
         return self.collect_router_data or (
             self.training and torch.is_grad_enabled()
             and is_label_step(self.step, self.dynamoe_config.label_fraction))
+
+    def reset_stats(self) -> None:
+        """Start a new statistics window (`stat_sums`)."""
+        self.stat_sums.reset()
+
+    def summarize_stats(self, sums: Dict[str, Any]) -> Dict[str, Any]:
+        """Host numbers of one window from its `read_stat_sums` entry (plain Python: no
+        device access). Keys: `forwards`, `labelled_forwards`, `tokens`, `level_counts` [K],
+        `ffn_fraction` (mean FFN compute fraction of the routed tokens; None without
+        tokens), `tokens_per_expert` [S] (routed tokens per physical expert slot: EP rank r
+        holds slots [r S/EP, (r+1) S/EP)), `labelled_tokens`, `label_counts` [K],
+        `router_loss` (mean cross-entropy per labelled token) and `router_accuracy` (None
+        without labelled tokens)."""
+        counts = list(sums["level_counts"])
+        tokens = sum(counts)
+        labels = list(sums["label_counts"])
+        labelled = sum(labels)
+        per_expert = [sum(c for c, row in zip(counts, self._host_level_slots) if row[slot])
+                      for slot in range(len(self.router.placement))]
+        return dict(
+            forwards=sums["forwards"], labelled_forwards=sums["labelled_forwards"],
+            tokens=tokens, level_counts=counts,
+            ffn_fraction=(sum(c * f for c, f in zip(counts, self._host_level_fraction))
+                          / tokens if tokens else None),
+            tokens_per_expert=per_expert,
+            labelled_tokens=labelled, label_counts=labels,
+            router_loss=sums["router_loss_sum"][0] / labelled if labelled else None,
+            router_accuracy=sums["router_correct"][0] / labelled if labelled else None)
 
     def observe_residual(self, residual: torch.Tensor) -> None:
         """Record the per-token norm of the residual stream [s, b, H] this FFN's output is
@@ -154,15 +284,16 @@ class DynaMoELayer(MoELayer):
             raise ValueError("training a DynaMoE layer with tensor parallelism needs "
                              "--sequence-parallel (as for any Megatron MoE layer)")
         self.last_stats = {}
+        count = counts_statistics(self)
         decision = self.router.decide(hidden_states)
         if self.computes_labels():
             try:
-                output = self._labelled_forward(hidden_states, decision)
+                output = self._labelled_forward(hidden_states, decision, count)
             finally:
                 self._residual_norms = None
         else:
             output = self._dispatch_to_shells(hidden_states, decision.probs, decision.routing_map)
-        self._record_routing_stats(decision)
+        self._record_routing_stats(decision, count)
         return output, None
 
     def _dispatch_to_shells(self, hidden_states, probs, routing_map):
@@ -173,7 +304,8 @@ class DynaMoELayer(MoELayer):
         output = self.combine(output)
         return self.postprocess(output, None)
 
-    def _labelled_forward(self, hidden_states: torch.Tensor, decision: LevelDecision):
+    def _labelled_forward(self, hidden_states: torch.Tensor, decision: LevelDecision,
+                          count: bool = True):
         seq, batch, hidden = hidden_states.shape
         tokens, levels = seq * batch, self.dynamoe_config.num_levels
         # Copy j of token t goes to the shells level j+1 adds: [T*K, 1, H] and [T*K, S].
@@ -187,13 +319,19 @@ class DynaMoELayer(MoELayer):
         targets = self._label_targets(groups)
         labels = routing.median_levels(targets)
         output = routing.select_level_output(groups, decision.levels).view(seq, batch, hidden)
+        ce_sum = None
         if torch.is_grad_enabled():
-            output = self._attach_router_loss(output, decision.logits, targets)
+            output, ce_sum = self._attach_router_loss(output, decision.logits, targets)
         with torch.no_grad():
             predicted = routing.median_levels(torch.softmax(decision.logits.float(), dim=-1))
-            self.last_stats["router_accuracy"] = (predicted == labels).float().mean()
-            self.last_stats["label_counts"] = torch.bincount(labels - 1, minlength=levels)
+            correct = (predicted == labels).sum()
+            label_counts = routing.level_counts(labels, levels)
+            self.last_stats["router_accuracy"] = correct / tokens
+            self.last_stats["label_counts"] = label_counts
             self.last_stats["labels"] = labels
+            if ce_sum is not None and count:
+                self.stat_sums.add(("labelled_forwards",), label_counts=label_counts,
+                                   router_correct=correct, router_loss_sum=ce_sum)
             if self.collect_router_data:
                 self.last_stats["router_inputs"] = hidden_states.detach().reshape(
                     tokens, hidden).float()
@@ -205,7 +343,7 @@ class DynaMoELayer(MoELayer):
         cfg = self.dynamoe_config
         errors = routing.level_errors(groups)
         if cfg.label_reference == "ffn":
-            reference = groups.detach().double().sum(dim=1).norm(dim=-1)
+            reference = groups.detach().float().sum(dim=1).norm(dim=-1)
         else:
             reference = self._residual_norms
             if reference is None or reference.shape[0] != groups.shape[0]:
@@ -217,6 +355,7 @@ class DynaMoELayer(MoELayer):
                                      cfg.label_tolerance_max)
 
     def _attach_router_loss(self, output, logits, targets):
+        """-> (output carrying the router's side loss, detached cross-entropy sum)."""
         coeff = self.dynamoe_config.router_loss_coeff
         tokens = logits.shape[0]
         ce_sum = routing.router_cross_entropy(logits, targets)
@@ -226,7 +365,7 @@ class DynaMoELayer(MoELayer):
         mean_ce = ce_sum / (tokens * tp_share)
         self.last_stats["router_loss"] = (ce_sum / tokens).detach()
         if coeff == 0.0:
-            return output
+            return output, ce_sum.detach()
         side_loss = coeff * mean_ce
         if self.config.calculate_per_token_loss:
             # Megatron divides every gradient by the token count later; undo it here.
@@ -234,15 +373,21 @@ class DynaMoELayer(MoELayer):
         save_to_aux_losses_tracker(ROUTER_LOSS_NAME, mean_ce.detach(), self.layer_number,
                                    self.config.num_layers, reduce_group=self.attn_tp_group
                                    if self.config.sequence_parallel else None)
-        return MoEAuxLossAutoScaler.apply(output, side_loss)
+        return MoEAuxLossAutoScaler.apply(output, side_loss), ce_sum.detach()
 
-    def _record_routing_stats(self, decision: LevelDecision) -> None:
+    def _record_routing_stats(self, decision: LevelDecision, count: bool = True) -> None:
+        """Per-forward statistics on the device (no bincount, .item() or data-dependent
+        shapes: nothing waits for the device), added to the running sums when `count`."""
         with torch.no_grad():
-            levels = decision.levels
-            self.last_stats["tokens"] = torch.tensor(levels.numel())
-            self.last_stats["level_counts"] = torch.bincount(
-                levels - 1, minlength=self.dynamoe_config.num_levels)
+            counts = routing.level_counts(decision.levels, self.dynamoe_config.num_levels)
+            tokens = counts.sum()
+            self.last_stats["tokens"] = tokens
+            self.last_stats["level_counts"] = counts
+            # Mean of level_compute_fraction over the tokens (0 without tokens).
             self.last_stats["ffn_fraction"] = (
-                self.level_compute_fraction[levels - 1].mean() if levels.numel()
-                else torch.tensor(0.0))
-            self.last_stats["tokens_per_expert"] = decision.routing_map.sum(dim=0)
+                counts.double() @ self.level_compute_fraction.double()) / tokens.clamp_min(1)
+            # Token t goes to the slots of level_masks[level_t - 1]: [K] x [K, S] -> [S].
+            self.last_stats["tokens_per_expert"] = (
+                counts.unsqueeze(1) * self.router.level_masks.to(counts.device)).sum(dim=0)
+            if count:
+                self.stat_sums.add(("forwards",), level_counts=counts)

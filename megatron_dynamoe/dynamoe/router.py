@@ -33,9 +33,12 @@ class LevelDecision(NamedTuple):
 class DifficultyRouter(Router):
     """Per-layer difficulty router over K nested levels (Megatron `Router` subclass).
 
-    Parameters are a [K, H] weight and a [K] bias, created in fp32 and always applied in fp32
-    (as Megatron's router with `moe_router_dtype='fp32'`), initialised to zero: the initial level distribution is uniform, so theta maps linearly to
-    compute until the router is trained. Under sequence parallelism the parameters are tagged
+    Parameters are a [K, H] weight and a [K] bias stored in the model's `params_dtype` and
+    always applied in fp32 (as Megatron's router with `moe_router_dtype='fp32'`). Under --bf16
+    they are bf16 like every other weight: Megatron's optimizers keep fp32 main copies, and
+    neither its mixed-precision nor its distributed optimizer can checkpoint a model that mixes
+    parameter dtypes. They are initialised to zero: the initial level distribution is uniform,
+    so theta maps linearly to compute until the router is trained. Under sequence parallelism the parameters are tagged
     `sequence_parallel` so their gradients are all-reduced over TP like Megatron's router.
     """
 
@@ -52,8 +55,8 @@ class DifficultyRouter(Router):
         num_levels = dynamoe_config.num_levels
         # Replace the base class's [num_experts, H] gate with the [K, H] level predictor.
         self.weight = torch.nn.Parameter(
-            torch.zeros(num_levels, config.hidden_size, dtype=torch.float32))
-        self.bias = torch.nn.Parameter(torch.zeros(num_levels, dtype=torch.float32))
+            torch.zeros(num_levels, config.hidden_size, dtype=config.params_dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(num_levels, dtype=config.params_dtype))
         for param in (self.weight, self.bias):
             setattr(param, "sequence_parallel", config.sequence_parallel)
         self._level_parameters = True

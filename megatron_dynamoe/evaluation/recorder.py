@@ -98,15 +98,24 @@ class FFNComputeRecorder:
         batch, seq = valid.shape
         per_token = torch.ones(len(self.layers), batch, seq, dtype=torch.float64)
         levels = torch.zeros(len(self.layers), batch, seq, dtype=torch.long)
+        # Every layer's fractions and levels reach the host in one copy (not one per layer).
+        pieces, slots = [], []
         for i, fraction in enumerate(self._fractions):
             if fraction is not None:
                 if fraction.shape != (seq, batch):
                     raise RuntimeError(f"layer {i}: routed {tuple(fraction.shape)} tokens, "
                                        f"the batch is {(seq, batch)}")
-                per_token[i] = fraction.t()
+                pieces.append(fraction.t().double())
+                slots.append((per_token, i))
             if self._levels[i] is not None:
-                levels[i] = self._levels[i].t()
+                pieces.append(self._levels[i].t().double())   # exact: levels are small ints
+                slots.append((levels, i))
             self.last_q[i] = None if self._q[i] is None else self._q[i].transpose(0, 1)
+        if pieces:
+            host = torch.stack(pieces).cpu()
+            for (target, i), values in zip(slots, host):
+                target[i] = values
+        valid = valid.cpu()
         self.fraction_sums += (per_token * valid.unsqueeze(0)).sum(dim=(1, 2))
         self.tokens += int(valid.sum())
         self.last_levels = levels

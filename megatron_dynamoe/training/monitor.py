@@ -1,8 +1,16 @@
 """Training logs: a Megatron-style line per log interval and TensorBoard scalars/histograms.
 
 One rank writes: the first tensor- and data-parallel rank of the last pipeline stage (it
-holds the loss). DynaMoE statistics are those of the layers on that rank's stage, from its
-last micro-batch (`DynaMoELayer.last_stats`).
+holds the loss). DynaMoE statistics are those of the layers on that rank's stage (local
+tokens), summed on the device over every micro-batch of the iteration
+(`DynaMoELayer.stat_sums`).
+
+Host synchronisation: the layers never wait for the device. The monitor reads their sums
+only when it writes them (a log-interval line, or TensorBoard, written every iteration) and
+then with ONE device-to-host copy for all layers (`read_stat_sums`); the line, the scalars
+and the level histograms are built from that host copy. Off log iterations without
+TensorBoard it reads nothing. Every call (every rank, logging or not) ends by resetting
+every layer's sums (DynaMoE layers and adaptive routers), so each window is one iteration.
 """
 
 from __future__ import annotations
@@ -10,11 +18,27 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from typing import Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
 from megatron_dynamoe.training.config import TrainConfig
+
+
+def stat_holders(model) -> List[torch.nn.Module]:
+    """Every module of `model` (or a list of chunks) that keeps running routing statistics
+    (`stat_sums`: DynaMoE layers, adaptive routers), in module order."""
+    from megatron_dynamoe.dynamoe.layer import StatSums
+
+    chunks = model if isinstance(model, (list, tuple, torch.nn.ModuleList)) else [model]
+    return [m for chunk in chunks for m in chunk.modules()
+            if isinstance(getattr(m, "stat_sums", None), StatSums)]
+
+
+def reset_stats(model) -> None:
+    """Start a new statistics window in every statistics holder of `model` (device only)."""
+    for holder in stat_holders(model):
+        holder.stat_sums.reset()
 
 
 def is_logging_rank() -> bool:
@@ -35,6 +59,7 @@ class TrainingMonitor:
         self.writer = None
         self.started = time.time()
         self.first_iteration: Optional[int] = None
+        self._holders_of = None   # (model, its stat holders): the module walk, once
         if self.enabled and cfg.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -44,21 +69,43 @@ class TrainingMonitor:
         if self.enabled:
             print(f"[{time.strftime('%H:%M:%S')}] {message}", file=self.stream, flush=True)
 
+    def _holders(self, model) -> List[torch.nn.Module]:
+        if self._holders_of is None or self._holders_of[0] is not model:
+            self._holders_of = (model, stat_holders(model))
+        return self._holders_of[1]
+
     def iteration(self, iteration: int, cfg: TrainConfig, *, loss, theta, grad_norm, lr,
                   seconds, model, skipped=False, scalars=None, distill_kl=None) -> None:
         """Log iteration `iteration`; `scalars` is a callable returning the model family's
-        extra TensorBoard scalars (tag -> value), called only when TensorBoard is written."""
-        if not self.enabled:
-            return
-        from megatron_dynamoe.model_builder import dynamoe_layers
+        extra TensorBoard scalars (tag -> value), called only when TensorBoard is written.
+        Called once per iteration on every rank: it also resets the statistics windows."""
+        holders = self._holders(model)
+        try:
+            if self.enabled:
+                self._log(iteration, cfg, loss=loss, theta=theta, grad_norm=grad_norm, lr=lr,
+                          seconds=seconds, skipped=skipped, scalars=scalars,
+                          distill_kl=distill_kl, holders=holders)
+        finally:
+            for holder in holders:
+                holder.stat_sums.reset()
+
+    def _log(self, iteration: int, cfg: TrainConfig, *, loss, theta, grad_norm, lr, seconds,
+             skipped, scalars, distill_kl, holders) -> None:
+        from megatron_dynamoe.dynamoe.layer import DynaMoELayer, read_stat_sums
 
         if self.first_iteration is None:
             self.first_iteration = iteration - 1
         tokens_per_s = cfg.global_batch_size * cfg.seq_length / max(seconds, 1e-9)
-        layers = dynamoe_layers(model)
-        fractions = [float(l.last_stats["ffn_fraction"]) for l in layers if l.last_stats]
-        ffn = sum(fractions) / len(fractions) if fractions else 1.0
+        layers = [h for h in holders if isinstance(h, DynaMoELayer)]
         w = self.writer
+        log_line = iteration % cfg.log_interval == 0 or iteration == cfg.train_iters
+        summaries: List[Dict[str, Any]] = []
+        if layers and (w is not None or log_line):
+            # The one device-to-host copy of this call.
+            summaries = [layer.summarize_stats(sums)
+                         for layer, sums in zip(layers, read_stat_sums(layers))]
+        fractions = [s["ffn_fraction"] for s in summaries if s["ffn_fraction"] is not None]
+        ffn = sum(fractions) / len(fractions) if fractions else 1.0
         if w is not None:
             if loss is not None:
                 w.add_scalar("lm loss", loss, iteration)
@@ -76,9 +123,9 @@ class TrainingMonitor:
                 w.add_scalar("dynamoe/ffn-compute-fraction", ffn, iteration)
             w.add_scalar("memory/max-rss-gb",
                          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, iteration)
-            for layer in layers:
-                self._layer_events(w, layer, iteration)
-        if iteration % cfg.log_interval == 0 or iteration == cfg.train_iters:
+            for layer, summary in zip(layers, summaries):
+                self._layer_events(w, layer, summary, iteration)
+        if log_line:
             done = iteration - self.first_iteration
             eta = (time.time() - self.started) / max(done, 1) * (cfg.train_iters - iteration)
             loss_text = f"{loss:.6E}" if loss is not None else "n/a"
@@ -95,30 +142,42 @@ class TrainingMonitor:
             w.flush()
 
     @staticmethod
-    def _layer_events(w, layer, iteration: int) -> None:
-        stats, n = layer.last_stats, layer.layer_number
-        if not stats:
+    def _layer_events(w, layer, summary: Dict[str, Any], iteration: int) -> None:
+        """One DynaMoE layer's TensorBoard events from its host summary (plain Python)."""
+        n = layer.layer_number
+        if not summary["tokens"]:
             return
-        w.add_scalar(f"dynamoe/layer{n:03d}/ffn-compute-fraction", float(stats["ffn_fraction"]),
-                     iteration)
-        levels = stats["level_counts"].double()
-        w.add_histogram(f"dynamoe/layer{n:03d}/levels",
-                        torch.repeat_interleave(torch.arange(1, len(levels) + 1),
-                                                stats["level_counts"].long()), iteration)
-        per_expert = stats["tokens_per_expert"].double()
+        tag = f"dynamoe/layer{n:03d}"
+        w.add_scalar(f"{tag}/ffn-compute-fraction", summary["ffn_fraction"], iteration)
+        _add_level_histogram(w, f"{tag}/levels", summary["level_counts"], iteration)
+        per_expert = summary["tokens_per_expert"]
         ep = layer.ep_group.size()
-        per_rank = per_expert.view(ep, -1).sum(dim=1)
-        if per_rank.sum() > 0:
-            w.add_scalar(f"dynamoe/layer{n:03d}/ep-load-imbalance",
-                         float(per_rank.max() / per_rank.mean()), iteration)
-        for rank, load in enumerate(per_rank.tolist()):
-            w.add_scalar(f"dynamoe/layer{n:03d}/ep-rank{rank}-tokens", load, iteration)
-        if "router_loss" in stats:
-            w.add_scalar(f"dynamoe/layer{n:03d}/router-loss", float(stats["router_loss"]),
-                         iteration)
-            w.add_scalar(f"dynamoe/layer{n:03d}/router-accuracy",
-                         float(stats["router_accuracy"]), iteration)
+        per = len(per_expert) // ep   # EP rank r holds physical slots [r per, (r+1) per)
+        per_rank = [sum(per_expert[r * per:(r + 1) * per]) for r in range(ep)]
+        total = sum(per_rank)
+        if total > 0:
+            w.add_scalar(f"{tag}/ep-load-imbalance", max(per_rank) / (total / ep), iteration)
+        for rank, load in enumerate(per_rank):
+            w.add_scalar(f"{tag}/ep-rank{rank}-tokens", load, iteration)
+        if summary["labelled_tokens"]:
+            w.add_scalar(f"{tag}/router-loss", summary["router_loss"], iteration)
+            w.add_scalar(f"{tag}/router-accuracy", summary["router_accuracy"], iteration)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _add_level_histogram(w, tag: str, counts: List[float], iteration: int) -> None:
+    """TensorBoard histogram of levels 1..K from their token counts (host numbers): one
+    bucket per level, (e - 1/2, e + 1/2], without materialising one value per token."""
+    levels = [e for e, c in enumerate(counts, start=1) if c > 0]
+    if not levels:
+        return
+    total = sum(counts)
+    w.add_histogram_raw(
+        tag, min=float(levels[0]), max=float(levels[-1]), num=int(total),
+        sum=float(sum(e * c for e, c in enumerate(counts, start=1))),
+        sum_squares=float(sum(e * e * c for e, c in enumerate(counts, start=1))),
+        bucket_limits=[e + 0.5 for e in range(1, len(counts) + 1)],
+        bucket_counts=[float(c) for c in counts], global_step=iteration)
