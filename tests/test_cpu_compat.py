@@ -167,3 +167,22 @@ def _uneven_collectives(rank, world_size):
 @pytest.mark.multiproc
 def test_uneven_gather_and_reduce_scatter_over_gloo():
     run_processes(_uneven_collectives, 2)
+
+
+def test_cuda_literal_proxy_follows_a_replaced_torch_function(monkeypatch):
+    # A tool that replaces a torch function for a while (a profiler, a test's monkeypatch)
+    # must not leave Megatron's modules calling the replacement after it is undone.
+    from megatron_dynamoe.runtime.cpu_compat import _CpuTorchProxy
+
+    proxy = _CpuTorchProxy()
+    original = torch.zeros
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "zeros", counting)
+        assert proxy.zeros(2, device="cuda").device.type == "cpu" and len(calls) == 1
+    assert proxy.zeros(3, device="cuda").shape == (3,) and len(calls) == 1

@@ -178,12 +178,16 @@ TOOL_RUNS = {
                                "megatron-to-hf --load {dense} --output {out}"),
     "upcycle": ("tools/upcycle.py", "--load {dense} --output {out} --num-experts 2 "
                                     "--method split-importance"),
+    "profile-curriculum": ("tools/profile_curriculum.py",
+                           "--load {dynamoe} --output {out}.json --data-path {data} "
+                           "--tokenizer smollm2 --seq-length 16 --train-iters 1 "
+                           "--global-batch-size 2 --data-cache-path {out}-cache"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(TOOL_RUNS))
 def test_each_tool_builds_its_model_and_batches_on_the_target(name, tiny_checkpoints, tmp_path,
-                                                              monkeypatch):
+                                                              monkeypatch, request):
     from megatron.core.models.gpt import GPTModel
 
     from megatron_dynamoe import checkpointing
@@ -191,6 +195,7 @@ def test_each_tool_builds_its_model_and_batches_on_the_target(name, tiny_checkpo
 
     dense, dynamoe = tiny_checkpoints
     script, flags = TOOL_RUNS[name]
+    data = request.getfixturevalue("train_data") if "{data}" in flags else None
     seen = {}
 
     def checked_forward(self, input_ids, position_ids, attention_mask, *args, **kwargs):
@@ -203,7 +208,7 @@ def test_each_tool_builds_its_model_and_batches_on_the_target(name, tiny_checkpo
     monkeypatch.setattr(GPTModel, "forward", checked_forward)
     monkeypatch.setattr(checkpointing, "load_checkpoint", lambda *a, **k: None)
     monkeypatch.setattr(loading, "load_checkpoint", lambda *a, **k: None)
-    argv = flags.format(dense=dense, dynamoe=dynamoe, out=tmp_path / "out").split()
+    argv = flags.format(dense=dense, dynamoe=dynamoe, out=tmp_path / "out", data=data).split()
     with placement_target(META), pytest.raises(_Reached):
         _tool_main(script)(argv + ["--device", "cpu"])
     assert seen

@@ -78,6 +78,7 @@ class SyncRecorder:
 
     def __init__(self, monkeypatch):
         self.active = False
+        self._inside = False     # inside a patched entry point (nested calls are its own)
         self.calls = []          # (entry point, caller) of device reads by our code
         self.copies = []         # callers of .cpu()
         self.host = set()        # storages of tensors .cpu() returned
@@ -86,17 +87,22 @@ class SyncRecorder:
                                                                                   name)))
         for name in TORCH_FUNCTIONS:
             monkeypatch.setattr(torch, name, self._function(name, getattr(torch, name)))
-        original_getitem = torch.Tensor.__getitem__
+        # Boolean-mask indexing is seen through a TorchFunctionMode while active: assigning
+        # torch.Tensor.__getitem__ (even if undone) leaves CPython's sequence slot on the
+        # class, after which torch.tensor() of 0-d tensors fails for the rest of the process.
+        recorder = self
 
-        def getitem(tensor, index):
-            if self.active:
-                parts = index if isinstance(index, tuple) else (index,)
-                if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool and p.dim() > 0
-                       for p in parts):
-                    self._note("boolean-mask indexing", tensor)
-            return original_getitem(tensor, index)
+        class _MaskIndexing(torch.overrides.TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if func is torch.Tensor.__getitem__ and recorder.active:
+                    index = args[1]
+                    parts = index if isinstance(index, tuple) else (index,)
+                    if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool
+                           and p.dim() > 0 for p in parts):
+                        recorder._note("boolean-mask indexing", args[0])
+                return func(*args, **(kwargs or {}))
 
-        monkeypatch.setattr(torch.Tensor, "__getitem__", getitem)
+        self._mask_indexing = _MaskIndexing()
 
     def _note(self, name, tensor=None):
         caller = _our_caller()
@@ -108,34 +114,45 @@ class SyncRecorder:
 
     def _method(self, name, original):
         def wrapper(tensor, *args, **kwargs):
-            if not self.active:
+            if not self.active or self._inside:
                 return original(tensor, *args, **kwargs)
-            if name == "cpu":
-                caller = _our_caller()
-                if caller is not None:
-                    self.copies.append(caller)
-                    out = original(tensor, *args, **kwargs).clone()
-                    self.host.add(_storage(out))
-                    return out
+            self._inside = True  # the mask-indexing mode re-enters this wrapper: count once
+            try:
+                if name == "cpu":
+                    caller = _our_caller()
+                    if caller is not None:
+                        self.copies.append(caller)
+                        out = original(tensor, *args, **kwargs).clone()
+                        self.host.add(_storage(out))
+                        return out
+                    return original(tensor, *args, **kwargs)
+                self._note(f"Tensor.{name}", tensor)
                 return original(tensor, *args, **kwargs)
-            self._note(f"Tensor.{name}", tensor)
-            return original(tensor, *args, **kwargs)
+            finally:
+                self._inside = False
         return wrapper
 
     def _function(self, name, original):
         def wrapper(*args, **kwargs):
-            if self.active:
+            if not self.active or self._inside:
+                return original(*args, **kwargs)
+            self._inside = True
+            try:
                 self._note(f"torch.{name}",
                            args[0] if args and isinstance(args[0], torch.Tensor) else None)
-            return original(*args, **kwargs)
+                return original(*args, **kwargs)
+            finally:
+                self._inside = False
         return wrapper
 
     def __enter__(self):
         self.calls, self.copies, self.host = [], [], set()
         self.active = True
+        self._mask_indexing.__enter__()
         return self
 
     def __exit__(self, *exc):
+        self._mask_indexing.__exit__(*exc)
         self.active = False
 
 

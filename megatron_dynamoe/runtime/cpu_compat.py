@@ -171,16 +171,20 @@ class _CpuTorchProxy(types.ModuleType):
         value = getattr(torch, name)
         if not (inspect.isbuiltin(value) or inspect.isfunction(value)):
             return value  # classes (isinstance checks), dtypes, submodules: untouched
-        wrapped = self._wrapped.get(name)
-        if wrapped is None:
+        # Cached per function object, not per name: if torch's attribute is replaced later
+        # (a profiler, a test's monkeypatch and its undo), the proxy follows it instead of
+        # calling a stale function forever.
+        cached = self._wrapped.get(name)
+        if cached is not None and cached.__wrapped__ is value:
+            return cached
 
-            @functools.wraps(value)
-            def wrapped(*args, __fn=value, **kwargs):
-                if _is_cuda_device(kwargs.get("device")):
-                    kwargs["device"] = "cpu"
-                return __fn(*args, **kwargs)
+        @functools.wraps(value)
+        def wrapped(*args, __fn=value, **kwargs):
+            if _is_cuda_device(kwargs.get("device")):
+                kwargs["device"] = "cpu"
+            return __fn(*args, **kwargs)
 
-            self._wrapped[name] = wrapped
+        self._wrapped[name] = wrapped
         return wrapped
 
 
