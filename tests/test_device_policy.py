@@ -421,3 +421,24 @@ def test_one_train_command_serves_the_first_start_and_every_requeue(tiny_checkpo
     for save in (tmp_path / "absent", tmp_path):
         info = resolve_model(TrainConfig(load=str(save), pretrained_checkpoint=dynamoe))
         assert info.dynamoe is not None and info.architecture == _tiny()[0]
+
+
+@pytest.mark.usefixtures("single_rank")
+def test_every_megatron_group_gets_the_distributed_timeout(monkeypatch):
+    from megatron.core import parallel_state
+
+    from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
+
+    seen = {}
+    real = parallel_state.initialize_model_parallel
+
+    def recording(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(parallel_state, "initialize_model_parallel", recording)
+    initialize_parallel(ParallelLayout(), timeout_minutes=3)
+    assert seen["distributed_timeout_minutes"] == 3
+    with pytest.raises(ValueError, match="--distributed-timeout-minutes must be > 0"):
+        initialize_parallel(ParallelLayout(), timeout_minutes=0)
+    initialize_parallel(ParallelLayout())  # back to the default for later tests

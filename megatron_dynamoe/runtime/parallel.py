@@ -64,7 +64,7 @@ def initialize_parallel(layout: ParallelLayout, seed: int = 1234,
     activated first (once per process). Reads RANK / WORLD_SIZE (default 0 / 1) and, for
     several processes, MASTER_ADDR / MASTER_PORT (default 127.0.0.1 / 29500); a single process
     uses an in-process store. `timeout_minutes` bounds every collective of the default group
-    (--distributed-timeout-minutes). Calling it again re-creates the Megatron groups; returns
+    and of Megatron's TP / PP / EP / DP groups (--distributed-timeout-minutes). Calling it again re-creates the Megatron groups; returns
     the ProcessGroupCollection.
     """
     from datetime import timedelta
@@ -106,6 +106,9 @@ def initialize_parallel(layout: ParallelLayout, seed: int = 1234,
         expert_model_parallel_size=layout.expert_model_parallel_size,
         expert_tensor_parallel_size=layout.expert_tensor_parallel_size,
         virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
+        # Every Megatron group gets the same bound as the default group (Megatron's own
+        # default is 30 minutes, whatever --distributed-timeout-minutes says).
+        distributed_timeout_minutes=timeout_minutes,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return ProcessGroupCollection.use_mpu_process_groups()
