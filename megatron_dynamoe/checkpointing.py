@@ -12,6 +12,7 @@ an existing folder is replaced only with `overwrite=True`.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -110,6 +111,17 @@ def resolve_architecture(directory: str, preset: Optional[str]) -> tuple:
     return info.architecture, info
 
 
+def remove_stale_temporaries(parent: str, name_pattern: str) -> list:
+    """Delete the hidden temporary folders `.{name_pattern}.tmp-*` in `parent` that an
+    interrupted save (a killed job) left behind; returns their paths. Call it on rank 0 before
+    a save into `parent`, which only one run writes to: a full-size checkpoint that never
+    completed would otherwise stay on the file system forever."""
+    stale = sorted(glob.glob(os.path.join(parent, f".{name_pattern}.tmp-*")))
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 def save_checkpoint(model: torch.nn.Module, directory: str, info: CheckpointInfo,
                     overwrite: bool = False) -> None:
     """Save `model` (this rank's part; every rank calls) to `directory` atomically."""
@@ -123,6 +135,7 @@ def save_checkpoint(model: torch.nn.Module, directory: str, info: CheckpointInfo
         else:
             parent = os.path.dirname(directory)
             os.makedirs(parent, exist_ok=True)
+            remove_stale_temporaries(parent, glob.escape(os.path.basename(directory)))
             tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-{os.getpid()}-"
                                        f"{int(time.time())}")
             os.makedirs(tmp)
@@ -130,6 +143,9 @@ def save_checkpoint(model: torch.nn.Module, directory: str, info: CheckpointInfo
     if tmp.startswith("error: "):
         raise CheckpointError(tmp[len("error: "):])
     try:
+        from megatron_dynamoe.runtime.helper_processes import start_checkpoint_writer_manager
+
+        start_checkpoint_writer_manager()  # survives the job's preemption signals
         dist_checkpointing.save(model.sharded_state_dict(), tmp)
         _barrier()
         if _rank() == 0:

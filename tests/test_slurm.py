@@ -364,14 +364,15 @@ def test_tiny_job_trains_is_signalled_requeues_and_resumes(cluster, data, tmp_pa
     save = run_dir / "checkpoints"
     submit = cluster.run("sbatch", "--parsable", f"--output={log}",
                          os.path.join(REPO, "slurm", "moefy_tiny.sh"), RUN_DIR=str(run_dir),
-                         TRAIN_ITERS=str(iters), **data,
+                         TRAIN_ITERS=str(iters), SAVE_INTERVAL="2", **data,
                          DYNAMOE_TEST_API_TOKEN="hunter2")
     assert submit.returncode == 0, submit.stderr
     job = submit.stdout.strip().split(";")[0]
-    # Once training runs, signal the step's tasks as --signal=USR1@60 does near the time
-    # limit (scancel --signal reaches the steps, not the batch shell).
-    _wait_for(lambda: os.path.exists(log) and "iteration        1/" in _log(log), 300,
-              "the first iteration")
+    # Once a periodic checkpoint exists (so Megatron's checkpoint-writer helper runs beside
+    # each rank), signal the step's tasks as --signal=USR1@60 does near the time limit
+    # (scancel --signal reaches every process of the steps, not the batch shell).
+    _wait_for(lambda: os.path.exists(log) and "iteration        3/" in _log(log), 300,
+              "the iteration after the first periodic save")
     assert cluster.run("scancel", "--signal=USR1", job).returncode == 0
     _wait_for(lambda: cluster.job(job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"),
               900, "the job to end")
@@ -380,7 +381,8 @@ def test_tiny_job_trains_is_signalled_requeues_and_resumes(cluster, data, tmp_pa
         ("COMPLETED", "0:0", "1"), text
 
     stopped = int(re.search(r"stopped by a preemption signal after iteration (\d+)", text)[1])
-    assert 1 <= stopped < iters
+    assert 3 <= stopped < iters
+    assert "BrokenPipeError" not in text and "Traceback" not in text
     assert "launcher: slurm, world size 2 (2 per node), rendezvous localhost:" in text
     assert f"saved {save}/iter_{stopped:07d}" in text
     assert f"stopped at iteration {stopped} of {iters}: requeueing job {job}" in text
@@ -390,7 +392,22 @@ def test_tiny_job_trains_is_signalled_requeues_and_resumes(cluster, data, tmp_pa
     assert f"training finished: iteration {iters} of {iters}" in text
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == str(iters)
     assert {f for f in os.listdir(save) if f.startswith("iter_")} == \
-        {f"iter_{stopped:07d}", f"iter_{iters:07d}"}
+        {f"iter_{i:07d}" for i in (*range(2, iters + 1, 2), stopped)}
+    assert not [f for f in os.listdir(save) if ".tmp" in f]
+    # No process of the job (ranks, checkpoint-writer helpers) outlives it.
+    import psutil
+
+    def job_processes():
+        found = []
+        for proc in psutil.process_iter():
+            try:
+                if proc.environ().get("SLURM_JOB_ID") == job:
+                    found.append(proc)
+            except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+                pass
+        return found
+
+    _wait_for(lambda: not job_processes(), 30, "the job's processes to be gone")
     # One TensorBoard curve across both runs: every iteration exactly once, finite losses.
     curve = loss_curve(str(run_dir / "tensorboard"))
     assert sorted(curve) == list(range(1, iters + 1))

@@ -26,6 +26,7 @@ from megatron_dynamoe.checkpointing import (
     CheckpointError,
     CheckpointInfo,
     check_loadable,
+    remove_stale_temporaries,
     save_checkpoint,
 )
 
@@ -120,6 +121,12 @@ def save_training_state(save_dir: str, iteration: int, model, optimizer, schedul
     """Write SAVE/iter_N (all ranks call) and then point `latest` at it; returns the folder."""
     extra = dict(iteration=iteration, consumed_samples=consumed_samples)
     folder = iteration_folder(save_dir, iteration)
+    if dist.get_rank() == 0:
+        # A save killed mid-write (preemption past the grace period, a node failure) leaves
+        # its hidden temporary folder; only this run writes to --save, so it is stale.
+        for path in remove_stale_temporaries(save_dir, "iter_*"):
+            print(f"removed the incomplete checkpoint {path} of an interrupted save",
+                  flush=True)
     state = _TrainingState(model, optimizer, scheduler, extra, is_loading=False)
     save_checkpoint(state, folder, CheckpointInfo(info.architecture, info.dynamoe,
                                                   {**info.extra, **extra}), overwrite=True)
