@@ -175,7 +175,8 @@ def _train(cfg, preempted, provider_for) -> int:
     from megatron_dynamoe.runtime.device import current
     from megatron_dynamoe.runtime.parallel import destroy_parallel, initialize_parallel
     from megatron_dynamoe.training.monitor import TrainingMonitor
-    from megatron_dynamoe.training.trainer import train
+    from megatron_dynamoe.cli import EXIT_DIVERGED
+    from megatron_dynamoe.training.trainer import TrainingDiverged, train
 
     transformer_impl.select(cfg.transformer_impl)
     info = resolve_model(cfg)
@@ -199,6 +200,10 @@ def _train(cfg, preempted, provider_for) -> int:
         try:
             result = train(cfg, info, source, logger=monitor, provider=provider,
                            preemption_flag=preempted)
+        except TrainingDiverged as e:
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            return EXIT_DIVERGED
         finally:
             monitor.close()
         if result.stopped_by_signal and result.trained_iterations:

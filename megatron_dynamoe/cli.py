@@ -21,6 +21,7 @@ from megatron_dynamoe.runtime.parallel import ParallelLayout
 
 EXIT_BAD_INPUT = 2
 EXIT_PARITY = 3
+EXIT_DIVERGED = 4  # training met a non-finite loss or gradient and stopped
 
 
 class ToolError(Exception):
@@ -45,6 +46,21 @@ def run_tool(main: Callable[[Optional[Sequence[str]]], int],
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def finite_float(text: str) -> float:
+    """argparse type of every numeric tool flag: a finite float (NaN / Inf are refused, as
+    TrainConfig refuses them for training: an infinite learning rate writes NaN weights)."""
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number")
+    return value
 
 
 def log(message: str) -> None:

@@ -22,7 +22,7 @@ import torch
 
 from megatron_dynamoe.runtime import device as runtime_device
 from megatron_dynamoe.runtime.device import misplaced_tensors, placement_target
-from tests.tool_runner import REPO
+from tests.tool_runner import REPO, tool_main
 
 META = torch.device("meta")
 
@@ -155,17 +155,6 @@ def tiny_checkpoints(tmp_path_factory, single_rank):
     return str(root / "dense"), str(root / "dynamoe")
 
 
-def _tool_main(script):
-    import importlib.util
-
-    name = os.path.splitext(os.path.basename(script))[0]
-    spec = importlib.util.spec_from_file_location(f"placement_{name}",
-                                                  os.path.join(REPO, script))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 TOOL_RUNS = {
     "moefy": ("tools/moefy.py", "--load {dense} --output {out} --dynamoe-num-shells 4 "
                                 "--tokenizer smollm2 --calibration-sequences 2 "
@@ -210,7 +199,7 @@ def test_each_tool_builds_its_model_and_batches_on_the_target(name, tiny_checkpo
     monkeypatch.setattr(loading, "load_checkpoint", lambda *a, **k: None)
     argv = flags.format(dense=dense, dynamoe=dynamoe, out=tmp_path / "out", data=data).split()
     with placement_target(META), pytest.raises(_Reached):
-        _tool_main(script)(argv + ["--device", "cpu"])
+        tool_main(script)(argv + ["--device", "cpu"])
     assert seen
 
 
@@ -393,7 +382,7 @@ def test_checkpoint_loads_across_layer_implementations(tiny_checkpoints):
 def test_tensor_parallel_gpu_runs_get_one_cuda_connection():
     import types
 
-    train_main = _tool_main("launch/train.py")
+    train_main = tool_main("launch/train.py")
     set_limit = train_main.__globals__["set_cuda_connection_limit"]
 
     def cfg(device, tp):
@@ -416,7 +405,7 @@ def test_one_train_command_serves_the_first_start_and_every_requeue(tiny_checkpo
     # from INIT until SAVE holds a training checkpoint (what SLURM requeues rely on).
     from megatron_dynamoe.training.config import TrainConfig
 
-    resolve_model = _tool_main("launch/train.py").__globals__["resolve_model"]
+    resolve_model = tool_main("launch/train.py").__globals__["resolve_model"]
     dense, dynamoe = tiny_checkpoints
     for save in (tmp_path / "absent", tmp_path):
         info = resolve_model(TrainConfig(load=str(save), pretrained_checkpoint=dynamoe))

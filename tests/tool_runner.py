@@ -20,16 +20,22 @@ def run_tool_process(script: str, *args, timeout: float = 300) -> subprocess.Com
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def tool_main(script: str):
+    """The `main(argv)` of a tool script (relative to the repository root), loaded in this
+    process."""
+    name = os.path.splitext(os.path.basename(script))[0]
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(REPO, script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
 def run_tool_here(script: str, *args) -> subprocess.CompletedProcess:
     """The same tool's `main` through `cli.run_tool` in this process (saves ~6 s of imports per
     call), stderr captured; returns what `run_tool_process` would."""
     from megatron_dynamoe.cli import run_tool
 
-    name = os.path.splitext(os.path.basename(script))[0]
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(REPO, script))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
-        code = run_tool(module.main, [str(a) for a in args])
+        code = run_tool(tool_main(script), [str(a) for a in args])
     return subprocess.CompletedProcess(args, code, "", stderr.getvalue())

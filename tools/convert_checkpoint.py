@@ -38,6 +38,7 @@ from megatron_dynamoe.cli import (  # noqa: E402
     add_layout_arguments,
     add_runtime_arguments,
     check_output_path,
+    finite_float,
     log,
     run_tool,
 )
@@ -113,7 +114,7 @@ def _add_parity_arguments(parser: argparse.ArgumentParser) -> None:
                        help="number of token windows (default: 2)")
     group.add_argument("--parity-seq-length", type=int, default=64, metavar="S",
                        help="tokens per window (default: 64)")
-    group.add_argument("--tolerance", type=float, default=1e-4,
+    group.add_argument("--tolerance", type=finite_float, default=1e-4,
                        help="max |logit diff| / max |logit| allowed (default: 1e-4, fp32)")
 
 

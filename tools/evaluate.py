@@ -27,14 +27,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_dynamoe.cli import run_tool  # noqa: E402
+from megatron_dynamoe.cli import finite_float, run_tool  # noqa: E402
 
 BASELINES = ("dense", "static", "topk")
 
 
 def _floats(text: str):
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        return [finite_float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers")
 

@@ -32,6 +32,7 @@ from megatron_dynamoe.cli import (  # noqa: E402
     add_calibration_arguments,
     add_runtime_arguments,
     calibration_windows,
+    finite_float,
     run_tool,
 )
 
@@ -46,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--level", type=int, default=None,
                    help="1..K: static sub-network at this level (default: the full level K)")
     p.add_argument("--format", choices=("megatron", "hf"), default="megatron")
-    p.add_argument("--ffn-budget", type=float, default=None,
+    p.add_argument("--ffn-budget", type=finite_float, default=None,
                    help="target mean FFN compute fraction in (0, 1]: export the DynaMoE "
                         "variant that meets it on the calibration text")
     p.add_argument("--budget-mode", choices=("global", "per-layer"), default="global")
@@ -55,7 +56,7 @@ def parse_args(argv=None):
                                        "and used for the parity text")
     p.add_argument("--gguf-file", help="GGUF file inside --tokenizer's folder")
     p.add_argument("--parity-text", default="sotu")
-    p.add_argument("--tolerance", type=float, default=1e-4)
+    p.add_argument("--tolerance", type=finite_float, default=1e-4)
     add_runtime_arguments(p)
     return p.parse_args(argv)
 

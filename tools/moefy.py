@@ -29,13 +29,14 @@ from megatron_dynamoe.cli import (  # noqa: E402
     add_layout_arguments,
     add_runtime_arguments,
     calibration_windows,
+    finite_float,
     run_tool,
 )
 
 
 def _fractions(text: str):
     try:
-        return tuple(float(x) for x in text.split(","))
+        return tuple(finite_float(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers")
 
@@ -43,10 +44,7 @@ def _fractions(text: str):
 def _optional_float(text: str):
     if text.lower() == "none":
         return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number or 'none'")
+    return finite_float(text)
 
 
 def _layers(text: str):
@@ -79,24 +77,24 @@ def parse_args(argv=None):
     d.add_argument("--dynamoe-label-reference", choices=("residual", "ffn"),
                    default="residual", help="what a level's error is relative to: the "
                    "residual stream (default) or the full FFN output")
-    d.add_argument("--dynamoe-label-tolerance", type=float, default=0.02)
+    d.add_argument("--dynamoe-label-tolerance", type=finite_float, default=0.02)
     d.add_argument("--dynamoe-label-tolerance-max", type=_optional_float, default=0.3,
                    help="soft labels over [tolerance, tolerance-max]; 'none' for hard labels")
-    d.add_argument("--dynamoe-label-fraction", type=float, default=1.0)
-    d.add_argument("--dynamoe-router-loss-coeff", type=float, default=1.0)
+    d.add_argument("--dynamoe-label-fraction", type=finite_float, default=1.0)
+    d.add_argument("--dynamoe-router-loss-coeff", type=finite_float, default=1.0)
     d.add_argument("--dynamoe-fit-routers", action=argparse.BooleanOptionalAction,
                    default=None, help="fit the routers to their labels on the calibration "
                    "text (default: on when --tokenizer gives calibration text)")
     d.add_argument("--router-fit-steps", type=int, default=300,
                    help="full-batch Adam steps per router (convex problem)")
-    d.add_argument("--router-fit-lr", type=float, default=1e-2)
+    d.add_argument("--router-fit-lr", type=finite_float, default=1e-2)
     c = p.add_argument_group("calibration and parity text")
     c.add_argument("--tokenizer", help="Hugging Face folder with a tokenizer, or 'smollm2'; "
                                        "needed for activation importance")
     c.add_argument("--gguf-file", help="GGUF file inside --tokenizer's folder")
     add_calibration_arguments(c, sequences=16)
     c.add_argument("--batch-size", type=int, default=4)
-    c.add_argument("--tolerance", type=float, default=1e-4,
+    c.add_argument("--tolerance", type=finite_float, default=1e-4,
                    help="theta = 1 parity: max |logit diff| / max |logit|")
     add_layout_arguments(p)
     add_runtime_arguments(p)

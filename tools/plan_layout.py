@@ -26,7 +26,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_dynamoe.cli import ToolError, run_tool  # noqa: E402
+from megatron_dynamoe.cli import ToolError, finite_float, run_tool  # noqa: E402
 from megatron_dynamoe.layout_planner import (  # noqa: E402
     FRAGMENTATION,
     GIB,
@@ -51,10 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-gpus", type=int, help="total GPUs (or --nodes x --gpus-per-node)")
     g.add_argument("--nodes", type=int)
     g.add_argument("--gpus-per-node", type=int)
-    g.add_argument("--gpu-memory-gib", type=float, default=80.0,
+    g.add_argument("--gpu-memory-gib", type=finite_float, default=80.0,
                    help="memory of one GPU (default 80: H100 / A100-80GB); on CPU: host "
                         "memory per rank")
-    g.add_argument("--reserved-gib", type=float, default=RESERVED_GIB,
+    g.add_argument("--reserved-gib", type=finite_float, default=RESERVED_GIB,
                    help=f"per-rank memory outside the model's tensors (default {RESERVED_GIB:g}: "
                         f"CUDA context, NCCL buffers, workspaces; ~1 on CPU for the Python "
                         f"process)")

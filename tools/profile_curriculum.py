@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_dynamoe.cli import run_tool  # noqa: E402
+from megatron_dynamoe.cli import finite_float, run_tool  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -42,9 +42,9 @@ def parse_args(argv=None):
     d.add_argument("--seed", type=int, default=1234)
     d.add_argument("--data-cache-path")
     r = p.add_argument_group("routing")
-    r.add_argument("--threshold", type=float,
+    r.add_argument("--threshold", type=finite_float,
                    help="adaptive threshold T to profile with (default: the checkpoint's)")
-    r.add_argument("--sensitivity", type=float, default=0.5,
+    r.add_argument("--sensitivity", type=finite_float, default=0.5,
                    help="DynaMoE sensitivity theta to profile with (theta = 1 puts every "
                         "token at the last level, which scores nothing)")
     p.add_argument("--batch-size", type=int, default=8,

@@ -31,6 +31,7 @@ from megatron_dynamoe.cli import (  # noqa: E402
     add_layout_arguments,
     add_runtime_arguments,
     calibration_windows,
+    finite_float,
     run_tool,
 )
 
@@ -58,17 +59,17 @@ def parse_args(argv=None):
     g.add_argument("--method", choices=UPCYCLE_METHODS, default="split-coactivation")
     g.add_argument("--num-experts", type=int, default=4)
     g.add_argument("--gating", choices=("adaptive", "topk", "topp"), default="adaptive")
-    g.add_argument("--threshold", type=float, default=0.1, help="adaptive T: top-1 when "
+    g.add_argument("--threshold", type=finite_float, default=0.1, help="adaptive T: top-1 when "
                    "p1 - p2 > T")
     g.add_argument("--topk", type=int, default=2)
-    g.add_argument("--top-p", type=float, default=0.5)
+    g.add_argument("--top-p", type=finite_float, default=0.5)
     g.add_argument("--max-experts", type=int)
-    g.add_argument("--capacity-factor", type=float, help="default: dropless")
+    g.add_argument("--capacity-factor", type=finite_float, help="default: dropless")
     g.add_argument("--drop-policy", choices=("probs", "position"), default="probs")
-    g.add_argument("--aux-loss-coeff", type=float, default=1e-2)
+    g.add_argument("--aux-loss-coeff", type=finite_float, default=1e-2)
     g.add_argument("--moe-layers", type=_layers, default=None,
                    help="'all' (default) or 0-based layer indices to upcycle")
-    g.add_argument("--router-logit-std", type=float, default=0.1,
+    g.add_argument("--router-logit-std", type=finite_float, default=0.1,
                    help="scale of the fitted router's logits on the calibration tokens")
     g.add_argument("--seed", type=int, default=0)
     c = p.add_argument_group("calibration text")
@@ -77,7 +78,7 @@ def parse_args(argv=None):
     c.add_argument("--gguf-file")
     add_calibration_arguments(c, sequences=8)
     c.add_argument("--batch-size", type=int, default=4)
-    c.add_argument("--tolerance", type=float, default=1e-4,
+    c.add_argument("--tolerance", type=finite_float, default=1e-4,
                    help="construction parity: max |logit diff| / max |logit|")
     add_layout_arguments(p)
     add_runtime_arguments(p)

@@ -7,6 +7,7 @@ Config flows one way: `parse_train_args(argv)` -> `TrainConfig` (validated in
 from __future__ import annotations
 
 import argparse
+import math
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional, Sequence
@@ -42,6 +43,10 @@ class TrainConfig:
     sequence_parallel: bool = False
     moe_token_dispatcher_type: str = "alltoall"
     use_distributed_optimizer: bool = True
+    # Megatron-LM's --check-for-nan-in-loss-and-grad: every bucket's gradient norm is checked
+    # before the data-parallel reduction; NaN / Inf stops the run before the optimizer step
+    # (the last checkpoint stays the last good one).
+    check_for_nan_in_loss_and_grad: bool = True
     # Batch.
     micro_batch_size: int = 1
     global_batch_size: int = 8
@@ -117,6 +122,12 @@ class TrainConfig:
         if self.transformer_impl not in TRANSFORMER_IMPLS:
             raise ValueError(f"--transformer-impl {self.transformer_impl!r}: choose one of "
                              f"{', '.join(TRANSFORMER_IMPLS)}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            # One place for every numeric flag: NaN or Inf is never a meaningful setting (an
+            # infinite learning rate trains NaN from the second step).
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{f.name.replace('_', '-')} {value}: give a finite number")
         if not self.distributed_timeout_minutes > 0:
             raise ValueError("--distributed-timeout-minutes must be > 0")
         for name in ("micro_batch_size", "global_batch_size", "seq_length", "train_iters",

@@ -31,6 +31,23 @@ from megatron_dynamoe.training.config import TrainConfig
 BatchSource = Callable[[int, int], Dict[str, torch.Tensor]]
 
 
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient: training stops before the optimizer step, no checkpoint
+    is written, and the latest checkpoint in --save stays the last good one."""
+
+    def __init__(self, iteration: int, cfg: TrainConfig, detail: str):
+        self.iteration = iteration
+        where = (f"; the latest checkpoint in {cfg.save} is the last good one" if cfg.save
+                 else "")
+        import re
+
+        found = re.search(r"message='([^']+)'", detail)  # Megatron's rerun-machine text
+        detail = found.group(1) if found else (detail.strip().splitlines() or ["?"])[-1]
+        super().__init__(f"non-finite gradients at iteration {iteration} ({detail[:200]}): "
+                         f"training stopped before the optimizer step{where}; lower --lr or "
+                         f"check the data")
+
+
 @dataclass
 class TrainResult:
     """What a run did: per-iteration LM loss (on last-stage ranks, DP-averaged), the last
@@ -243,7 +260,8 @@ def train(cfg: TrainConfig, model_info, source: BatchSource, logger=None,
     reset_megatron_moe_state()
     config, model = build_training_model(cfg, provider)
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.use_distributed_optimizer)
+        grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.use_distributed_optimizer,
+        check_for_nan_in_grad=cfg.check_for_nan_in_loss_and_grad)
     # Megatron buckets only the first chunk's gradients for overlap; later chunks reduce
     # at the end of the step (the same choice as Megatron's training loop).
     ddps = [DistributedDataParallel(config, ddp_config, module=chunk,
@@ -313,11 +331,19 @@ def train(cfg: TrainConfig, model_info, source: BatchSource, logger=None,
                     ddp.zero_grad_buffer()
                 optimizer.zero_grad()
                 iterators = micro_batches(consumed, teacher_logits)
-                reports = forward_backward(
-                    forward_step_func=forward_step,
-                    data_iterator=iterators if len(iterators) > 1 else iterators[0],
-                    model=ddps, num_microbatches=num_micro, seq_length=cfg.seq_length,
-                    micro_batch_size=cfg.micro_batch_size, forward_only=False)
+                try:
+                    reports = forward_backward(
+                        forward_step_func=forward_step,
+                        data_iterator=iterators if len(iterators) > 1 else iterators[0],
+                        model=ddps, num_microbatches=num_micro, seq_length=cfg.seq_length,
+                        micro_batch_size=cfg.micro_batch_size, forward_only=False)
+                except RuntimeError as e:
+                    # Megatron's gradient check (check_for_nan_in_grad) runs on every rank
+                    # before the reduction, so every rank with a non-finite gradient stops
+                    # here, before the optimizer touches the weights.
+                    if "found NaN" in str(e) or "found Inf" in str(e):
+                        raise TrainingDiverged(iteration + 1, cfg, str(e)) from e
+                    raise
                 ok, grad_norm, _ = optimizer.step()
                 if ok:
                     scheduler.step(increment=1)

