@@ -152,16 +152,31 @@ def layout_from_args(args) -> ParallelLayout:
                           expert_model_parallel_size=args.expert_model_parallel_size)
 
 
-def check_output_path(path: str, overwrite: bool) -> None:
-    """Refuse to clobber an existing output unless --overwrite."""
+def check_output_path(path: str, overwrite: bool, inputs: Iterable[Optional[str]] = ()) -> None:
+    """Refuse to clobber an existing output unless --overwrite, and always refuse an output
+    that is, contains or lies inside one of `inputs` (the paths the tool reads; names that
+    are not paths, such as 'smollm2', are ignored): replacing it would destroy the input,
+    with --overwrite or without."""
+    out = os.path.realpath(path)
+    for source in inputs:
+        if not source or not os.path.exists(source):
+            continue
+        src = os.path.realpath(source)
+        relation = ("is" if out == src else
+                    "contains" if src.startswith(out.rstrip(os.sep) + os.sep) else
+                    "lies inside" if out.startswith(src.rstrip(os.sep) + os.sep) else None)
+        if relation:
+            raise ToolError(f"output {path} {relation} the input {source}: writing it would "
+                            f"destroy the input; choose an output outside it")
     if os.path.exists(path) and not overwrite:
         raise ToolError(f"output {path} exists; pass --overwrite to replace it")
 
 
 @contextlib.contextmanager
-def atomic_output_dir(path: str, overwrite: bool):
-    """Yield a temporary sibling folder; on success it replaces `path`, on error it is removed."""
-    check_output_path(path, overwrite)
+def atomic_output_dir(path: str, overwrite: bool, inputs: Iterable[Optional[str]] = ()):
+    """Yield a temporary sibling folder; on success it replaces `path`, on error it is removed.
+    `inputs` as for `check_output_path`."""
+    check_output_path(path, overwrite, inputs)
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)

@@ -297,7 +297,7 @@ BAD_INPUT_IN_PROCESS = {
                                   2, "has no experts"),
     "output_is_the_input": (["megatron-to-hf", "--load", "{plain}", "--output", "{plain}",
                              "--overwrite"],
-                            2, "--output is the --load folder"),
+                            2, "is the input"),
 }
 
 

@@ -94,3 +94,80 @@ def test_tools_refuse_non_finite_numbers(script, argv, capsys):
         tool_main(script)(argv)
     assert exit_info.value.code == 2
     assert "give a finite number" in capsys.readouterr().err
+
+
+def _tree_hash(root):
+    import hashlib
+
+    digest = hashlib.sha256()
+    for folder, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            digest.update(path.encode())
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def dense_checkpoint(tmp_path_factory, single_rank):
+    from megatron_dynamoe.architectures import get_architecture, transformer_config
+    from megatron_dynamoe.checkpointing import CheckpointInfo, save_checkpoint
+    from megatron_dynamoe.model_builder import build_gpt_model
+
+    arch = get_architecture("tiny-llama")
+    folder = tmp_path_factory.mktemp("project") / "ckpt" / "dense"
+    save_checkpoint(build_gpt_model(arch, transformer_config(arch)), str(folder),
+                    CheckpointInfo(arch, None, {}))
+    (folder.parent.parent / "notes.txt").write_text("unrelated work\n")
+    return folder
+
+
+# The output equals, contains or lies inside the input: refused even with --overwrite.
+OVERLAPS = {
+    "moefy-same": ("tools/moefy.py", "--load {ckpt} --output {ckpt} --overwrite", "is"),
+    "moefy-parent": ("tools/moefy.py", "--load {ckpt} --output {project} --overwrite",
+                     "contains"),
+    "export-inside": ("tools/export.py", "--load {ckpt} --output {ckpt}/variant --overwrite",
+                      "lies inside"),
+    "upcycle-parent": ("tools/upcycle.py", "--load {ckpt} --output {ckpt_parent} --overwrite",
+                       "contains"),
+    "evaluate-same": ("tools/evaluate.py", "--load {ckpt} --tokenizer smollm2 --output-dir "
+                                           "{ckpt} --overwrite", "is"),
+    "m2h-same": ("tools/convert_checkpoint.py", "megatron-to-hf --load {ckpt} --output {ckpt} "
+                                                "--overwrite", "is"),
+    "profile-inside": ("tools/profile_curriculum.py", "--load {ckpt} --output "
+                                                      "{ckpt}/scores.json --data-path x "
+                                                      "--tokenizer smollm2 --overwrite",
+                       "lies inside"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OVERLAPS))
+def test_an_output_over_an_input_is_refused_and_the_input_untouched(name, dense_checkpoint):
+    from tests.tool_runner import run_tool_here
+
+    script, flags, relation = OVERLAPS[name]
+    project = dense_checkpoint.parent.parent
+    before = _tree_hash(project)
+    argv = flags.format(ckpt=dense_checkpoint, project=project,
+                        ckpt_parent=dense_checkpoint.parent).split()
+    done = run_tool_here(script, *argv)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: output ") and f" {relation} the input " in lines[-1], \
+        lines
+    assert _tree_hash(project) == before
+
+
+def test_preprocess_refuses_to_write_over_its_input(tmp_path):
+    from tests.tool_runner import run_tool_here
+
+    # An existing dataset given as the input, its own prefix as the output.
+    source = tmp_path / "corpus.bin"
+    source.write_text("some text\n" * 10)
+    before = source.read_bytes()
+    done = run_tool_here("tools/preprocess_data.py", "--input", str(source), "--tokenizer",
+                         "smollm2", "--output-prefix", str(tmp_path / "corpus"), "--overwrite")
+    assert done.returncode == 2 and "error: output" in done.stderr, done.stderr
+    assert source.read_bytes() == before

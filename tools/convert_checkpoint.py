@@ -150,8 +150,7 @@ def hf_to_megatron(args) -> int:
 
     started = time.time()
     folder, gguf = _resolve_hf_folder(args.hf_model, args.gguf_file, "--hf-model")
-    check_output_path(args.output, args.overwrite)
-    _refuse_same_folder(folder, args.output, "--hf-model")
+    check_output_path(args.output, args.overwrite, (folder,))
     layout = layout_from_args(args)
 
     # transformers is imported only past the cheap checks above.
@@ -242,8 +241,7 @@ def megatron_to_hf(args) -> int:
                                                 verify_checkpoint_files)
 
     started = time.time()
-    check_output_path(args.output, args.overwrite)
-    _refuse_same_folder(args.load, args.output, "--load")
+    check_output_path(args.output, args.overwrite, (args.load, args.tokenizer))
     if args.gguf_file is not None and args.tokenizer is None:
         raise ToolError("--gguf-file needs --tokenizer FOLDER (the folder holding the GGUF)")
     if not os.path.isdir(args.load):
@@ -315,11 +313,6 @@ def _resolve_hf_folder(folder: str, gguf: Optional[str], flag: str) -> Tuple[str
         raise ToolError(f"{folder!r} has no config.json: it is not a Hugging Face model "
                         f"folder{hint}")
     return folder, gguf
-
-
-def _refuse_same_folder(source: str, output: str, flag: str) -> None:
-    if os.path.realpath(source) == os.path.realpath(output):
-        raise ToolError(f"--output is the {flag} folder itself: choose another --output")
 
 
 def _describe_source(folder: str, gguf: Optional[str]) -> str:

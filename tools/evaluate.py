@@ -159,7 +159,8 @@ def main(argv=None) -> int:
     )
     from megatron_dynamoe.hf_interop import load_tokenizer
 
-    check_output_path(args.output_dir, args.overwrite)
+    inputs = (args.load, args.dense_load, args.topk_load, args.tokenizer, args.text)
+    check_output_path(args.output_dir, args.overwrite, inputs)
     family = model_family(read_info(resolve_checkpoint_folder(args.load)))
     if family == "topk":
         raise ToolError(f"{args.load} is a top-k baseline: pass it as --topk-load, with the "
@@ -183,7 +184,7 @@ def main(argv=None) -> int:
     arch = main_model.info.architecture
     dyn = main_model.info.dynamoe
     rows, solutions = [], []
-    with atomic_output_dir(args.output_dir, args.overwrite) as out:
+    with atomic_output_dir(args.output_dir, args.overwrite, inputs) as out:
         def run(model, variant):
             row = harness.evaluate_variant(model, variant, data, arch, **kwargs)
             rows.append(row)

@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     from megatron_dynamoe.dynamoe.export import dense_state_dict, exported_architecture
     from megatron_dynamoe.model_builder import build_gpt_model, set_static_level
 
-    check_output_path(args.output, args.overwrite)
+    check_output_path(args.output, args.overwrite, (args.load, args.tokenizer))
     if args.ffn_budget is not None:
         return export_budget(args)
     info = read_info(args.load)

@@ -138,7 +138,7 @@ def main(argv=None) -> int:
         label_fraction=args.dynamoe_label_fraction,
         router_loss_coeff=args.dynamoe_router_loss_coeff)
     layout = layout_from_args(args)
-    check_output_path(args.output, args.overwrite)
+    check_output_path(args.output, args.overwrite, (args.load, args.tokenizer))
     arch, info = resolve_architecture(args.load, args.model)
     if info is not None and info.dynamoe is not None:
         raise ToolError(f"{args.load} is already a DynaMoE checkpoint; MoEfy a dense one")

@@ -143,7 +143,7 @@ def main(argv=None) -> int:
         raise ToolError(f"--output-prefix {prefix!r} must name files (PREFIX.bin / PREFIX.idx), "
                         f"not a folder: e.g. data/sotu_smollm2")
     for suffix in (".bin", ".idx"):
-        check_output_path(prefix + suffix, args.overwrite)
+        check_output_path(prefix + suffix, args.overwrite, args.input)
 
     from megatron_dynamoe import hf_interop
     from megatron_dynamoe.data import HFTokenizerAdapter, indexed_dataset_writer

@@ -65,7 +65,9 @@ def main(argv=None) -> int:
 
     if not args.output.endswith((".json", ".npz")):
         raise ToolError(f"--output {args.output}: name a .json or .npz scores file")
-    check_output_path(args.output, args.overwrite)
+    check_output_path(args.output, args.overwrite,
+                      (args.load, *args.data_path, *(p + s for p in args.data_path
+                                                     for s in (".bin", ".idx"))))
     for name in ("seq_length", "train_iters", "global_batch_size", "batch_size"):
         if getattr(args, name) < 1:
             raise ToolError(f"--{name.replace('_', '-')} must be >= 1")

@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     from megatron_dynamoe.model_builder import ModelProvider
     from megatron_dynamoe.runtime.parallel import ParallelLayout
 
-    check_output_path(args.output, args.overwrite)
+    check_output_path(args.output, args.overwrite, (args.load, args.tokenizer))
     arch, info = resolve_architecture(args.load, args.model)
     if info is not None and (info.dynamoe is not None or "adaptive" in (info.extra or {})):
         raise ToolError(f"{args.load} is already an MoE checkpoint; upcycle a dense one")

@@ -58,7 +58,7 @@ def write_topk_init(load: str, output: str, overwrite: bool = False,
     from megatron_dynamoe.model_builder import set_sensitivity, set_static_level
     from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
 
-    check_output_path(output, overwrite)
+    check_output_path(output, overwrite, (load,))
     initialize_parallel(ParallelLayout(), device=device)
     source = load_for_evaluation(load)
     if source.family != "dynamoe":
