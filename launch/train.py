@@ -127,6 +127,27 @@ def model_provider(info):
     return ModelProvider(info.architecture, info.dynamoe)
 
 
+def claim_save_folder(cfg):
+    """Rank 0 claims --save for this run (`training.run_dir`); every rank learns the verdict
+    through one all-reduce, so a refused folder ends all ranks with the same one-line error
+    instead of leaving the others waiting at their first collective."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_dynamoe.cli import ToolError
+    from megatron_dynamoe.runtime.device import comm_device
+    from megatron_dynamoe.training.run_dir import claim_save_dir
+
+    claim, error = None, None
+    if cfg.save and dist.get_rank() == 0:
+        claim, error = claim_save_dir(cfg.save, cfg.load, cfg.overwrite)
+    refused = torch.tensor([1 if error else 0], dtype=torch.int32, device=comm_device())
+    dist.all_reduce(refused, op=dist.ReduceOp.MAX)
+    if refused.item():
+        raise ToolError(error or f"rank 0 refused --save {cfg.save} (see its error line)")
+    return claim
+
+
 def set_cuda_connection_limit(cfg, environ=None) -> None:
     """CUDA_DEVICE_MAX_CONNECTIONS=1 with tensor parallelism on a GPU (Megatron-LM asserts it
     on Hopper and earlier): with one hardware queue, the sequence-parallel all-gather /
@@ -186,6 +207,7 @@ def _train(cfg, preempted, provider_for) -> int:
     initialize_parallel(cfg.layout, seed=cfg.seed, device=cfg.device,
                         timeout_minutes=cfg.distributed_timeout_minutes)
     try:
+        claim = claim_save_folder(cfg)  # kept open: the lock lives as long as this process
         cfg.num_microbatches(parallel_state.get_data_parallel_world_size())
         source = batch_source(cfg, info.architecture,
                               parallel_state.get_data_parallel_world_size())

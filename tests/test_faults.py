@@ -96,12 +96,14 @@ def test_tools_refuse_non_finite_numbers(script, argv, capsys):
     assert "give a finite number" in capsys.readouterr().err
 
 
-def _tree_hash(root):
+def _tree_hash(root, ignore=(".dynamoe-run.lock",)):
+    """Names and bytes of every file under `root` (the run lock, which only records who holds
+    the folder, excepted)."""
     import hashlib
 
     digest = hashlib.sha256()
     for folder, _, files in sorted(os.walk(root)):
-        for name in sorted(files):
+        for name in sorted(set(files) - set(ignore)):
             path = os.path.join(folder, name)
             digest.update(path.encode())
             with open(path, "rb") as f:
@@ -171,3 +173,57 @@ def test_preprocess_refuses_to_write_over_its_input(tmp_path):
                          "smollm2", "--output-prefix", str(tmp_path / "corpus"), "--overwrite")
     assert done.returncode == 2 and "error: output" in done.stderr, done.stderr
     assert source.read_bytes() == before
+
+
+def _fake_run(save, iteration=4):
+    """A --save folder as a finished run leaves it (the files `latest_checkpoint` reads)."""
+    folder = save / f"iter_{iteration:07d}"
+    folder.mkdir(parents=True)
+    (folder / "metadata.json").write_text("{}")
+    (save / "latest_checkpointed_iteration.txt").write_text(f"{iteration}\n")
+
+
+def test_a_save_folder_with_another_run_is_refused_unless_resumed_or_overwritten(tmp_path):
+    from megatron_dynamoe.training.run_dir import claim_save_dir
+
+    save = tmp_path / "run"
+    _fake_run(save)
+    before = _tree_hash(save)
+    lock, error = claim_save_dir(str(save), None, overwrite=False)
+    assert "holds another run's checkpoints (latest iteration 4)" in error
+    lock.close()
+    assert _tree_hash(save) == before
+    lock, error = claim_save_dir(str(save), str(save), overwrite=False)  # a resume
+    assert error is None
+    lock.close()
+    lock, error = claim_save_dir(str(save), None, overwrite=True)  # start over
+    assert error is None and not [p for p in os.listdir(save) if not p.startswith(".")]
+    lock.close()
+
+
+def test_two_runs_cannot_share_a_save_folder(tmp_path):
+    from megatron_dynamoe.training.run_dir import claim_save_dir
+
+    first, error = claim_save_dir(str(tmp_path / "run"), None, overwrite=False)
+    assert error is None
+    second, error = claim_save_dir(str(tmp_path / "run"), None, overwrite=False)
+    assert second is None and "is in use by another run (host " in error
+    first.close()  # the first run ends: the folder is free again (also after a kill -9)
+    again, error = claim_save_dir(str(tmp_path / "run"), None, overwrite=False)
+    assert error is None
+    again.close()
+
+
+def test_trainer_refuses_another_runs_save_folder_and_leaves_it_intact(data, tmp_path):
+    save = tmp_path / "run"
+    _fake_run(save)
+    before = _tree_hash(save)
+    done = subprocess.run(
+        [sys.executable, os.path.join(REPO, "launch", "train.py"), *BASE, "--tokenizer",
+         "smollm2", "--data-path", data, "--save", str(save), "--train-iters", "2",
+         "--data-cache-path", str(tmp_path / "cache")],
+        env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"error: --save {save} holds another run's checkpoints"), done.stderr[-2000:]
+    assert _tree_hash(save) == before

@@ -28,6 +28,9 @@ class TrainConfig:
     pretrained_checkpoint: Optional[str] = None
     save: Optional[str] = None
     save_interval: Optional[int] = None
+    # Start a new run in a --save folder that holds another run's checkpoints (deleting them);
+    # without it such a folder is refused unless --load resumes it.
+    overwrite: bool = False
     # Where it runs: --device auto|cuda|cpu (runtime.device), the layer implementation
     # (local | transformer_engine, never inferred from what imports) and the bound on every
     # collective of the default process group (a hung rank fails the job after this long).
@@ -138,6 +141,8 @@ class TrainConfig:
             raise ValueError("--save-interval must be >= 1")
         if self.save_interval is not None and self.save is None:
             raise ValueError("--save-interval needs --save DIR")
+        if self.overwrite and self.save is None:
+            raise ValueError("--overwrite needs --save DIR (the folder to start over in)")
         if self.lr_decay_style not in LR_DECAY_STYLES:
             raise ValueError(f"--lr-decay-style {self.lr_decay_style!r}: use one of "
                              f"{LR_DECAY_STYLES}")
