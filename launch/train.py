@@ -130,7 +130,10 @@ def model_provider(info):
 def claim_save_folder(cfg):
     """Rank 0 claims --save for this run (`training.run_dir`); every rank learns the verdict
     through one all-reduce, so a refused folder ends all ranks with the same one-line error
-    instead of leaving the others waiting at their first collective."""
+    instead of leaving the others waiting at their first collective. Returns a context
+    manager that holds the claim (the folder's lock) while the run lasts."""
+    import contextlib
+
     import torch
     import torch.distributed as dist
 
@@ -138,14 +141,16 @@ def claim_save_folder(cfg):
     from megatron_dynamoe.runtime.device import comm_device
     from megatron_dynamoe.training.run_dir import claim_save_dir
 
-    claim, error = None, None
+    lock, error = None, None
     if cfg.save and dist.get_rank() == 0:
-        claim, error = claim_save_dir(cfg.save, cfg.load, cfg.overwrite)
+        lock, error = claim_save_dir(cfg.save, cfg.load, cfg.overwrite)
     refused = torch.tensor([1 if error else 0], dtype=torch.int32, device=comm_device())
     dist.all_reduce(refused, op=dist.ReduceOp.MAX)
     if refused.item():
+        if lock is not None:
+            lock.close()
         raise ToolError(error or f"rank 0 refused --save {cfg.save} (see its error line)")
-    return claim
+    return lock if lock is not None else contextlib.nullcontext()
 
 
 def set_cuda_connection_limit(cfg, environ=None) -> None:
@@ -190,14 +195,8 @@ def main(argv=None, provider_for=model_provider) -> int:
 
 
 def _train(cfg, preempted, provider_for) -> int:
-    from megatron.core import parallel_state
-
     from megatron_dynamoe.runtime import transformer_impl
-    from megatron_dynamoe.runtime.device import current
     from megatron_dynamoe.runtime.parallel import destroy_parallel, initialize_parallel
-    from megatron_dynamoe.training.monitor import TrainingMonitor
-    from megatron_dynamoe.cli import EXIT_DIVERGED
-    from megatron_dynamoe.training.trainer import TrainingDiverged, train
 
     transformer_impl.select(cfg.transformer_impl)
     info = resolve_model(cfg)
@@ -207,36 +206,47 @@ def _train(cfg, preempted, provider_for) -> int:
     initialize_parallel(cfg.layout, seed=cfg.seed, device=cfg.device,
                         timeout_minutes=cfg.distributed_timeout_minutes)
     try:
-        claim = claim_save_folder(cfg)  # kept open: the lock lives as long as this process
-        cfg.num_microbatches(parallel_state.get_data_parallel_world_size())
-        source = batch_source(cfg, info.architecture,
-                              parallel_state.get_data_parallel_world_size())
-        monitor = TrainingMonitor(cfg)
-        kind = {"adaptive": "adaptive-gating MoE", "topk": "top-k baseline"}.get(
-            provider.name, "DynaMoE" if info.dynamoe else "dense")
-        monitor.text(f"training {kind} "
-                     f"{info.architecture.family} model: TP={cfg.tensor_model_parallel_size} "
-                     f"PP={cfg.pipeline_model_parallel_size} EP={cfg.expert_model_parallel_size} "
-                     f"DP={parallel_state.get_data_parallel_world_size()} | "
-                     f"{current().describe()} | transformer-impl {cfg.transformer_impl}")
-        try:
-            result = train(cfg, info, source, logger=monitor, provider=provider,
-                           preemption_flag=preempted)
-        except TrainingDiverged as e:
-            if int(os.environ.get("RANK", "0")) == 0:
-                print(f"error: {e}", file=sys.stderr, flush=True)
-            return EXIT_DIVERGED
-        finally:
-            monitor.close()
-        if result.stopped_by_signal and result.trained_iterations:
-            monitor.text(f"stopped by a preemption signal after iteration {result.iteration}; "
-                         f"resume with --load {cfg.save}")
-        elif result.stopped_by_signal:
-            monitor.text("stopped by a preemption signal before the first iteration: nothing "
-                         "new to save; rerun the same command to continue")
-        return 0
+        with claim_save_folder(cfg):  # one run per --save, for as long as this one lasts
+            return _run(cfg, info, provider, preempted)
     finally:
         destroy_parallel()
+
+
+def _run(cfg, info, provider, preempted) -> int:
+    from megatron.core import parallel_state
+
+    from megatron_dynamoe.cli import EXIT_DIVERGED
+    from megatron_dynamoe.runtime.device import current
+    from megatron_dynamoe.training.monitor import TrainingMonitor
+    from megatron_dynamoe.training.trainer import TrainingDiverged, train
+
+    cfg.num_microbatches(parallel_state.get_data_parallel_world_size())
+    source = batch_source(cfg, info.architecture,
+                          parallel_state.get_data_parallel_world_size())
+    monitor = TrainingMonitor(cfg)
+    kind = {"adaptive": "adaptive-gating MoE", "topk": "top-k baseline"}.get(
+        provider.name, "DynaMoE" if info.dynamoe else "dense")
+    monitor.text(f"training {kind} "
+                 f"{info.architecture.family} model: TP={cfg.tensor_model_parallel_size} "
+                 f"PP={cfg.pipeline_model_parallel_size} EP={cfg.expert_model_parallel_size} "
+                 f"DP={parallel_state.get_data_parallel_world_size()} | "
+                 f"{current().describe()} | transformer-impl {cfg.transformer_impl}")
+    try:
+        result = train(cfg, info, source, logger=monitor, provider=provider,
+                       preemption_flag=preempted)
+    except TrainingDiverged as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
+    finally:
+        monitor.close()
+    if result.stopped_by_signal and result.trained_iterations:
+        monitor.text(f"stopped by a preemption signal after iteration {result.iteration}; "
+                     f"resume with --load {cfg.save}")
+    elif result.stopped_by_signal:
+        monitor.text("stopped by a preemption signal before the first iteration: nothing "
+                     "new to save; rerun the same command to continue")
+    return 0
 
 
 if __name__ == "__main__":

