@@ -134,19 +134,16 @@ def claim_save_folder(cfg):
     manager that holds the claim (the folder's lock) while the run lasts."""
     import contextlib
 
-    import torch
     import torch.distributed as dist
 
     from megatron_dynamoe.cli import ToolError
-    from megatron_dynamoe.runtime.device import comm_device
+    from megatron_dynamoe.runtime.device import any_rank
     from megatron_dynamoe.training.run_dir import claim_save_dir
 
     lock, error = None, None
     if cfg.save and dist.get_rank() == 0:
         lock, error = claim_save_dir(cfg.save, cfg.load, cfg.overwrite)
-    refused = torch.tensor([1 if error else 0], dtype=torch.int32, device=comm_device())
-    dist.all_reduce(refused, op=dist.ReduceOp.MAX)
-    if refused.item():
+    if any_rank(error is not None):
         if lock is not None:
             lock.close()
         raise ToolError(error or f"rank 0 refused --save {cfg.save} (see its error line)")

@@ -117,7 +117,9 @@ def main(argv=None) -> int:
     init.add_argument("--load", required=True)
     init.add_argument("--output", required=True)
     init.add_argument("--overwrite", action="store_true")
-    init.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    from megatron_dynamoe.runtime.device import DEVICE_CHOICES
+
+    init.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     sub.add_parser("train", help="fine-tune (launch/train.py flags)")
     args = parser.parse_args(argv)
     write_topk_init(args.load, args.output, args.overwrite, device=args.device)

@@ -32,7 +32,7 @@ import torch
 DEVICE_CHOICES = ("auto", "cuda", "cpu")
 
 __all__ = ["DEVICE_CHOICES", "DevicePolicy", "resolve", "activate", "current", "model_device",
-           "place_model", "place_batch", "comm_device", "placement_target",
+           "place_model", "place_batch", "comm_device", "any_rank", "placement_target",
            "misplaced_tensors"]
 
 
@@ -173,6 +173,18 @@ def comm_device(group=None) -> torch.device:
     if dist.is_initialized() and dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any rank of the world (a collective: every
+    rank calls it). The flag travels on the world group's communication device."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return bool(flag)
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=comm_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def misplaced_tensors(module: torch.nn.Module, device) -> list:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import signal
 
-import torch
-import torch.distributed as dist
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -41,11 +39,6 @@ class PreemptionFlag:
 
     def agreed(self) -> bool:
         """True on every rank once any rank was signalled (a collective: all ranks call)."""
-        from megatron_dynamoe.runtime.device import comm_device
+        from megatron_dynamoe.runtime.device import any_rank
 
-        if not (dist.is_initialized() and dist.get_world_size() > 1):
-            return self.received
-        flag = torch.tensor([1 if self.received else 0], dtype=torch.int32,
-                            device=comm_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.received)
