@@ -329,9 +329,8 @@ run_step check-evaluate 60 "$PYTHON" bench/gpu_smoke_compare.py evaluate \
   "${EVAL_TOL[@]}" --json "$WORK/checks/evaluate.json"
 say "  $(grep -E '^(evaluate|FAIL)' "$LAST_LOG" | tail -1)"
 
-LATEST=$(cat "$WORK/runs/resumed/latest_checkpointed_iteration.txt")
-ITER_DIR=$WORK/runs/resumed/$(printf 'iter_%07d' "$LATEST")
-run_step export-hf 240 "$PYTHON" tools/export.py --load "$ITER_DIR" --format hf \
+# The --save folder itself: export reads its latest complete iteration.
+run_step export-hf 240 "$PYTHON" tools/export.py --load "$WORK/runs/resumed" --format hf \
   --output "$WORK/hf_export" --tokenizer "$TOK" --parity-text "$TEXT" "${DEV[@]}"
 ran_on_device export-hf
 EXPORT_LOG=$LAST_LOG

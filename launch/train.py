@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -67,7 +66,12 @@ def resolve_model(cfg):
 def batch_source(cfg, arch, dp_size: int):
     """BatchSource over Megatron GPT datasets built from --data-path with --tokenizer."""
     from megatron_dynamoe.cli import ToolError
-    from megatron_dynamoe.data import HFTokenizerAdapter, build_gpt_datasets, collate_samples
+    from megatron_dynamoe.data import (
+        HFTokenizerAdapter,
+        build_gpt_datasets,
+        collate_samples,
+        default_cache_path,
+    )
     from megatron_dynamoe.hf_interop import load_tokenizer
 
     if not cfg.data_path:
@@ -80,10 +84,8 @@ def batch_source(cfg, arch, dp_size: int):
     if tokenizer.vocab_size > arch.vocab_size:
         raise ToolError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                         f"vocabulary is {arch.vocab_size}: use the model's own tokenizer")
-    # Index cache: next to the checkpoints, or in the temp folder (never the working tree).
-    cache = cfg.data_cache_path or (os.path.join(cfg.save, "data_cache") if cfg.save else
-                                    os.path.join(tempfile.gettempdir(),
-                                                 "megatron-dynamoe-data-cache"))
+    # Index cache: next to the checkpoints, or in the user's own cache folder.
+    cache = cfg.data_cache_path or default_cache_path(cfg.save)
     datasets = build_gpt_datasets(cfg.data_path, tokenizer, seq_length=cfg.seq_length,
                                   num_samples=(cfg.train_iters * cfg.global_batch_size, 0, 0),
                                   cache_path=cache, split=cfg.split, seed=cfg.seed)
@@ -131,23 +133,41 @@ def claim_save_folder(cfg):
     """Rank 0 claims --save for this run (`training.run_dir`); every rank learns the verdict
     through one all-reduce, so a refused folder ends all ranks with the same one-line error
     instead of leaving the others waiting at their first collective. Returns a context
-    manager that holds the claim (the folder's lock) while the run lasts."""
+    manager that holds the claim (the folder's lock) while the run lasts; a --save folder
+    this run created is removed again when the run fails before its first checkpoint (a
+    refused start leaves nothing behind)."""
     import contextlib
+    import shutil
 
     import torch.distributed as dist
 
     from megatron_dynamoe.cli import ToolError
     from megatron_dynamoe.runtime.device import any_rank
     from megatron_dynamoe.training.run_dir import claim_save_dir
+    from megatron_dynamoe.training.state import LATEST_FILE
 
-    lock, error = None, None
+    lock, error, created = None, None, False
     if cfg.save and dist.get_rank() == 0:
+        created = not os.path.exists(cfg.save)
         lock, error = claim_save_dir(cfg.save, cfg.load, cfg.overwrite)
     if any_rank(error is not None):
         if lock is not None:
             lock.close()
         raise ToolError(error or f"rank 0 refused --save {cfg.save} (see its error line)")
-    return lock if lock is not None else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def held():
+        try:
+            yield
+        except BaseException:
+            if created and not os.path.exists(os.path.join(cfg.save, LATEST_FILE)):
+                shutil.rmtree(cfg.save, ignore_errors=True)
+            raise
+        finally:
+            if lock is not None:
+                lock.close()
+
+    return held()
 
 
 def set_cuda_connection_limit(cfg, environ=None) -> None:
@@ -209,10 +229,44 @@ def _train(cfg, preempted, provider_for) -> int:
         destroy_parallel()
 
 
+def is_collective_timeout(error: BaseException) -> bool:
+    """Whether `error` (or an exception it was raised from) is a collective that outlived
+    --distributed-timeout-minutes: NCCL raises DistBackendError, gloo a plain RuntimeError
+    from its transport ("Timed out waiting ...ms for recv operation"). A store timeout
+    (DistStoreError: rendezvous, start-up) is not one: it has its own message."""
+    import torch.distributed as dist
+
+    for _ in range(8):  # the chain of causes, bounded (a chain can be made circular)
+        if error is None or isinstance(error, dist.DistStoreError):
+            return False
+        text = str(error)
+        if isinstance(error, dist.DistBackendError) and any(
+                word in text.lower() for word in ("timeout", "timed out", "timing out")):
+            return True
+        if isinstance(error, RuntimeError) and "gloo" in text and "Timed out waiting" in text:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def collective_timeout_message(minutes: float, finished) -> str:
+    """The one-line report of a collective timeout on this rank, after iteration `finished`
+    (None: before this run's first iteration)."""
+    rank = os.environ.get("RANK", "0")
+    where = (f"after iteration {finished}" if finished is not None
+             else "before this run's first iteration")
+    return (f"rank {rank}: a collective did not complete within --distributed-timeout-minutes "
+            f"{minutes:g} {where} (a rank stalled or died: check the other ranks' logs and "
+            f"their node; raise --distributed-timeout-minutes if a step or a save "
+            f"legitimately takes longer)")
+
+
 def _run(cfg, info, provider, preempted) -> int:
+    import collections
+
     from megatron.core import parallel_state
 
-    from megatron_dynamoe.cli import EXIT_DIVERGED
+    from megatron_dynamoe.cli import EXIT_COLLECTIVE_TIMEOUT, EXIT_DIVERGED
     from megatron_dynamoe.runtime.device import current
     from megatron_dynamoe.training.monitor import TrainingMonitor
     from megatron_dynamoe.training.trainer import TrainingDiverged, train
@@ -228,13 +282,22 @@ def _run(cfg, info, provider, preempted) -> int:
                  f"PP={cfg.pipeline_model_parallel_size} EP={cfg.expert_model_parallel_size} "
                  f"DP={parallel_state.get_data_parallel_world_size()} | "
                  f"{current().describe()} | transformer-impl {cfg.transformer_impl}")
+    finished = collections.deque([None], maxlen=1)  # the last iteration this rank completed
     try:
         result = train(cfg, info, source, logger=monitor, provider=provider,
-                       preemption_flag=preempted)
+                       preemption_flag=preempted, on_iteration=finished.append)
     except TrainingDiverged as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_DIVERGED
+    except RuntimeError as e:
+        if not is_collective_timeout(e):
+            raise
+        # Every surviving rank reports (rank 0 may be the one that stalled); no traceback:
+        # the stack of the waiting rank says nothing about the rank that stopped.
+        message = collective_timeout_message(cfg.distributed_timeout_minutes, finished[0])
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return EXIT_COLLECTIVE_TIMEOUT
     finally:
         monitor.close()
     if result.stopped_by_signal and result.trained_iterations:

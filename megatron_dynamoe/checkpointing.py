@@ -2,8 +2,10 @@
 
 A checkpoint is a folder written by `megatron.core.dist_checkpointing.save` from the model's
 `sharded_state_dict()` (so it loads at any TP / PP / EP layout), plus `dynamoe.json`: the
-architecture, the DynaMoE config (null for a dense model) and provenance. Folders written by
-plain Megatron-Core (no `dynamoe.json`) load too; the caller then supplies the architecture.
+architecture, the DynaMoE config (null for a dense model) and provenance, and
+`checksums.json`: the size and SHA-256 of every other file (`checkpoint_integrity`). Folders
+written by plain Megatron-Core (no `dynamoe.json`) load too; the caller then supplies the
+architecture. Loading first verifies the checksums and refuses pickles that could run code.
 
 Writes go to a hidden temporary sibling folder that is renamed into place only after every
 rank finished, so an interrupted or failed save never leaves a folder that looks complete;
@@ -124,7 +126,8 @@ def remove_stale_temporaries(parent: str, name_pattern: str) -> list:
 
 def save_checkpoint(model: torch.nn.Module, directory: str, info: CheckpointInfo,
                     overwrite: bool = False) -> None:
-    """Save `model` (this rank's part; every rank calls) to `directory` atomically."""
+    """Save `model` (this rank's part; every rank calls) to `directory` atomically: shards,
+    then dynamoe.json, then checksums.json (hashing split over the ranks), then the rename."""
     from megatron.core import dist_checkpointing
 
     directory = os.path.abspath(directory)
@@ -143,42 +146,52 @@ def save_checkpoint(model: torch.nn.Module, directory: str, info: CheckpointInfo
     if tmp.startswith("error: "):
         raise CheckpointError(tmp[len("error: "):])
     try:
+        from megatron_dynamoe.checkpoint_integrity import run_on_rank0, write_manifest
         from megatron_dynamoe.runtime.helper_processes import start_checkpoint_writer_manager
 
         start_checkpoint_writer_manager()  # survives the job's preemption signals
         dist_checkpointing.save(model.sharded_state_dict(), tmp)
         _barrier()
-        if _rank() == 0:
-            from megatron_dynamoe.runtime import transformer_impl
-
-            payload = info.to_json()
-            # Provenance: the layer implementation that wrote these weights.
-            payload["extra"] = {**payload["extra"],
-                                "transformer_impl": transformer_impl.current()}
-            with open(os.path.join(tmp, METADATA_FILE), "w") as f:
-                json.dump(payload, f, indent=2)
-            if os.path.exists(directory):
-                shutil.rmtree(directory)
-            os.replace(tmp, directory)
-        _barrier()
+        # Each step below ends in a collective that hands rank 0's failure to every rank,
+        # so no rank waits for a rank that already gave up.
+        run_on_rank0(lambda: _write_info(tmp, info))
+        write_manifest(tmp)  # checksums.json: last, so that it covers every other file
+        run_on_rank0(lambda: _publish(tmp, directory))
     except BaseException:
         if _rank() == 0 and os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def load_checkpoint(model: torch.nn.Module, directory: str, origin: str = "this model") -> None:
+def _write_info(folder: str, info: CheckpointInfo) -> None:
+    from megatron_dynamoe.runtime import transformer_impl
+
+    payload = info.to_json()
+    # Provenance: the layer implementation that wrote these weights.
+    payload["extra"] = {**payload["extra"], "transformer_impl": transformer_impl.current()}
+    with open(os.path.join(folder, METADATA_FILE), "w") as f:
+        json.dump(payload, f, indent=2)
+
+
+def _publish(tmp: str, directory: str) -> None:
+    if os.path.exists(directory):
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+
+
+def load_checkpoint(model: torch.nn.Module, directory: str, origin: str = "this model",
+                    verify_checksums: bool = True) -> None:
     """Load `directory` into `model` at the model's own layout (every rank calls).
 
-    Before anything is read: every file the checkpoint's .metadata refers to must exist at
-    full length, and the checkpoint's tensors must be the model's (names and global shapes;
-    `origin` names the model in errors, e.g. "--model tiny-llama"). Raises CheckpointError
-    with one line naming the problem for a missing / incomplete / corrupt folder or an
-    architecture mismatch.
+    Before anything is read: `verify_checkpoint_files` (checksums unless `verify_checksums`
+    is False, complete files, no unsafe pickle), and the checkpoint's tensors must be the
+    model's (names and global shapes; `origin` names the model in errors, e.g. "--model
+    tiny-llama"). Raises CheckpointError with one line naming the problem for a missing /
+    incomplete / corrupt / tampered folder or an architecture mismatch.
     """
     from megatron.core import dist_checkpointing
 
-    metadata = verify_checkpoint_files(directory)
+    metadata = verify_checkpoint_files(directory, verify_checksums=verify_checksums)
     if metadata is not None:
         check_tensors_match(model, metadata, directory, origin)
     template = model.sharded_state_dict()
@@ -187,7 +200,8 @@ def load_checkpoint(model: torch.nn.Module, directory: str, origin: str = "this 
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # torch's CheckpointException is a BaseException
-        raise CheckpointError(f"cannot load {directory!r} into {origin}: {describe_load_failure(e)} (is "
+        raise CheckpointError(f"cannot load {directory!r} into {origin}: "
+                              f"{describe_load_failure(e)} (is "
                               f"the checkpoint complete, and does the architecture match it?)"
                               ) from e
     # dist_checkpointing also returns the folder's whole common state: a training
@@ -201,40 +215,19 @@ def load_checkpoint(model: torch.nn.Module, directory: str, origin: str = "this 
                               f"{missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def verify_checkpoint_files(directory: str):
-    """Cheap, before any model is built: raise CheckpointError when a torch_dist checkpoint
-    misses or truncates a file that its .metadata refers to (dist_checkpointing would report
-    EOFError / FileNotFoundError from inside a rank). Returns the checkpoint's
-    torch.distributed.checkpoint Metadata, or None for another backend."""
-    from torch.distributed.checkpoint import FileSystemReader
+def verify_checkpoint_files(directory: str, verify_checksums: bool = True,
+                            collective: bool = True):
+    """Before any model is built or any pickle is loaded, raise CheckpointError (one line
+    naming the file and the fix) when a checkpoint is incomplete, corrupt or unsafe: a file
+    of its `checksums.json` is missing or differs in size or hash (`verify_checksums=False`
+    skips only the hashing), a file its .metadata refers to is missing or truncated, or its
+    .metadata / common.pt / byte items hold a pickle that could run code. A checkpoint
+    without `checksums.json` (plain Megatron-Core, older versions) passes with a note. Every
+    rank calls it (the hashing is split over the ranks; `collective=False`: this process
+    alone). Returns the torch.distributed.checkpoint Metadata, or None for another backend."""
+    from megatron_dynamoe.checkpoint_integrity import verify_checkpoint
 
-    from megatron.core.dist_checkpointing.core import maybe_load_config
-
-    check_loadable(directory)
-    config = maybe_load_config(directory)
-    if config is None or config.sharded_backend != "torch_dist":
-        return None  # another backend: dist_checkpointing.load reports its own problems
-    try:
-        metadata = FileSystemReader(directory).read_metadata()
-    except Exception as e:
-        raise CheckpointError(f"{directory!r} has no readable .metadata ({type(e).__name__}): "
-                              f"the checkpoint is incomplete or corrupt; copy or save it again"
-                              ) from e
-    needed = {}
-    for item in (metadata.storage_data or {}).values():
-        needed[item.relative_path] = max(needed.get(item.relative_path, 0),
-                                         item.offset + item.length)
-    for name in ["common.pt", *sorted(needed)]:
-        path = os.path.join(directory, name)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{directory!r} is incomplete: {name} is missing; copy or "
-                                  f"save the checkpoint again")
-        size = os.path.getsize(path)
-        if size < needed.get(name, 0):
-            raise CheckpointError(f"{path!r} is truncated ({size} bytes, the checkpoint's "
-                                  f".metadata needs {needed[name]}): copy or save the "
-                                  f"checkpoint again")
-    return metadata
+    return verify_checkpoint(directory, verify_checksums, collective)
 
 
 def check_tensors_match(model, metadata, directory: str, origin: str) -> None:

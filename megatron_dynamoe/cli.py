@@ -8,7 +8,9 @@ write through `checkpointing.save_checkpoint` or `atomic_output_dir`).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import math
 import os
 import shutil
 import sys
@@ -17,11 +19,16 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from megatron_dynamoe.runtime.parallel import ParallelLayout
+from megatron_dynamoe.runtime.upstream_warnings import filter_upstream_warnings
+
+filter_upstream_warnings()  # the tools' start-up: before anything imports megatron.core
+
+from megatron_dynamoe.runtime.parallel import ParallelLayout  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 EXIT_PARITY = 3
 EXIT_DIVERGED = 4  # training met a non-finite loss or gradient and stopped
+EXIT_COLLECTIVE_TIMEOUT = 5  # a collective outlived --distributed-timeout-minutes
 
 
 class ToolError(Exception):
@@ -46,14 +53,39 @@ def run_tool(main: Callable[[Optional[Sequence[str]]], int],
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as e:
+        # Read-only or full file systems, permissions: the file and the reason, no traceback.
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for a failed file operation: what failed, on which path, and what to do."""
+    import errno
+
+    where = f"{error.filename}: " if error.filename else ""
+    reason = error.strerror or str(error) or type(error).__name__
+    hint = {errno.ENOSPC: "free space there or write elsewhere",
+            errno.EDQUOT: "free space in your quota or write elsewhere",
+            errno.EROFS: "the file system is read-only: write elsewhere",
+            errno.EACCES: "check the permissions or write elsewhere",
+            errno.EPERM: "check the permissions or write elsewhere"}.get(
+        error.errno, "check the path")
+    return f"{where}{reason}; {hint}"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the tools' error contract: a bad flag raises ToolError, which `run_tool`
+    prints as ONE `error: argument --x: ...` line with exit 2 (argparse itself prints the
+    usage block first); --help still prints and exits 0."""
+
+    def error(self, message: str):
+        raise ToolError(f"{message} (see {self.prog} --help)")
 
 
 def finite_float(text: str) -> float:
     """argparse type of every numeric tool flag: a finite float (NaN / Inf are refused, as
     TrainConfig refuses them for training: an infinite learning rate writes NaN weights)."""
-    import argparse
-    import math
-
     try:
         value = float(text)
     except ValueError:
@@ -61,6 +93,49 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r}: give a finite number")
     return value
+
+
+def number(kind: type = float, low: Optional[float] = None, high: Optional[float] = None,
+           low_open: bool = False, high_open: bool = False) -> Callable[[str], float]:
+    """argparse type of a numeric tool flag: `kind` (int or float; floats must be finite) in
+    [low, high] (an end is open with `low_open` / `high_open`; None = unbounded). The one
+    place tools state a flag's range: `type=number(int, 1)` is a count, `number(float, 0,
+    1)` a fraction; a value outside it is refused before any work starts."""
+
+    def parse(text: str):
+        if kind is int:
+            try:
+                value = int(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        else:
+            value = finite_float(text)
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range: give a value in "
+                                             f"{_interval(low, high, low_open, high_open)}")
+        return value
+
+    parse.__name__ = "integer" if kind is int else "number"  # argparse's "invalid X value"
+    return parse
+
+
+def _interval(low, high, low_open, high_open) -> str:
+    left = "(" if low_open or low is None else "["
+    right = ")" if high_open or high is None else "]"
+    return (f"{left}{'-inf' if low is None else _plain(low)}, "
+            f"{'inf' if high is None else _plain(high)}{right}")
+
+
+def _plain(value) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+COUNT = number(int, 1)          # sizes, counts, lengths: >= 1
+NON_NEGATIVE_INT = number(int, 0)
+POSITIVE = number(float, 0, low_open=True)
+NON_NEGATIVE = number(float, 0)
 
 
 def log(message: str) -> None:
@@ -100,6 +175,10 @@ def add_runtime_arguments(parser) -> None:
     group.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default=DEFAULT,
                        help="Megatron-Core layer implementation (default local; "
                             "transformer_engine needs TE installed); recorded in checkpoints")
+    group.add_argument("--no-verify-checksums", dest="verify_checksums",
+                       action="store_false",
+                       help="load checkpoints without checking their files against the "
+                            "checksums.json written with them (sizes are still checked)")
 
 
 def start_runtime(args, layout: Optional[ParallelLayout] = None, seed: int = 1234,
@@ -152,11 +231,14 @@ def layout_from_args(args) -> ParallelLayout:
                           expert_model_parallel_size=args.expert_model_parallel_size)
 
 
-def check_output_path(path: str, overwrite: bool, inputs: Iterable[Optional[str]] = ()) -> None:
+def check_output_path(path: str, overwrite: bool, inputs: Iterable[Optional[str]] = (),
+                      needed_bytes: int = 0) -> None:
     """Refuse to clobber an existing output unless --overwrite, and always refuse an output
     that is, contains or lies inside one of `inputs` (the paths the tool reads; names that
     are not paths, such as 'smollm2', are ignored): replacing it would destroy the input,
-    with --overwrite or without."""
+    with --overwrite or without. Before any work, the output's file system must also accept
+    a file (not read-only, a folder where one is needed) and have `needed_bytes` free (the
+    tool's estimate of what it writes; 0: not checked)."""
     out = os.path.realpath(path)
     for source in inputs:
         if not source or not os.path.exists(source):
@@ -170,6 +252,42 @@ def check_output_path(path: str, overwrite: bool, inputs: Iterable[Optional[str]
                             f"destroy the input; choose an output outside it")
     if os.path.exists(path) and not overwrite:
         raise ToolError(f"output {path} exists; pass --overwrite to replace it")
+    check_writable(path, needed_bytes)
+
+
+def check_writable(path: str, needed_bytes: int = 0) -> None:
+    """Raise ToolError unless a file or folder can be created at `path`: its nearest existing
+    ancestor must be a folder on a writable file system (proved by creating and removing a
+    temporary file there) with at least `needed_bytes` free."""
+    import tempfile
+
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ToolError(f"output {path}: {ancestor} is a file, not a folder; choose another "
+                        f"output path")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as e:
+        raise ToolError(f"output {path} cannot be written: {describe_os_error(e)}") from None
+    free = shutil.disk_usage(ancestor).free
+    if needed_bytes and free < needed_bytes:
+        raise ToolError(f"output {path} needs about {needed_bytes / 2**30:.2f} GiB, but its file "
+                        f"system has {free / 2**30:.2f} GiB free: free space there or write "
+                        f"elsewhere")
+
+
+def tree_size(path: Optional[str]) -> int:
+    """Bytes in the files under `path` (a file's own size; 0 for None or a missing path):
+    the estimate of an output made from this input (a converted or rewritten checkpoint)."""
+    if not path or not os.path.exists(path):
+        return 0
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(folder, name))
+               for folder, _, files in os.walk(path) for name in files)
 
 
 @contextlib.contextmanager

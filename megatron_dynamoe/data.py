@@ -499,6 +499,31 @@ def _fingerprint(prefixes: Sequence[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+def default_cache_path(run_folder: Optional[str] = None) -> str:
+    """Where dataset indices are cached when --data-cache-path is not given: the run's own
+    folder (`RUN/data_cache`), else this user's cache folder ($XDG_CACHE_HOME or ~/.cache,
+    `megatron-dynamoe/data`). Never a shared temporary folder: Megatron loads the cached .npy
+    files with pickle enabled, so whoever can write them can run code in the job."""
+    if run_folder:
+        return os.path.join(run_folder, "data_cache")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "megatron-dynamoe", "data")
+
+
+def _check_cache_owner(folder: str) -> None:
+    """Refuse an index-cache folder another user owns or may write (see default_cache_path):
+    Megatron would unpickle what they put there."""
+    info = os.stat(folder)
+    if info.st_uid != os.getuid():
+        raise DataError(f"cache folder {folder} belongs to another user (uid {info.st_uid}): "
+                        f"Megatron loads its index files with pickle enabled; use a "
+                        f"--data-cache-path of your own")
+    if info.st_mode & 0o022:
+        raise DataError(f"cache folder {folder} is writable by other users (mode "
+                        f"{oct(info.st_mode & 0o777)}): Megatron loads its index files with "
+                        f"pickle enabled; chmod go-w it or use another --data-cache-path")
+
+
 def _check_cache_path(cache_path: Optional[str]) -> str:
     if not cache_path:
         raise DataError("a cache folder for the dataset indices is required (cache_path / "
@@ -592,7 +617,8 @@ def build_gpt_datasets(data_path: Union[str, Sequence[str]], tokenizer, *, seq_l
         raise RuntimeError("build_gpt_datasets needs torch.distributed initialised (Megatron's "
                            "dataset builder synchronises ranks): call "
                            "megatron_dynamoe.runtime.parallel.initialize_parallel first")
-    os.makedirs(cache, exist_ok=True)
+    os.makedirs(cache, mode=0o700, exist_ok=True)
+    _check_cache_owner(cache)
     backend = dataset_helpers_backend()
     if backend != "compiled":
         from megatron_dynamoe.cli import log

@@ -493,6 +493,45 @@ def _check_hf_source(folder: str, gguf_file: Optional[str]) -> None:
         raise FileNotFoundError(f"Hugging Face model folder {folder!r} does not exist")
     if gguf_file is not None and not os.path.isfile(os.path.join(folder, gguf_file)):
         raise FileNotFoundError(f"GGUF file {gguf_file!r} is not in {folder!r}")
+    if gguf_file is None:
+        check_safetensors_folder(folder)
+
+
+def check_safetensors_folder(folder: str) -> None:
+    """`check_safetensors_file` for every *.safetensors file in `folder`."""
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            check_safetensors_file(os.path.join(folder, name))
+
+
+def check_safetensors_file(path: str) -> None:
+    """Raise ValueError (one line naming the file) unless `path` is a complete safetensors
+    file: an 8-byte little-endian header length, a JSON header, and every tensor's
+    data_offsets inside the file. Reads only the header, so a truncated download is caught
+    before transformers reports it from deep inside its loader."""
+    import json
+    import struct
+
+    size = os.path.getsize(path)
+    again = "download or copy it again"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path} is truncated ({size} bytes, no safetensors header): {again}")
+        (length,) = struct.unpack("<Q", head)
+        if 8 + length > size:
+            raise ValueError(f"{path} is truncated ({size} bytes, its header alone needs "
+                             f"{8 + length}): {again}")
+        try:
+            header = json.loads(f.read(length))
+        except ValueError:
+            raise ValueError(f"{path} has a corrupt safetensors header: {again}") from None
+    end = max((v["data_offsets"][1] for k, v in header.items()
+               if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v),
+              default=0)
+    if 8 + length + end > size:
+        raise ValueError(f"{path} is truncated ({size} bytes, its tensors need "
+                         f"{8 + length + end}): {again}")
 
 
 def load_tokenizer(folder: str, gguf_file: Optional[str] = None):

@@ -61,6 +61,24 @@ class PlanRequest:
     gpu_memory_gib: float = 80.0
     reserved_gib: float = RESERVED_GIB       # per-process memory outside the model's tensors
 
+    def __post_init__(self):
+        # Sizes a layout can have (the divisibility rules come later, one message each).
+        counts = dict(num_gpus=self.num_gpus, tp=self.tp, pp=self.pp, ep=self.ep, cp=self.cp,
+                      micro_batch=self.micro_batch, global_batch=self.global_batch,
+                      seq_length=self.seq_length, recompute_num_layers=self.recompute_num_layers,
+                      gpus_per_node=self.gpus_per_node or 1, vpp=self.vpp or 1,
+                      etp=self.etp or 1)
+        for name, value in counts.items():
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"plan: {name} = {value!r} must be an integer >= 1")
+        if not (math.isfinite(self.gpu_memory_gib) and self.gpu_memory_gib > 0):
+            raise ValueError(f"plan: GPU memory {self.gpu_memory_gib} GiB must be a finite "
+                             f"number > 0")
+        if not (math.isfinite(self.reserved_gib) and 0 <= self.reserved_gib
+                < self.gpu_memory_gib):
+            raise ValueError(f"plan: reserved memory {self.reserved_gib} GiB must be in [0, "
+                             f"GPU memory {self.gpu_memory_gib})")
+
     @property
     def expert_tp(self) -> int:
         return self.tp if self.etp is None else self.etp

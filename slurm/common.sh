@@ -66,31 +66,62 @@ dyn_claim_run_dir() {
   printf '%s\n' "$SLURM_JOB_ID" >"$owner_file"
 }
 
-# What ran: the batch script, the git revision (+ the uncommitted diff), the environment with
-# secrets redacted, the job record. Read-only for git (--no-optional-locks: no index refresh).
-dyn_snapshot() {
-  local script=$1 d=$SNAPSHOT_DIR plan_report=$2
+# Run megatron_dynamoe/runtime/redaction.py (standard library only, run as a file: neither the
+# package's imports nor the container are needed) with "$@" on the batch node: the job's
+# ${PYTHON:-python}, else python3 (a container site's host may have only that). Fails, having
+# read no input, when no interpreter here can run it.
+dyn_redact() {
+  local py tool=$DYN_SLURM_DIR/../megatron_dynamoe/runtime/redaction.py
+  for py in "${PYTHON:-python}" python3; do
+    if "$py" -I -S "$tool" check >/dev/null 2>&1; then
+      "$py" -I -S "$tool" "$@"
+      return
+    fi
+  done
+  return 1
+}
+
+# What ran: the batch script, the git revision (+ the uncommitted diff), the environment, the
+# job record. Secrets are redacted in env.txt, git.diff and the script copy (slurm/README.md
+# says what), and the folder is the owner's only (0700, files 0600: umask 077 in this
+# subshell). Read-only for git (--no-optional-locks: no index refresh).
+dyn_snapshot() (
+  umask 077
+  local script=$1 d=$SNAPSHOT_DIR plan_report=$2 redact=1
+  dyn_redact check || redact=0
+  chmod 700 "$d"
   printf '%s\n' "$plan_report" >"$d/plan.txt"
-  cp "$script" "$d/" && cp "$DYN_SLURM_DIR/common.sh" "$d/"
+  # A batch script may export a token inline: its copy is redacted too.
+  if ((redact)); then dyn_redact text <"$script" >"$d/${script##*/}"; else cp "$script" "$d/"; fi
+  cp "$DYN_SLURM_DIR/common.sh" "$d/"
   if git -C "$REPO" rev-parse --git-dir >/dev/null 2>&1; then
     local rev dirty=clean
     rev=$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo "no commit")
     if [[ -n "$(git --no-optional-locks -C "$REPO" status --porcelain --untracked-files=no)" ]]; then
       dirty=dirty
-      git --no-optional-locks -C "$REPO" diff HEAD >"$d/git.diff" 2>/dev/null || true
+      if ((redact)); then
+        git --no-optional-locks -C "$REPO" diff HEAD 2>/dev/null | dyn_redact text >"$d/git.diff" \
+          || true
+      else  # nothing to redact with: the changed files and line counts, no content
+        git --no-optional-locks -C "$REPO" diff --stat HEAD >"$d/git.diff" 2>/dev/null || true
+      fi
     fi
     printf '%s %s\n' "$rev" "$dirty" >"$d/git.txt"
   else
     printf 'not a git checkout: %s\n' "$REPO" >"$d/git.txt"
   fi
-  # Names with a secret-like word (HF_TOKEN, WANDB_API_KEY, AWS_SECRET_ACCESS_KEY, ...).
-  local secret='(([^=]*_)?(TOKEN|SECRET|PASSWORD|PASSWD|KEY|CREDENTIALS?|AUTH|COOKIE|SESSION)(_[^=]*)?)'
-  env | sort | sed -E "s/^$secret=.*/\\1=<redacted>/I" >"$d/env.txt"
+  # The environment exactly as this shell exports it (`env -0`: a multi-line value is one
+  # record, not several lines of `env`); without redaction, the names only.
+  if ! ((redact)) || ! env -0 | dyn_redact env-nul >"$d/env.txt" 2>/dev/null; then
+    compgen -e | LC_ALL=C sort | sed 's/$/=<redacted>/' >"$d/env.txt"
+  fi
   if [[ -n "${SLURM_JOB_ID:-}" ]]; then
     scontrol show job "$SLURM_JOB_ID" >"$d/job.txt" 2>&1 || true
   fi
+  ((redact)) || dyn_log "note: neither ${PYTHON:-python} nor python3 runs here: env.txt lists" \
+                        "names only, git.diff the changed files only"
   dyn_log "snapshot of script, git revision, environment and job in $d"
-}
+)
 
 # ---- GPU communication ---------------------------------------------------------------------
 dyn_nccl_env() {

@@ -1,7 +1,11 @@
-"""Faults a run must survive or refuse cleanly (issue #13; table-driven, grows with it).
+"""Faults a run must survive or refuse cleanly (issue #13).
 
-Each bad setting gives one `error:` line and a non-zero exit; a run that diverges stops
-before the optimizer step with the last good checkpoint intact."""
+`BAD_INPUT` is the table of bad input through the tools and the trainer: each case must give
+exactly one `error:` line, a non-zero exit and no traceback, write nothing (neither the
+output nor a temporary sibling) and leave every input byte-identical (a hash of the whole
+project folder before and after). The other tests cover what a table cannot: overlapping
+outputs and inputs, a run that diverges (it stops before the optimizer step with the last
+good checkpoint intact), another run's --save folder."""
 
 from __future__ import annotations
 
@@ -12,25 +16,233 @@ import sys
 import pytest
 import torch
 
-from tests.tool_runner import REPO, tool_main
+from tests.tool_runner import REPO, run_tool_here
 
 BASE = ["--model", "tiny-smollm2", "--micro-batch-size", "2", "--global-batch-size", "4",
         "--seq-length", "64", "--log-interval", "1"]
+TRAIN = "launch/train.py"
+_T = " ".join(BASE) + " --tokenizer smollm2 --data-path {data} --train-iters 2"
 
-NON_FINITE_FLAGS = [
-    ("--lr", "inf"), ("--lr", "nan"), ("--min-lr", "nan"), ("--clip-grad", "nan"),
-    ("--weight-decay", "inf"), ("--adam-eps", "nan"), ("--dynamoe-distill-temperature", "nan"),
-    ("--dynamoe-distill-weight", "nan"), ("--router-lr-mult", "inf"),
-    ("--dynamoe-sensitivity-max", "nan"), ("--distributed-timeout-minutes", "inf"),
-]
+# name: (script, arguments with {placeholders}, a phrase of the error line). Placeholders:
+# {ckpt} a dense checkpoint, {out} an output path that must stay absent, {file} a plain file,
+# {ro} a read-only file system, {full} a 128 KiB one, {data} a dataset prefix, {hf_truncated}
+# an HF folder with a truncated model.safetensors, {flipped} {ckpt} with one byte flipped
+# in a shard, {text} a text file. Cases marked PROCESS start a real world (own process).
+BAD_INPUT = {
+    # Training flags: finiteness and range in one place (TrainConfig).
+    "train-lr-inf": (TRAIN, _T + " --lr inf", "--lr inf: give a finite number"),
+    "train-lr-nan": (TRAIN, _T + " --lr nan", "--lr nan: give a finite number"),
+    "train-min-lr-nan": (TRAIN, _T + " --min-lr nan", "--min-lr nan: give a finite"),
+    "train-clip-grad-nan": (TRAIN, _T + " --clip-grad nan", "--clip-grad nan: give a finite"),
+    "train-weight-decay-inf": (TRAIN, _T + " --weight-decay inf", "--weight-decay inf: give"),
+    "train-adam-eps-nan": (TRAIN, _T + " --adam-eps nan", "--adam-eps nan: give a finite"),
+    "train-distill-temperature-nan": (TRAIN, _T + " --dynamoe-distill-temperature nan",
+                                      "--dynamoe-distill-temperature nan: give a finite"),
+    "train-distill-weight-nan": (TRAIN, _T + " --dynamoe-distill-weight nan",
+                                 "--dynamoe-distill-weight nan: give a finite"),
+    "train-router-lr-mult-inf": (TRAIN, _T + " --router-lr-mult inf",
+                                 "--router-lr-mult inf: give a finite"),
+    "train-sensitivity-max-nan": (TRAIN, _T + " --dynamoe-sensitivity-max nan",
+                                  "--dynamoe-sensitivity-max nan: give a finite"),
+    "train-timeout-inf": (TRAIN, _T + " --distributed-timeout-minutes inf",
+                          "--distributed-timeout-minutes inf: give a finite"),
+    "train-timeout-zero": (TRAIN, _T + " --distributed-timeout-minutes 0",
+                           "--distributed-timeout-minutes 0.0 is out of range"),
+    "train-warmup-equals-iters": (TRAIN, _T + " --lr-warmup-iters 2",
+                                  "--lr-warmup-iters 2 must be below --train-iters 2"),
+    "train-split-no-train": (TRAIN, _T + " --split 0,100,0",
+                             "--split 0,100,0 gives training no documents"),
+    "train-split-garbage": (TRAIN, _T + " --split a,b", "bad split 'a,b'"),
+    "train-micro-batch-zero": (TRAIN, _T + " --micro-batch-size 0",
+                               "--micro-batch-size 0 is out of range"),
+    "train-adam-beta-one": (TRAIN, _T + " --adam-beta1 1", "--adam-beta1 1.0 is out of range"),
+    "train-tp-zero": (TRAIN, _T + " --tensor-model-parallel-size 0",
+                      "--tensor-model-parallel-size 0 is out of range"),
+    "train-seed-negative": (TRAIN, _T + " --seed -1", "--seed -1 is out of range"),
+    "train-negative-lr": (TRAIN, _T + " --lr=-1e-4", "--lr -0.0001 is out of range"),
+    "train-unknown-flag": (TRAIN, _T + " --learning-rate 1e-4",
+                           "unrecognized arguments: --learning-rate"),
+    "train-lr-not-a-number": (TRAIN, _T + " --lr fast", "argument --lr: invalid float value"),
+    # Tool flags: `cli.number` ranges, refused before any work.
+    "moefy-unknown-flag": ("tools/moefy.py", "--load {ckpt} --output {out} --shells 4",
+                           "unrecognized arguments: --shells"),
+    "moefy-router-fit-lr-inf": ("tools/moefy.py", "--load {ckpt} --output {out} "
+                                "--router-fit-lr inf", "give a finite number"),
+    "moefy-label-tolerance-nan": ("tools/moefy.py", "--load {ckpt} --output {out} "
+                                  "--dynamoe-label-tolerance nan", "give a finite number"),
+    "moefy-level-fractions-nan": ("tools/moefy.py", "--load {ckpt} --output {out} "
+                                  "--dynamoe-level-fractions 0.5,nan",
+                                  "'nan': give a finite number"),
+    "moefy-batch-size-zero": ("tools/moefy.py", "--load {ckpt} --output {out} --batch-size 0",
+                              "argument --batch-size: '0' is out of range"),
+    "moefy-fit-steps-negative": ("tools/moefy.py", "--load {ckpt} --output {out} "
+                                 "--router-fit-steps -1", "'-1' is out of range"),
+    "export-ffn-budget-nan": ("tools/export.py", "--load {ckpt} --output {out} --ffn-budget nan",
+                              "give a finite number"),
+    "evaluate-sensitivity-inf": ("tools/evaluate.py", "--load {ckpt} --tokenizer smollm2 "
+                                 "--output-dir {out} --sensitivities 1,inf",
+                                 "give a finite number"),
+    "upcycle-threshold-nan": ("tools/upcycle.py", "--load {ckpt} --output {out} --threshold nan",
+                              "give a finite number"),
+    "upcycle-top-p-zero": ("tools/upcycle.py", "--load {ckpt} --output {out} --top-p 0",
+                           "argument --top-p: '0' is out of range: give a value in (0, 1]"),
+    "plan-gpu-memory-inf": ("tools/plan_layout.py", "--model tiny-llama --num-gpus 8 "
+                            "--gpu-memory-gib inf", "give a finite number"),
+    "plan-tp-zero": ("tools/plan_layout.py", "--model tiny-llama --num-gpus 8 "
+                     "--tensor-model-parallel-size 0", "'0' is out of range"),
+    "plan-global-batch-zero": ("tools/plan_layout.py", "--model tiny-llama --num-gpus 8 "
+                               "--global-batch-size 0", "'0' is out of range"),
+    "plan-reserved-negative": ("tools/plan_layout.py", "--model tiny-llama --num-gpus 8 "
+                               "--reserved-gib -1000", "'-1000' is out of range"),
+    "plan-seq-length-zero": ("tools/plan_layout.py", "--model tiny-llama --num-gpus 8 "
+                             "--seq-length 0", "'0' is out of range"),
+    "plan-reserved-above-memory": ("tools/plan_layout.py", "--model tiny-llama --num-gpus 8 "
+                                   "--gpu-memory-gib 80 --reserved-gib 90",
+                                   "reserved memory 90.0 GiB must be in [0, GPU memory"),
+    "convert-tolerance-nan": ("tools/convert_checkpoint.py", "hf-to-megatron --hf-model x "
+                              "--output {out} --tolerance nan", "give a finite number"),
+    "convert-parity-sequences-zero": ("tools/convert_checkpoint.py", "megatron-to-hf --load "
+                                      "{ckpt} --output {out} --parity-sequences 0",
+                                      "'0' is out of range"),
+    "preprocess-limit-zero": ("tools/preprocess_data.py", "--input {text} --tokenizer smollm2 "
+                              "--output-prefix {out} --limit 0", "'0' is out of range"),
+    "profile-batch-size-zero": ("tools/profile_curriculum.py", "--load {ckpt} --output {out} "
+                                "--data-path {data} --tokenizer smollm2 --batch-size 0",
+                                "'0' is out of range"),
+    # Inputs that are missing, truncated or corrupt.
+    "moefy-missing-load": ("tools/moefy.py", "--load {ckpt}-absent --output {out} "
+                           "--dynamoe-importance weight", "does not exist"),
+    "moefy-truncated-shard": ("tools/moefy.py", "--load {truncated} --output {out} "
+                              "--dynamoe-importance weight", "truncated"),
+    "moefy-flipped-byte": ("tools/moefy.py", "--load {flipped} --output {out} "
+                           "--dynamoe-importance weight",
+                           "{flipped}/__0_0.distcp is corrupt (sha256 mismatch)"),
+    "m2h-flipped-byte": ("tools/convert_checkpoint.py", "megatron-to-hf --load {flipped} "
+                         "--output {out}", "{flipped}/__0_0.distcp is corrupt"),
+    "evaluate-flipped-byte": ("tools/evaluate.py", "--load {flipped} --tokenizer smollm2 "
+                              "--output-dir {out}", "{flipped}/__0_0.distcp is corrupt"),
+    "hf-truncated-safetensors": ("tools/convert_checkpoint.py", "hf-to-megatron --hf-model "
+                                 "{hf_truncated} --output {out}",
+                                 "model.safetensors is truncated"),
+    # Outputs that cannot be written: refused before the work, not after it.
+    "moefy-output-under-a-file": ("tools/moefy.py", "--load {ckpt} --output {file}/out "
+                                  "--dynamoe-importance weight", "is a file, not a folder"),
+    "moefy-output-read-only": ("tools/moefy.py", "--load {ckpt} --output {ro}/out "
+                               "--dynamoe-importance weight", "Read-only file system"),
+    "moefy-output-disk-full": ("tools/moefy.py", "--load {ckpt} --output {full}/out "
+                               "--dynamoe-importance weight", "GiB free: free space there"),
+    "m2h-output-read-only": ("tools/convert_checkpoint.py", "megatron-to-hf --load {ckpt} "
+                             "--output {ro}/hf", "Read-only file system"),
+    "preprocess-output-read-only": ("tools/preprocess_data.py", "--input {text} --tokenizer "
+                                    "smollm2 --output-prefix {ro}/data",
+                                    "Read-only file system"),
+    "evaluate-output-read-only": ("tools/evaluate.py", "--load {ckpt} --tokenizer smollm2 "
+                                  "--output-dir {ro}/eval", "Read-only file system"),
+    "train-save-is-a-file": (TRAIN, _T + " --save {file}", "is a file, not a folder"),
+    "train-save-read-only": (TRAIN, _T + " --save {ro}/run", "Read-only file system"),
+    "train-save-disk-full": (TRAIN, _T + " --save {full}/run", "--save {full}/run has too "
+                             "little free space"),
+}
+# Past argument parsing these start torch.distributed / Megatron groups of their own.
+PROCESS = {"train-save-is-a-file", "train-save-read-only", "train-save-disk-full"}
+NEEDS_MOUNTS = {name for name, (_, argv, _) in BAD_INPUT.items()
+                if "{ro}" in argv or "{full}" in argv}
 
 
-@pytest.mark.parametrize("flag,value", NON_FINITE_FLAGS)
-def test_non_finite_numeric_flags_are_refused_in_one_line(flag, value):
-    from megatron_dynamoe.training.config import parse_train_args
+def test_the_table_holds_at_least_forty_kinds_of_bad_input():
+    assert len(BAD_INPUT) >= 40
 
-    with pytest.raises(ValueError, match=f"{flag} {value}: give a finite number"):
-        parse_train_args(BASE + [flag, value])
+
+def _mount_tmpfs(path, options) -> bool:
+    os.makedirs(path, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def fault_project(tmp_path_factory, single_rank, sotu_prefix):
+    """The inputs every bad-input case may read (all under one folder, hashed before and
+    after each case), plus a read-only and a 128 KiB file system when this machine lets the
+    tests mount them (root); their cases are skipped otherwise."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from megatron_dynamoe.architectures import get_architecture, transformer_config
+    from megatron_dynamoe.checkpointing import CheckpointInfo, save_checkpoint
+    from megatron_dynamoe.model_builder import build_gpt_model
+
+    root = tmp_path_factory.mktemp("faults")
+    project = root / "project"
+    arch = get_architecture("tiny-llama")
+    ckpt = project / "dense"
+    save_checkpoint(build_gpt_model(arch, transformer_config(arch)), str(ckpt),
+                    CheckpointInfo(arch, None, {}))
+    truncated = project / "truncated"
+    shutil.copytree(ckpt, truncated)
+    shard = truncated / "__0_0.distcp"
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)
+    flipped = project / "flipped"
+    shutil.copytree(ckpt, flipped)
+    with open(flipped / "__0_0.distcp", "r+b") as f:
+        f.seek(os.path.getsize(flipped / "__0_0.distcp") // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x40]))  # one exponent bit of a weight
+    hf = project / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(dict(
+        model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=64,
+        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=512, max_position_embeddings=128)))
+    save_file({"model.embed_tokens.weight": torch.zeros(512, 64)}, str(hf / "model.safetensors"))
+    with open(hf / "model.safetensors", "r+b") as f:
+        f.truncate(os.path.getsize(hf / "model.safetensors") - 1000)
+    (project / "notes.txt").write_text("a plain file\n")
+    (project / "speech.txt").write_text("Fellow citizens, the state of the union is strong.\n")
+    mounts = {}
+    if _mount_tmpfs(root / "ro", "ro,size=128k"):
+        mounts["ro"] = root / "ro"
+    if _mount_tmpfs(root / "full", "size=128k"):
+        mounts["full"] = root / "full"
+    yield dict(root=root, project=project, ckpt=ckpt, truncated=truncated, flipped=flipped,
+               hf_truncated=hf,
+               file=project / "notes.txt", text=project / "speech.txt", data=sotu_prefix,
+               **mounts)
+    for path in mounts.values():
+        subprocess.run(["umount", str(path)], capture_output=True)
+
+
+def _run_case(name, places):
+    script, template, _ = BAD_INPUT[name]
+    argv = template.format(**places).split()
+    if name in PROCESS:
+        return subprocess.run([sys.executable, os.path.join(REPO, script), *argv], env=_env(),
+                              capture_output=True, text=True, timeout=600)
+    return run_tool_here(script, *argv)
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUT))
+def test_bad_input_gives_one_error_line_and_writes_nothing(name, fault_project, tmp_path):
+    if name in NEEDS_MOUNTS and not {"ro", "full"} <= set(fault_project):
+        pytest.skip("mounting a read-only / 128 KiB tmpfs needs root")
+    out = tmp_path / "result"
+    places = {k: str(v) for k, v in fault_project.items()}
+    places.update(out=str(out), full=str(fault_project.get("full", "")),
+                  ro=str(fault_project.get("ro", "")))
+    watched = [fault_project["project"]] + [fault_project[k] for k in ("ro", "full")
+                                            if k in fault_project]
+    before = [_tree_hash(p) for p in watched]
+    done = _run_case(name, places)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode != 0, done.stderr[-2000:]
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    phrase = BAD_INPUT[name][2].format(**places)
+    assert phrase in errors[0], (phrase, errors[0])
+    assert not os.listdir(tmp_path), "something was written next to the output"
+    assert [_tree_hash(p) for p in watched] == before, "an input changed"
 
 
 def _env():
@@ -60,30 +272,6 @@ def test_divergence_stops_before_the_step_and_keeps_the_last_good_checkpoint(sot
 
     model = load_for_evaluation(str(save)).model  # the --save folder's latest checkpoint
     assert all(torch.isfinite(p).all() for p in model.parameters())
-
-
-TOOL_FLAGS = [
-    ("tools/moefy.py", ["--load", "x", "--output", "y", "--router-fit-lr", "inf"]),
-    ("tools/moefy.py", ["--load", "x", "--output", "y", "--dynamoe-label-tolerance", "nan"]),
-    ("tools/moefy.py", ["--load", "x", "--output", "y", "--dynamoe-level-fractions",
-                        "0.5,nan"]),
-    ("tools/export.py", ["--load", "x", "--output", "y", "--ffn-budget", "nan"]),
-    ("tools/evaluate.py", ["--load", "x", "--tokenizer", "smollm2", "--output-dir", "y",
-                           "--sensitivities", "1,inf"]),
-    ("tools/upcycle.py", ["--load", "x", "--output", "y", "--threshold", "nan"]),
-    ("tools/plan_layout.py", ["--gpu-memory-gib", "inf"]),
-    ("tools/convert_checkpoint.py", ["hf-to-megatron", "--hf-model", "x", "--output", "y",
-                                     "--tolerance", "nan"]),
-]
-
-
-@pytest.mark.parametrize("script,argv", TOOL_FLAGS,
-                         ids=[f"{s.split('/')[-1]}:{a[-2]}" for s, a in TOOL_FLAGS])
-def test_tools_refuse_non_finite_numbers(script, argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        tool_main(script)(argv)
-    assert exit_info.value.code == 2
-    assert "give a finite number" in capsys.readouterr().err
 
 
 def _tree_hash(root, ignore=(".dynamoe-run.lock",)):
@@ -218,3 +406,27 @@ def test_trainer_refuses_another_runs_save_folder_and_leaves_it_intact(sotu_pref
     assert done.stderr.strip().splitlines()[-1].startswith(
         f"error: --save {save} holds another run's checkpoints"), done.stderr[-2000:]
     assert _tree_hash(save) == before
+
+
+def test_the_data_index_cache_is_private(tmp_path, monkeypatch):
+    # Megatron loads the cached index .npy files with pickle enabled: a cache folder another
+    # user owns or may write is refused, and the default is never a shared temporary folder.
+    from megatron_dynamoe.data import DataError, _check_cache_owner, default_cache_path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_path() == str(tmp_path / "xdg" / "megatron-dynamoe" / "data")
+    assert default_cache_path("runs/a") == os.path.join("runs/a", "data_cache")
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    _check_cache_owner(str(mine))
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(DataError, match="is writable by other users"):
+        _check_cache_owner(str(shared))
+    if os.getuid() == 0:  # only root can hand a folder to another user
+        foreign = tmp_path / "foreign"
+        foreign.mkdir(mode=0o700)
+        os.chown(foreign, 65534, 65534)
+        with pytest.raises(DataError, match=r"belongs to another user \(uid 65534\)"):
+            _check_cache_owner(str(foreign))

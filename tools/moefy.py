@@ -25,11 +25,17 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_dynamoe.cli import (  # noqa: E402
+    COUNT,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    ArgumentParser,
     add_calibration_arguments,
     add_layout_arguments,
     add_runtime_arguments,
     calibration_windows,
     finite_float,
+    number,
     run_tool,
 )
 
@@ -57,7 +63,7 @@ def _layers(text: str):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--load", required=True, help="dense torch_dist checkpoint folder")
@@ -66,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--output", required=True, help="DynaMoE checkpoint folder to write")
     p.add_argument("--overwrite", action="store_true")
     d = p.add_argument_group("DynaMoE")
-    d.add_argument("--dynamoe-num-shells", type=int, default=4)
+    d.add_argument("--dynamoe-num-shells", type=COUNT, default=4)
     d.add_argument("--dynamoe-level-fractions", type=_fractions, default=(0.25, 0.5, 0.75, 1.0))
     d.add_argument("--dynamoe-layers", type=_layers, default=None,
                    help="'all' (default) or 0-based layer indices to MoEfy")
@@ -77,24 +83,24 @@ def parse_args(argv=None):
     d.add_argument("--dynamoe-label-reference", choices=("residual", "ffn"),
                    default="residual", help="what a level's error is relative to: the "
                    "residual stream (default) or the full FFN output")
-    d.add_argument("--dynamoe-label-tolerance", type=finite_float, default=0.02)
+    d.add_argument("--dynamoe-label-tolerance", type=NON_NEGATIVE, default=0.02)
     d.add_argument("--dynamoe-label-tolerance-max", type=_optional_float, default=0.3,
                    help="soft labels over [tolerance, tolerance-max]; 'none' for hard labels")
-    d.add_argument("--dynamoe-label-fraction", type=finite_float, default=1.0)
-    d.add_argument("--dynamoe-router-loss-coeff", type=finite_float, default=1.0)
+    d.add_argument("--dynamoe-label-fraction", type=number(float, 0, 1, low_open=True), default=1.0)
+    d.add_argument("--dynamoe-router-loss-coeff", type=NON_NEGATIVE, default=1.0)
     d.add_argument("--dynamoe-fit-routers", action=argparse.BooleanOptionalAction,
                    default=None, help="fit the routers to their labels on the calibration "
                    "text (default: on when --tokenizer gives calibration text)")
-    d.add_argument("--router-fit-steps", type=int, default=300,
+    d.add_argument("--router-fit-steps", type=NON_NEGATIVE_INT, default=300,
                    help="full-batch Adam steps per router (convex problem)")
-    d.add_argument("--router-fit-lr", type=finite_float, default=1e-2)
+    d.add_argument("--router-fit-lr", type=POSITIVE, default=1e-2)
     c = p.add_argument_group("calibration and parity text")
     c.add_argument("--tokenizer", help="Hugging Face folder with a tokenizer, or 'smollm2'; "
                                        "needed for activation importance")
     c.add_argument("--gguf-file", help="GGUF file inside --tokenizer's folder")
     add_calibration_arguments(c, sequences=16)
-    c.add_argument("--batch-size", type=int, default=4)
-    c.add_argument("--tolerance", type=finite_float, default=1e-4,
+    c.add_argument("--batch-size", type=COUNT, default=4)
+    c.add_argument("--tolerance", type=NON_NEGATIVE, default=1e-4,
                    help="theta = 1 parity: max |logit diff| / max |logit|")
     add_layout_arguments(p)
     add_runtime_arguments(p)
@@ -122,6 +128,7 @@ def main(argv=None) -> int:
         model_batches,
         progress,
         start_runtime,
+        tree_size,
     )
     from megatron_dynamoe.dynamoe.config import DynaMoEConfig
     from megatron_dynamoe.dynamoe.moefy import calibrate_importance, moefy_state_dict
@@ -138,7 +145,8 @@ def main(argv=None) -> int:
         label_fraction=args.dynamoe_label_fraction,
         router_loss_coeff=args.dynamoe_router_loss_coeff)
     layout = layout_from_args(args)
-    check_output_path(args.output, args.overwrite, (args.load, args.tokenizer))
+    check_output_path(args.output, args.overwrite, (args.load, args.tokenizer),
+                      needed_bytes=tree_size(args.load))
     arch, info = resolve_architecture(args.load, args.model)
     if info is not None and info.dynamoe is not None:
         raise ToolError(f"{args.load} is already a DynaMoE checkpoint; MoEfy a dense one")
@@ -161,7 +169,7 @@ def main(argv=None) -> int:
     start_runtime(args, local_weights=True)
     # Both models take their weights from checkpoints: no random-init work.
     dense = build_gpt_model(arch, transformer_config(arch, perform_initialization=False))
-    load_checkpoint(dense, args.load)
+    load_checkpoint(dense, args.load, verify_checksums=args.verify_checksums)
 
     if args.tokenizer is not None:
         tokens = calibration_windows(args)

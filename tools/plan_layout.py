@@ -26,7 +26,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_dynamoe.cli import ToolError, finite_float, run_tool  # noqa: E402
+from megatron_dynamoe.cli import (  # noqa: E402
+    COUNT,
+    NON_NEGATIVE,
+    POSITIVE,
+    ArgumentParser,
+    ToolError,
+    run_tool,
+)
 from megatron_dynamoe.layout_planner import (  # noqa: E402
     FRAGMENTATION,
     GIB,
@@ -39,47 +46,47 @@ from megatron_dynamoe.layout_search import env_assignments, suggest, train_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--model", required=True, help="architecture preset (e.g. llama2-70b)")
     p.add_argument("--dense", action="store_true", help="plan the dense model (no shells)")
-    p.add_argument("--dynamoe-num-shells", type=int, default=4)
+    p.add_argument("--dynamoe-num-shells", type=COUNT, default=4)
     p.add_argument("--dynamoe-level-fractions", default=None,
                    help="comma-separated, default: the DynaMoEConfig default")
     g = p.add_argument_group("cluster")
-    g.add_argument("--num-gpus", type=int, help="total GPUs (or --nodes x --gpus-per-node)")
-    g.add_argument("--nodes", type=int)
-    g.add_argument("--gpus-per-node", type=int)
-    g.add_argument("--gpu-memory-gib", type=finite_float, default=80.0,
+    g.add_argument("--num-gpus", type=COUNT, help="total GPUs (or --nodes x --gpus-per-node)")
+    g.add_argument("--nodes", type=COUNT)
+    g.add_argument("--gpus-per-node", type=COUNT)
+    g.add_argument("--gpu-memory-gib", type=POSITIVE, default=80.0,
                    help="memory of one GPU (default 80: H100 / A100-80GB); on CPU: host "
                         "memory per rank")
-    g.add_argument("--reserved-gib", type=finite_float, default=RESERVED_GIB,
+    g.add_argument("--reserved-gib", type=NON_NEGATIVE, default=RESERVED_GIB,
                    help=f"per-rank memory outside the model's tensors (default {RESERVED_GIB:g}: "
                         f"CUDA context, NCCL buffers, workspaces; ~1 on CPU for the Python "
                         f"process)")
     g = p.add_argument_group("layout")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None)
-    g.add_argument("--expert-model-parallel-size", type=int, default=1)
-    g.add_argument("--expert-tensor-parallel-size", type=int, default=None,
+    g.add_argument("--tensor-model-parallel-size", type=COUNT, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=COUNT, default=1)
+    g.add_argument("--virtual-pipeline-model-parallel-size", type=COUNT, default=None)
+    g.add_argument("--expert-model-parallel-size", type=COUNT, default=1)
+    g.add_argument("--expert-tensor-parallel-size", type=COUNT, default=None,
                    help="default: the TP size (Megatron's default)")
-    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--context-parallel-size", type=COUNT, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action=argparse.BooleanOptionalAction,
                    default=True, help="shard optimizer state over data parallel (default: on, "
                                       "as launch/train.py)")
     g.add_argument("--recompute-granularity", choices=("selective", "full"), default=None)
     g.add_argument("--recompute-method", choices=("uniform", "block"), default="uniform")
-    g.add_argument("--recompute-num-layers", type=int, default=1)
+    g.add_argument("--recompute-num-layers", type=COUNT, default=1)
     g.add_argument("--flash-attention", action="store_true",
                    help="attention kernels that keep no s x s tensors (Transformer Engine / "
                         "FlashAttention); default: Megatron's unfused local attention")
     g = p.add_argument_group("batch and precision")
-    g.add_argument("--micro-batch-size", type=int, default=1)
-    g.add_argument("--global-batch-size", type=int, default=8)
-    g.add_argument("--seq-length", type=int, default=256)
+    g.add_argument("--micro-batch-size", type=COUNT, default=1)
+    g.add_argument("--global-batch-size", type=COUNT, default=8)
+    g.add_argument("--seq-length", type=COUNT, default=256)
     g.add_argument("--bf16", action="store_true", help="bf16 weights/activations with fp32 "
                                                        "main params (default: fp32, as on CPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

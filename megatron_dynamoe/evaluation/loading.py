@@ -49,9 +49,11 @@ def model_family(info: Optional[CheckpointInfo]) -> str:
     return "dynamoe"
 
 
-def load_for_evaluation(path: str, preset: Optional[str] = None) -> LoadedModel:
+def load_for_evaluation(path: str, preset: Optional[str] = None,
+                        verify_checksums: bool = True) -> LoadedModel:
     """Build the checkpoint's model at TP = PP = EP = 1 (parallel groups initialised), load
-    it and put it in eval mode. Raises CheckpointError for a missing / corrupt checkpoint."""
+    it and put it in eval mode. Raises CheckpointError for a missing / corrupt checkpoint
+    (`verify_checksums`: check its files against their checksums.json first)."""
     from megatron_dynamoe.architectures import transformer_config
     from megatron_dynamoe.evaluation.baselines import build_topk_model, topk_overrides
     from megatron_dynamoe.model_builder import build_gpt_model
@@ -70,7 +72,8 @@ def load_for_evaluation(path: str, preset: Optional[str] = None) -> LoadedModel:
     else:
         model = build_gpt_model(arch, transformer_config(arch, dynamoe=dyn,
                                                          perform_initialization=False), dyn)
-    load_checkpoint(model, folder, origin=f"the {family} model of {folder}")
+    load_checkpoint(model, folder, origin=f"the {family} model of {folder}",
+                    verify_checksums=verify_checksums)
     if family == "dynamoe":
         from megatron_dynamoe.evaluation.budget import apply_checkpoint_sensitivities
 

@@ -37,7 +37,8 @@ def _launch_train_module():
 
 
 def write_topk_init(load: str, output: str, overwrite: bool = False,
-                    tolerance: float = 1e-4, device: str = "auto") -> None:
+                    tolerance: float = 1e-4, device: str = "auto",
+                    verify_checksums: bool = True) -> None:
     """Write the top-k initial checkpoint of DynaMoE checkpoint `load` to `output` after its
     parity checks (single process): k = S against theta = 1 at `tolerance`, and the untrained
     router at k < S against the static sub-network of as many shells (the tie-break picks
@@ -46,7 +47,13 @@ def write_topk_init(load: str, output: str, overwrite: bool = False,
 
     from megatron_dynamoe.architectures import transformer_config
     from megatron_dynamoe.checkpointing import CheckpointInfo, save_checkpoint
-    from megatron_dynamoe.cli import ToolError, check_output_path, check_parity, megatron_logits
+    from megatron_dynamoe.cli import (
+        ToolError,
+        check_output_path,
+        check_parity,
+        megatron_logits,
+        tree_size,
+    )
     from megatron_dynamoe.evaluation.baselines import (
         TOPK_FAMILY,
         build_topk_model,
@@ -58,9 +65,9 @@ def write_topk_init(load: str, output: str, overwrite: bool = False,
     from megatron_dynamoe.model_builder import set_sensitivity, set_static_level
     from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
 
-    check_output_path(output, overwrite, (load,))
+    check_output_path(output, overwrite, (load,), needed_bytes=tree_size(load))
     initialize_parallel(ParallelLayout(), device=device)
-    source = load_for_evaluation(load)
+    source = load_for_evaluation(load, verify_checksums=verify_checksums)
     if source.family != "dynamoe":
         raise ToolError(f"{load} is a {source.family} checkpoint: the top-k baseline starts "
                         f"from a DynaMoE (MoEfied) checkpoint")
@@ -106,12 +113,12 @@ def train_topk(argv) -> int:
 
 def main(argv=None) -> int:
     """`init --load DYNAMOE --output DIR [--overwrite]` or `train <launch/train.py flags>`."""
-    import argparse
+    from megatron_dynamoe.cli import ArgumentParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:
         return train_topk(argv[1:])
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     init = sub.add_parser("init", help="top-k initial checkpoint from a DynaMoE checkpoint")
     init.add_argument("--load", required=True)
@@ -120,9 +127,11 @@ def main(argv=None) -> int:
     from megatron_dynamoe.runtime.device import DEVICE_CHOICES
 
     init.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    init.add_argument("--no-verify-checksums", dest="verify_checksums", action="store_false")
     sub.add_parser("train", help="fine-tune (launch/train.py flags)")
     args = parser.parse_args(argv)
-    write_topk_init(args.load, args.output, args.overwrite, device=args.device)
+    write_topk_init(args.load, args.output, args.overwrite, device=args.device,
+                    verify_checksums=args.verify_checksums)
     return 0
 
 

@@ -11,8 +11,10 @@ NCCL communicators are released rather than leaked into interpreter shutdown).
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch.distributed as dist
 
 from megatron_dynamoe.runtime import device as runtime_device
@@ -109,6 +111,16 @@ def initialize_parallel(layout: ParallelLayout, seed: int = 1234,
         # default is 30 minutes, whatever --distributed-timeout-minutes says).
         distributed_timeout_minutes=timeout_minutes,
     )
+    # Megatron-Core 0.16.1 creates the expert data-parallel gloo group without a timeout
+    # (30 minutes): a stalled rank would hang the distributed optimizer's checkpoint gathers.
+    expert_gloo = getattr(parallel_state, "_EXPERT_DATA_PARALLEL_GROUP_GLOO", None)
+    if expert_gloo is not None:
+        expert_gloo.set_timeout(timedelta(minutes=timeout_minutes))
+    # Every generator from --seed, as Megatron-LM: data-parallel ranks then hold identical
+    # Python / NumPy states too, so a checkpoint's one copy per model-parallel position
+    # resumes them exactly at any data-parallel size.
+    random.seed(seed)
+    np.random.seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return ProcessGroupCollection.use_mpu_process_groups()
 

@@ -37,6 +37,13 @@ class TrainConfig:
     device: str = "auto"
     transformer_impl: str = "local"
     distributed_timeout_minutes: float = 10.0
+    # Check every checkpoint file against the checksums.json manifest written with it before
+    # loading (--no-verify-checksums skips the hashing; sizes are always checked).
+    verify_checksums: bool = True
+    # Megatron-LM's --dist-ckpt-optim-fully-reshardable: save the distributed optimizer's state
+    # so that it resumes at other TP / PP sizes too (each save gathers every shard's state on
+    # its data-parallel ranks); the default format resumes at any DP size only.
+    dist_ckpt_optim_fully_reshardable: bool = False
     # Layout.
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
@@ -131,14 +138,11 @@ class TrainConfig:
             # infinite learning rate trains NaN from the second step).
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"--{f.name.replace('_', '-')} {value}: give a finite number")
-        if not self.distributed_timeout_minutes > 0:
-            raise ValueError("--distributed-timeout-minutes must be > 0")
-        for name in ("micro_batch_size", "global_batch_size", "seq_length", "train_iters",
-                     "log_interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.save_interval is not None and self.save_interval < 1:
-            raise ValueError("--save-interval must be >= 1")
+            if f.name in RANGES and value is not None:
+                low, high, text = RANGES[f.name]
+                if not (low(value) and high(value)):
+                    raise ValueError(f"--{f.name.replace('_', '-')} {value} is out of range: "
+                                     f"give a value in {text}")
         if self.save_interval is not None and self.save is None:
             raise ValueError("--save-interval needs --save DIR")
         if self.overwrite and self.save is None:
@@ -148,10 +152,16 @@ class TrainConfig:
                              f"{LR_DECAY_STYLES}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
-        if not 0.0 < self.router_lr_mult <= 1e4:
-            raise ValueError(f"--router-lr-mult {self.router_lr_mult} must be in (0, 1e4]")
-        if self.lr_warmup_iters < 0 or self.lr_warmup_iters > self.train_iters:
-            raise ValueError("--lr-warmup-iters must be in [0, --train-iters]")
+        from megatron_dynamoe.data import parse_split
+
+        if parse_split(self.split)[0] == 0:
+            raise ValueError(f"--split {self.split} gives training no documents: give the "
+                             f"first (train) weight a value > 0, e.g. 98,2,0")
+        if self.lr_warmup_iters >= self.train_iters:
+            # Megatron's scheduler needs decay steps after the warm-up.
+            raise ValueError(f"--lr-warmup-iters {self.lr_warmup_iters} must be below "
+                             f"--train-iters {self.train_iters}: the schedule decays after the "
+                             f"warm-up")
         if not 0.0 <= self.dynamoe_sensitivity_min <= self.dynamoe_sensitivity_max <= 1.0:
             raise ValueError("need 0 <= --dynamoe-sensitivity-min <= --dynamoe-sensitivity-max "
                              "<= 1")
@@ -160,16 +170,10 @@ class TrainConfig:
         if self.moe_token_dispatcher_type not in ("alltoall", "allgather"):
             raise ValueError("--moe-token-dispatcher-type must be 'alltoall' or 'allgather'")
         self._check_recompute()
-        if not 0.0 <= self.dynamoe_distill_weight <= 1.0:
-            raise ValueError("--dynamoe-distill-weight must be in [0, 1]")
         if self.curriculum_mode not in ("window", "global"):
             raise ValueError("--curriculum-mode must be 'window' or 'global'")
-        if self.curriculum_window is not None and self.curriculum_window < 1:
-            raise ValueError("--curriculum-window must be >= 1")
         if self.curriculum_window is not None and self.curriculum_scores is None:
             raise ValueError("--curriculum-window needs --curriculum-scores FILE")
-        if self.dynamoe_distill_temperature <= 0:
-            raise ValueError("--dynamoe-distill-temperature must be > 0")
         if self.dense and self.dynamoe_distill_teacher:
             raise ValueError("--dynamoe-distill-teacher distils a dense teacher into a DynaMoE "
                              "student: drop --dense")
@@ -232,16 +236,61 @@ class TrainConfig:
         return asdict(self)
 
 
+def _range(low=None, high=None, low_open=False, high_open=False):
+    """(low test, high test, '[low, high)' text) of a numeric flag's range."""
+    def above(v):
+        return low is None or (v > low if low_open else v >= low)
+
+    def below(v):
+        return high is None or (v < high if high_open else v <= high)
+
+    text = (f"{'(' if low_open or low is None else '['}{'-inf' if low is None else low}, "
+            f"{'inf' if high is None else high}{')' if high_open or high is None else ']'}")
+    return above, below, text
+
+
+# Every numeric flag's range, in one place (NaN / Inf are refused for all floats before).
+# A flag absent here may take any finite value; None (an unset optional flag) is not checked.
+RANGES = {
+    "distributed_timeout_minutes": _range(0, low_open=True),
+    "tensor_model_parallel_size": _range(1), "pipeline_model_parallel_size": _range(1),
+    "expert_model_parallel_size": _range(1), "expert_tensor_parallel_size": _range(1),
+    "virtual_pipeline_model_parallel_size": _range(1),
+    "micro_batch_size": _range(1), "global_batch_size": _range(1), "seq_length": _range(1),
+    "train_iters": _range(1), "log_interval": _range(1), "save_interval": _range(1),
+    "exit_after_iters": _range(1), "curriculum_window": _range(1),
+    "recompute_num_layers": _range(1), "dynamoe_num_shells": _range(1),
+    "lr": _range(0), "min_lr": _range(0), "lr_warmup_iters": _range(0),
+    "router_lr_mult": _range(0, 1e4, low_open=True),
+    "weight_decay": _range(0), "clip_grad": _range(0),
+    "adam_beta1": _range(0, 1, high_open=True), "adam_beta2": _range(0, 1, high_open=True),
+    "adam_eps": _range(0, low_open=True), "seed": _range(0),
+    "dynamoe_sensitivity_min": _range(0, 1), "dynamoe_sensitivity_max": _range(0, 1),
+    "dynamoe_label_tolerance": _range(0), "dynamoe_label_tolerance_max": _range(0),
+    "dynamoe_label_fraction": _range(0, 1, low_open=True),
+    "dynamoe_router_loss_coeff": _range(0),
+    "dynamoe_distill_weight": _range(0, 1),
+    "dynamoe_distill_temperature": _range(0, low_open=True),
+}
+
+
 def _flag_type(hint):
     """argparse type of a TrainConfig field from its annotation (Optional[X] -> X)."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if typing.get_origin(hint) is typing.Union and args else hint
 
 
+class _FlagParser(argparse.ArgumentParser):
+    """argparse whose errors (an unknown flag, a value that is not a number) are ValueErrors,
+    reported like TrainConfig's own checks: one `error:` line and exit 2."""
+
+    def error(self, message: str):
+        raise ValueError(f"{message} (see launch/train.py --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `launch/train.py` argument parser (one flag per TrainConfig field)."""
-    p = argparse.ArgumentParser(description="Fine-tune a DynaMoE (or dense) GPT model on "
-                                            "Megatron-Core.")
+    p = _FlagParser(description="Fine-tune a DynaMoE (or dense) GPT model on Megatron-Core.")
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")

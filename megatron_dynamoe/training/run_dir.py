@@ -33,8 +33,17 @@ def claim_save_dir(save: str, load: Optional[str], overwrite: bool
     """(open lock file to keep, None) when this run may write to `save`, or (None or the lock,
     a one-line reason) when it may not. With `overwrite`, another run's checkpoints in `save`
     are deleted first."""
-    os.makedirs(save, exist_ok=True)
-    lock = open(os.path.join(save, LOCK_FILE), "a+")
+    from megatron_dynamoe.cli import describe_os_error
+
+    if os.path.exists(save) and not os.path.isdir(save):
+        return None, f"--save {save} is a file, not a folder: choose a folder for checkpoints"
+    try:
+        # Creating the folder and its lock file also proves --save is writable, before any
+        # work (a read-only or full file system would otherwise fail at the first save).
+        os.makedirs(save, exist_ok=True)
+        lock = open(os.path.join(save, LOCK_FILE), "a+")
+    except OSError as e:
+        return None, f"--save: {describe_os_error(e)}"
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

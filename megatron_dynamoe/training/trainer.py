@@ -205,8 +205,48 @@ def build_teacher(cfg: TrainConfig, model_info, layout_config):
         cfg.layout, sequence_parallel=cfg.sequence_parallel,
         params_dtype=layout_config.params_dtype, perform_initialization=False)
     chunks = build_model_chunks(provider, config)
-    load_checkpoint(chunks, cfg.dynamoe_distill_teacher, origin="the distillation teacher")
+    load_checkpoint(chunks, cfg.dynamoe_distill_teacher, origin="the distillation teacher",
+                    verify_checksums=cfg.verify_checksums)
     return FrozenTeacher(chunks)
+
+
+def check_checkpoint_space(save: str, model, optimizer, distributed_optimizer: bool) -> None:
+    """Refuse to start training when `save`'s file system cannot hold one more checkpoint
+    (a full disk would otherwise surface at the first save, after hours of work). The size
+    is estimated from this run's tensors: every rank's parameters and optimizer state (fp32
+    master weights and Adam moments), summed over ranks by one all-reduce at start-up."""
+    import os
+    import shutil
+
+    from megatron.core import parallel_state
+
+    from megatron_dynamoe.checkpointing import CheckpointError
+    from megatron_dynamoe.runtime.device import any_rank, comm_device
+
+    weights = sum(p.numel() * p.element_size() for chunk in model for p in chunk.parameters())
+    state = 0
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        # Adam keeps two fp32 moments (+ an fp32 master copy with bf16 weights) per element.
+        per_element = 8 + (4 if getattr(opt.config, "bf16", False) else 0)
+        state += per_element * sum(p.numel() for g in opt.optimizer.param_groups
+                                   for p in g["params"])
+    total = torch.tensor([weights, state], dtype=torch.int64, device=comm_device())
+    dist.all_reduce(total)
+    weights, state = total.tolist()
+    # Data-parallel replicas hold the same weights (written once); the distributed
+    # optimizer's state shards are disjoint over DP, a plain optimizer's are replicas.
+    dp = parallel_state.get_data_parallel_world_size()
+    needed = weights // dp + (state if distributed_optimizer else state // dp)
+    existing = os.path.abspath(save)
+    while not os.path.exists(existing):  # rank 0 may not have created --save yet
+        existing = os.path.dirname(existing)
+    free = shutil.disk_usage(existing).free
+    # Rank 0 (which creates the folders) decides for all: no rank may be left waiting.
+    if any_rank(dist.get_rank() == 0 and free < needed):
+        raise CheckpointError(f"--save {save} has too little free space (rank 0 sees "
+                              f"{free / 2**30:.2f} GiB), but one "
+                              f"checkpoint of this run needs about {needed / 2**30:.2f} GiB: "
+                              f"free space there or choose another --save")
 
 
 def build_training_model(cfg: TrainConfig, provider):
@@ -283,13 +323,17 @@ def train(cfg: TrainConfig, model_info, source: BatchSource, logger=None,
     iteration, consumed = 0, 0
     resume = latest_checkpoint(cfg.load) if cfg.load else None
     if resume is not None:
-        iteration, consumed = load_training_state(resume[1], model, optimizer, scheduler)
+        iteration, consumed = load_training_state(resume[1], model, optimizer, scheduler,
+                                                  verify_checksums=cfg.verify_checksums)
         if logger:
             logger.text(f"resumed from {resume[1]} at iteration {iteration}")
     elif cfg.pretrained_checkpoint or cfg.load:
         # A model checkpoint (not a training one): weights only, fresh optimizer.
-        load_checkpoint(model, cfg.pretrained_checkpoint or cfg.load)
+        load_checkpoint(model, cfg.pretrained_checkpoint or cfg.load,
+                        verify_checksums=cfg.verify_checksums)
         optimizer.reload_model_params()
+    if cfg.save:
+        check_checkpoint_space(cfg.save, model, optimizer, cfg.use_distributed_optimizer)
     teacher = build_teacher(cfg, model_info, config) if cfg.dynamoe_distill_teacher else None
     forward_step = (functools.partial(_distill_forward_step, cfg.dynamoe_distill_weight,
                                       cfg.dynamoe_distill_temperature)
@@ -371,8 +415,10 @@ def train(cfg: TrainConfig, model_info, source: BatchSource, logger=None,
                                  or iteration == cfg.train_iters):
                     info = dataclasses.replace(
                         model_info, extra={**model_info.extra, "model_provider": provider.name})
-                    folder = save_training_state(cfg.save, iteration, model, optimizer, scheduler,
-                                                 consumed, info)
+                    folder = save_training_state(
+                        cfg.save, iteration, model, optimizer, scheduler, consumed, info,
+                        optimizer_sharding=("fully_reshardable"
+                                            if cfg.dist_ckpt_optim_fully_reshardable else None))
                     if logger:
                         logger.text(f"saved {folder}")
                 if stop_now or exit_now:
