@@ -1,0 +1,1 @@
+"""Checkpoints: Megatron torch_dist (atomic, checksummed), integrity checks, Hugging Face interop."""

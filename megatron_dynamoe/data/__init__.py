@@ -1,0 +1,1 @@
+"""Data: Megatron indexed datasets and blends, the shipped corpora, curriculum orders."""
