@@ -203,4 +203,4 @@ bench: install
 	$(PYTHON) bench/bench_layer.py
 
 main: install
-	$(PYTHON) -m megatron_dynamoe.demo
+	$(PYTHON) -m megatron_dynamoe.cli.demo

@@ -38,9 +38,24 @@ setup(
         "psutil",  # megatron.core.dist_checkpointing needs it; megatron-core does not declare it
         "numpy",
     ],
+    # One command per tool (megatron_dynamoe/cli/); tools/*.py and launch/train.py are thin
+    # wrappers of the same entry points for Megatron-style `python tools/X.py` use.
     entry_points={
         "console_scripts": [
-            # "dynamoe-convert = megatron_dynamoe.cli.convert:main",
+            f"{command} = megatron_dynamoe.cli.{module}:entry"
+            for command, module in (
+                ("dynamoe-convert", "convert_checkpoint"),
+                ("dynamoe-moefy", "moefy"),
+                ("dynamoe-export", "export"),
+                ("dynamoe-upcycle", "upcycle"),
+                ("dynamoe-evaluate", "evaluate"),
+                ("dynamoe-train", "train"),
+                ("dynamoe-topk", "topk"),
+                ("dynamoe-plan", "plan_layout"),
+                ("dynamoe-preprocess", "preprocess_data"),
+                ("dynamoe-profile-curriculum", "profile_curriculum"),
+                ("dynamoe-main", "demo"),
+            )
         ],
     },
     classifiers=[

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -31,28 +30,27 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_dynamoe.adaptive.config import AdaptiveGatingConfig  # noqa: E402
-from megatron_dynamoe.adaptive.provider import AdaptiveMoEProvider, adaptive_layers  # noqa: E402
-from megatron_dynamoe.adaptive.upcycle import (  # noqa: E402
+from megatron_dynamoe.adaptive.config import AdaptiveGatingConfig
+from megatron_dynamoe.adaptive.provider import AdaptiveMoEProvider, adaptive_layers
+from megatron_dynamoe.adaptive.upcycle import (
     capture_ffn_inputs,
     upcycle_state_dict,
     upcycled_gating,
 )
-from megatron_dynamoe.architectures import ModelArchitecture  # noqa: E402
-from megatron_dynamoe.checkpointing import CheckpointInfo, save_checkpoint  # noqa: E402
-from megatron_dynamoe.corpora import load_texts  # noqa: E402
-from megatron_dynamoe.curriculum import (  # noqa: E402
+from megatron_dynamoe.models.architectures import ModelArchitecture
+from megatron_dynamoe.checkpoint.torch_dist import CheckpointInfo, save_checkpoint
+from megatron_dynamoe.data.corpora import load_texts
+from megatron_dynamoe.data.curriculum import (
     CurriculumOrder,
     curriculum_source,
     profile_scores,
 )
-from megatron_dynamoe.data import collate_samples  # noqa: E402
-from megatron_dynamoe.model_builder import ModelProvider, causal_attention_mask  # noqa: E402
-from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel  # noqa: E402
-from megatron_dynamoe.training.config import TrainConfig  # noqa: E402
-from megatron_dynamoe.training.trainer import train  # noqa: E402
+from megatron_dynamoe.data.datasets import collate_samples
+from megatron_dynamoe.models.builder import ModelProvider, causal_attention_mask
+from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
+from megatron_dynamoe.training.config import TrainConfig
+from megatron_dynamoe.training.trainer import train
 
 
 def byte_windows(texts, seq_length: int, seed: int) -> torch.Tensor:

@@ -24,7 +24,6 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TENSORS = 8
 ROUNDS = 2
@@ -69,9 +68,9 @@ def _folder_bytes(folder: str) -> int:
 
 def run(nbytes: int, work: str) -> dict:
     """Every measurement, as name -> number."""
-    from megatron_dynamoe import checkpoint_integrity
-    from megatron_dynamoe.architectures import get_architecture
-    from megatron_dynamoe.checkpointing import (CheckpointInfo, load_checkpoint,
+    from megatron_dynamoe.checkpoint import integrity as checkpoint_integrity
+    from megatron_dynamoe.models.architectures import get_architecture
+    from megatron_dynamoe.checkpoint.torch_dist import (CheckpointInfo, load_checkpoint,
                                                 save_checkpoint, verify_checkpoint_files)
 
     info = CheckpointInfo(get_architecture("tiny-llama"), None, {})

@@ -13,21 +13,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron.core.transformer.spec_utils import build_module  # noqa: E402
+from megatron.core.transformer.spec_utils import build_module
 
-from megatron_dynamoe.architectures import ModelArchitecture, transformer_config  # noqa: E402
-from megatron_dynamoe.dynamoe.config import DynaMoEConfig  # noqa: E402
-from megatron_dynamoe.dynamoe.spec import dense_layer_spec, dynamoe_layer_spec  # noqa: E402
-from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel  # noqa: E402
+from megatron_dynamoe.models.architectures import ModelArchitecture, transformer_config
+from megatron_dynamoe.dynamoe.config import DynaMoEConfig
+from megatron_dynamoe.dynamoe.spec import dense_layer_spec, dynamoe_layer_spec
+from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
 
 
 def _time(fn, repeats: int, warmup: int = 1) -> float:

@@ -21,15 +21,14 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_dynamoe.architectures import ModelArchitecture  # noqa: E402
-from megatron_dynamoe.checkpointing import CheckpointInfo  # noqa: E402
-from megatron_dynamoe.dynamoe.config import DynaMoEConfig  # noqa: E402
-from megatron_dynamoe.model_builder import causal_attention_mask  # noqa: E402
-from megatron_dynamoe.runtime.parallel import initialize_parallel  # noqa: E402
-from megatron_dynamoe.training.config import TrainConfig  # noqa: E402
-from megatron_dynamoe.training.trainer import train  # noqa: E402
+from megatron_dynamoe.models.architectures import ModelArchitecture
+from megatron_dynamoe.checkpoint.torch_dist import CheckpointInfo
+from megatron_dynamoe.dynamoe.config import DynaMoEConfig
+from megatron_dynamoe.models.builder import causal_attention_mask
+from megatron_dynamoe.runtime.parallel import initialize_parallel
+from megatron_dynamoe.training.config import TrainConfig
+from megatron_dynamoe.training.trainer import train
 
 
 def _source(seq_length: int, vocab: int):

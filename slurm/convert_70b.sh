@@ -101,7 +101,7 @@ dyn_snapshot "$DYN_SCRIPT" "$DYN_PLAN_REPORT"
 } >"$SNAPSHOT_DIR/command.txt"
 
 # Host memory: the tools keep about two fp32 copies of the model.
-need_gb=$(dyn_python -c 'import sys; from megatron_dynamoe.architectures import get_architecture
+need_gb=$(dyn_python -c 'import sys; from megatron_dynamoe.models.architectures import get_architecture
 print(int(2 * 4 * get_architecture(sys.argv[1]).num_parameters() / 1e9))' "$MODEL" 2>/dev/null)
 have_gb=$(awk '/MemTotal/ {print int($2 / 1e6)}' /proc/meminfo)
 if ((have_gb < need_gb)); then

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from megatron_dynamoe.architectures import get_architecture, transformer_config
+from megatron_dynamoe.models.architectures import get_architecture, transformer_config
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
 from megatron_dynamoe.dynamoe.moefy import moefy_state_dict
-from megatron_dynamoe.model_builder import build_gpt_model, causal_attention_mask
+from megatron_dynamoe.models.builder import build_gpt_model, causal_attention_mask
 from megatron_dynamoe.runtime.parallel import ParallelLayout
 
 ARCH = get_architecture("tiny-llama")

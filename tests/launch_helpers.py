@@ -29,7 +29,7 @@ def shared_sotu_data(tmp_path_factory) -> tuple:
     """(tokenizer folder, data prefix), made once per session: the shipped SmolLM2 tokenizer
     saved as a Hugging Face folder (each training process then loads it in 0.5 s instead of
     parsing the GGUF for ~15 s) and four State of the Union speeches tokenised with it."""
-    from megatron_dynamoe.hf_interop import load_tokenizer
+    from megatron_dynamoe.checkpoint.hf import load_tokenizer
     from tests.tool_runner import run_tool_here
 
     folder = tmp_path_factory.getbasetemp() / "shared-sotu-smollm2"

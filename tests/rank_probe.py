@@ -10,9 +10,8 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_dynamoe.runtime import launch_env  # noqa: E402
+from megatron_dynamoe.runtime import launch_env
 
 
 def main():

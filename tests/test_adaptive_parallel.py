@@ -34,7 +34,11 @@ def _gating(case):
 
 
 def _worker(rank, world_size, ep, cases, workdir):
-    from megatron_dynamoe.runtime.parallel import ParallelLayout, destroy_parallel, initialize_parallel
+    from megatron_dynamoe.runtime.parallel import (
+        ParallelLayout,
+        destroy_parallel,
+        initialize_parallel,
+    )
 
     initialize_parallel(ParallelLayout(expert_model_parallel_size=ep))
     for case in cases:   # one process launch for every case (imports cost ~10 s)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_dynamoe.adaptive.config import AdaptiveGatingConfig
-from megatron_dynamoe.architectures import get_architecture
+from megatron_dynamoe.models.architectures import get_architecture
 from megatron_dynamoe.runtime.parallel import ParallelLayout
 
 ARCH = get_architecture("tiny-llama")
@@ -257,7 +257,7 @@ def test_router_rejects_mismatched_megatron_config(single_rank):
 
 def test_tensorboard_scalars_match_the_routing(single_rank):
     from megatron_dynamoe.adaptive.provider import AdaptiveMoEProvider, adaptive_layers
-    from megatron_dynamoe.model_builder import causal_attention_mask
+    from megatron_dynamoe.models.builder import causal_attention_mask
 
     gating = AdaptiveGatingConfig(num_experts=E, threshold=0.2, capacity_factor=0.6)
     provider = AdaptiveMoEProvider(ARCH, gating)

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from megatron_dynamoe.architectures import get_architecture
+from megatron_dynamoe.models.architectures import get_architecture
 from tests.tool_runner import REPO, run_tool_here
 
 
@@ -18,8 +18,8 @@ def dense_checkpoint(tmp_path_factory, single_rank):
     """A dense tiny-smollm2 checkpoint (random weights; SmolLM2's vocabulary)."""
     import torch
 
-    from megatron_dynamoe.checkpointing import CheckpointInfo, save_checkpoint
-    from megatron_dynamoe.model_builder import ModelProvider
+    from megatron_dynamoe.checkpoint.torch_dist import CheckpointInfo, save_checkpoint
+    from megatron_dynamoe.models.builder import ModelProvider
     from megatron_dynamoe.runtime.parallel import ParallelLayout
 
     arch = get_architecture("tiny-smollm2")
@@ -34,7 +34,7 @@ def dense_checkpoint(tmp_path_factory, single_rank):
 def test_upcycle_tool_writes_a_loadable_adaptive_checkpoint(dense_checkpoint, tmp_path,
                                                             single_rank):
     from megatron_dynamoe.adaptive.provider import AdaptiveMoEProvider
-    from megatron_dynamoe.checkpointing import load_checkpoint, read_info
+    from megatron_dynamoe.checkpoint.torch_dist import load_checkpoint, read_info
     from megatron_dynamoe.runtime.parallel import ParallelLayout
 
     out = str(tmp_path / "moe")
@@ -84,7 +84,7 @@ def test_profile_tool_bad_input(dense_checkpoint, tmp_path, single_rank):
 
 @pytest.mark.slow
 def test_profile_tool_scores_every_training_sample(dense_checkpoint, tmp_path, single_rank):
-    from megatron_dynamoe.curriculum import CurriculumOrder, load_scores
+    from megatron_dynamoe.data.curriculum import CurriculumOrder, load_scores
 
     prefix = str(tmp_path / "sotu")
     pre = subprocess.run([sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"),

@@ -22,9 +22,9 @@ import sys
 import pytest
 import torch
 
-from megatron_dynamoe.checkpoint_integrity import (MANIFEST_FILE, read_dcp_metadata,
+from megatron_dynamoe.checkpoint.integrity import (MANIFEST_FILE, read_dcp_metadata,
                                                    verify_checkpoint)
-from megatron_dynamoe.checkpointing import (CheckpointError, CheckpointInfo, load_checkpoint,
+from megatron_dynamoe.checkpoint.torch_dist import (CheckpointError, CheckpointInfo, load_checkpoint,
                                             save_checkpoint, verify_checkpoint_files)
 from tests.builders import ARCH, build_dense
 from tests.multiproc import run_processes
@@ -300,7 +300,7 @@ def test_real_metadata_holds_only_allowed_classes(saved):
 def _two_rank_worker(rank, world_size, folder, out):
     import torch.distributed as dist
 
-    from megatron_dynamoe import checkpoint_integrity
+    from megatron_dynamoe.checkpoint import integrity as checkpoint_integrity
     from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
 
     layout = ParallelLayout(tensor_model_parallel_size=2)

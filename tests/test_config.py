@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_dynamoe.architectures import (
+from megatron_dynamoe.models.architectures import (
     PRESETS,
     ModelArchitecture,
     get_architecture,

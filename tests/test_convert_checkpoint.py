@@ -27,14 +27,14 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, BertConfig, BertModel, GPT2Config,
                           GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM)
 
-from megatron_dynamoe.architectures import PRESETS, transformer_config
-from megatron_dynamoe.checkpointing import CheckpointInfo, load_checkpoint, read_info
-from megatron_dynamoe.cli import megatron_logits
-from megatron_dynamoe.corpora import sotu_texts
+from megatron_dynamoe.models.architectures import PRESETS, transformer_config
+from megatron_dynamoe.checkpoint.torch_dist import CheckpointInfo, load_checkpoint, read_info
+from megatron_dynamoe.utils.parity import megatron_logits
+from megatron_dynamoe.data.corpora import sotu_texts
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
-from megatron_dynamoe.hf_interop import (SMOLLM2_GGUF, architecture_from_hf_config,
+from megatron_dynamoe.checkpoint.hf import (SMOLLM2_GGUF, architecture_from_hf_config,
                                          find_smollm2_gguf)
-from megatron_dynamoe.model_builder import build_gpt_model
+from megatron_dynamoe.models.builder import build_gpt_model
 from tests.builders import build_dense
 
 pytestmark = pytest.mark.usefixtures("single_rank")

@@ -145,7 +145,11 @@ def _uneven_collectives(rank, world_size):
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
-    from megatron_dynamoe.runtime.parallel import ParallelLayout, destroy_parallel, initialize_parallel
+    from megatron_dynamoe.runtime.parallel import (
+        ParallelLayout,
+        destroy_parallel,
+        initialize_parallel,
+    )
 
     initialize_parallel(ParallelLayout(tensor_model_parallel_size=2))
     group = parallel_state.get_tensor_model_parallel_group()

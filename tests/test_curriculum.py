@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from megatron_dynamoe.adaptive.config import AdaptiveGatingConfig
-from megatron_dynamoe.architectures import get_architecture
-from megatron_dynamoe.curriculum import (
+from megatron_dynamoe.models.architectures import get_architecture
+from megatron_dynamoe.data.curriculum import (
     CurriculumError,
     CurriculumOrder,
     CurriculumScores,
@@ -149,7 +149,7 @@ def _provider(threshold):
 
 
 def _profile(provider, dataset, batch_size):
-    from megatron_dynamoe.data import collate_samples
+    from megatron_dynamoe.data.datasets import collate_samples
     from megatron_dynamoe.runtime.parallel import ParallelLayout
 
     torch.manual_seed(0)
@@ -200,9 +200,9 @@ def test_trainer_with_curriculum_resumes_bit_identically(single_rank, tmp_path):
 
 
 def test_profile_scores_dynamoe_mean_level(single_rank):
-    from megatron_dynamoe.data import collate_samples
+    from megatron_dynamoe.data.datasets import collate_samples
     from megatron_dynamoe.dynamoe.config import DynaMoEConfig
-    from megatron_dynamoe.model_builder import set_static_level
+    from megatron_dynamoe.models.builder import set_static_level
     from tests.builders import build_dynamoe
 
     model = build_dynamoe(DynaMoEConfig(num_shells=4))

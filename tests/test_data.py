@@ -1,4 +1,4 @@
-"""The data layer (megatron_dynamoe.data) and tools/preprocess_data.py, checked by numbers.
+"""The data layer (megatron_dynamoe.data.datasets) and tools/preprocess_data.py, checked by numbers.
 
 - preprocessing with the real SmolLM2 tokenizer: the .bin/.idx read back by Megatron's
   IndexedDataset equals the tokenizer's ids + EOD per document, exactly;
@@ -13,7 +13,6 @@
 
 import contextlib
 import glob
-import importlib.util
 import io
 import json
 import os
@@ -24,8 +23,8 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_dynamoe import data
-from megatron_dynamoe.data import DataError, HFTokenizerAdapter, build_gpt_datasets
+from megatron_dynamoe.data import datasets as data
+from megatron_dynamoe.data.datasets import DataError, HFTokenizerAdapter, build_gpt_datasets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOD = 2  # SmolLM2's EOS, <|im_end|>
@@ -39,7 +38,7 @@ pytestmark = pytest.mark.usefixtures("single_rank")
 def smollm2(tmp_path_factory):
     """(HF tokenizer loaded from the shipped GGUF, the same tokenizer saved as an HF folder
     that reloads in < 1 s for tool runs)."""
-    from megatron_dynamoe.hf_interop import load_tokenizer
+    from megatron_dynamoe.checkpoint.hf import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2")
     folder = str(tmp_path_factory.mktemp("tok") / "smollm2")
@@ -76,17 +75,15 @@ def corpus(tmp_path_factory):
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location(
-        "tool_preprocess_data", os.path.join(REPO, "tools", "preprocess_data.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    import megatron_dynamoe.cli.preprocess_data as module
+
     return module
 
 
 def _tool_here(*args):
     """tools/preprocess_data.py's main in this process through run_tool; stdout and stderr
     captured (what subprocess.run would return)."""
-    from megatron_dynamoe.cli import run_tool
+    from megatron_dynamoe.cli.common import run_tool
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -188,7 +185,7 @@ def test_preprocess_jsonl_and_text_read_back_exactly(smollm2, tmp_path):
 
 
 def test_preprocess_shipped_corpus_as_a_real_process(smollm2, tmp_path):
-    from megatron_dynamoe.corpora import load_texts
+    from megatron_dynamoe.data.corpora import load_texts
 
     tokenizer, folder = smollm2
     prefix = tmp_path / "sotu3"
@@ -211,7 +208,7 @@ def _stream(dataset, documents):
 def test_gpt_dataset_samples_are_windows_of_the_document_stream(adapter, corpus, tmp_path):
     from megatron.core.datasets.gpt_dataset import GPTDataset
 
-    from megatron_dynamoe.model_builder import causal_attention_mask
+    from megatron_dynamoe.models.builder import causal_attention_mask
 
     seq = 32
     train, valid, test = build_gpt_datasets(corpus["a"], adapter, seq_length=seq,

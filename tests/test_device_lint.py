@@ -26,7 +26,7 @@ HOT_PATH = [
     "megatron_dynamoe/dynamoe/routing.py",
     "megatron_dynamoe/dynamoe/experts.py",
     "megatron_dynamoe/adaptive/router.py",
-    "megatron_dynamoe/evaluation/baselines.py",
+    "megatron_dynamoe/baselines/topk.py",
     "megatron_dynamoe/training/trainer.py",
     "megatron_dynamoe/training/preemption.py",
     "megatron_dynamoe/training/monitor.py",
@@ -36,8 +36,8 @@ HOT_PATH = [
     "megatron_dynamoe/evaluation/scoring.py",
     "megatron_dynamoe/evaluation/recorder.py",
     "megatron_dynamoe/evaluation/budget.py",
-    "megatron_dynamoe/cli.py",
-    "megatron_dynamoe/norms.py",
+    "megatron_dynamoe/cli/common.py",
+    "megatron_dynamoe/models/norms.py",
 ]
 
 # (module, function) -> why a device-less factory is right there.
@@ -46,19 +46,19 @@ ALLOWED = {
     # on the policy's device right after (runtime.device.place_model).
     ("megatron_dynamoe/dynamoe/layer.py", "__init__"): "construction, placed after",
     ("megatron_dynamoe/dynamoe/router.py", "__init__"): "construction, placed after",
-    ("megatron_dynamoe/evaluation/baselines.py", "__init__"): "construction, placed after",
+    ("megatron_dynamoe/baselines/topk.py", "__init__"): "construction, placed after",
     ("megatron_dynamoe/evaluation/recorder.py", "__init__"): "host accumulators (float64)",
     # Called only by DifficultyRouter.__init__ to build its mask buffers.
     ("megatron_dynamoe/dynamoe/routing.py", "logical_level_masks"): "construction only",
     ("megatron_dynamoe/dynamoe/routing.py", "logical_group_masks"): "construction only",
     # Host-side draws from host generators, read back as Python numbers (no device involved).
     ("megatron_dynamoe/training/trainer.py", "sample_sensitivity"): "host generator",
-    ("megatron_dynamoe/evaluation/baselines.py", "routing"): "host generator picks k",
+    ("megatron_dynamoe/baselines/topk.py", "routing"): "host generator picks k",
     # torch Adam keeps its 'step' counters on the CPU (non-capturable Adam).
     ("megatron_dynamoe/training/state.py", "_materialise_optimizer_state"): "Adam step",
     ("megatron_dynamoe/training/state.py", "_restore_adam_steps"): "Adam step",
     # A state dict assembled on the host and copied into the model by load_state_dict.
-    ("megatron_dynamoe/evaluation/baselines.py", "topk_state_from_dynamoe"): "state dict",
+    ("megatron_dynamoe/baselines/topk.py", "topk_state_from_dynamoe"): "state dict",
     # Batches built on the host, then moved once by runtime.device.place_batch.
     ("megatron_dynamoe/evaluation/scoring.py", "score_requests"): "host batch, placed",
     # Host copies of the layer statistics, after the one device-to-host copy.

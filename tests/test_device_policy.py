@@ -71,7 +71,7 @@ def test_switching_device_inside_a_process_is_refused():
 # Placement against a meta target
 # ------------------------------------------------------------------------------------------
 def _tiny(dynamoe=True):
-    from megatron_dynamoe.architectures import get_architecture
+    from megatron_dynamoe.models.architectures import get_architecture
     from megatron_dynamoe.dynamoe.config import DynaMoEConfig
 
     return get_architecture("tiny-smollm2"), DynaMoEConfig(num_shells=4) if dynamoe else None
@@ -84,8 +84,8 @@ def _check_placed(module, what):
 
 @pytest.mark.usefixtures("single_rank")
 def test_built_model_is_wholly_on_the_target_rotary_frequencies_included():
-    from megatron_dynamoe.architectures import transformer_config
-    from megatron_dynamoe.model_builder import build_gpt_model
+    from megatron_dynamoe.models.architectures import transformer_config
+    from megatron_dynamoe.models.builder import build_gpt_model
 
     arch, dyn = _tiny()
     model = build_gpt_model(arch, transformer_config(arch, dynamoe=dyn), dyn)
@@ -101,9 +101,9 @@ def test_built_model_is_wholly_on_the_target_rotary_frequencies_included():
 
 @pytest.mark.usefixtures("single_rank")
 def test_trainer_chunks_teacher_and_micro_batches_on_the_target(monkeypatch):
-    from megatron_dynamoe import checkpointing
-    from megatron_dynamoe.checkpointing import CheckpointInfo
-    from megatron_dynamoe.model_builder import ModelProvider
+    from megatron_dynamoe.checkpoint import torch_dist as checkpointing
+    from megatron_dynamoe.checkpoint.torch_dist import CheckpointInfo
+    from megatron_dynamoe.models.builder import ModelProvider
     from megatron_dynamoe.training import trainer
     from megatron_dynamoe.training.config import TrainConfig
 
@@ -139,10 +139,10 @@ class _Reached(Exception):
 @pytest.fixture(scope="module")
 def tiny_checkpoints(tmp_path_factory, single_rank):
     """(dense, DynaMoE) tiny-llama checkpoints written by the real tools' code paths."""
-    from megatron_dynamoe.architectures import transformer_config
-    from megatron_dynamoe.checkpointing import CheckpointInfo, save_checkpoint
+    from megatron_dynamoe.models.architectures import transformer_config
+    from megatron_dynamoe.checkpoint.torch_dist import CheckpointInfo, save_checkpoint
     from megatron_dynamoe.dynamoe.moefy import moefy_state_dict
-    from megatron_dynamoe.model_builder import build_gpt_model
+    from megatron_dynamoe.models.builder import build_gpt_model
 
     arch, dyn = _tiny()
     root = tmp_path_factory.mktemp("placement")
@@ -179,7 +179,7 @@ def test_each_tool_builds_its_model_and_batches_on_the_target(name, tiny_checkpo
                                                               monkeypatch, request):
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_dynamoe import checkpointing
+    from megatron_dynamoe.checkpoint import torch_dist as checkpointing
     from megatron_dynamoe.evaluation import loading
 
     dense, dynamoe = tiny_checkpoints
@@ -210,7 +210,7 @@ def test_each_tool_builds_its_model_and_batches_on_the_target(name, tiny_checkpo
 def test_transformer_engine_is_never_chosen_because_it_imports(monkeypatch):
     from megatron.core.models.gpt import gpt_layer_specs
 
-    from megatron_dynamoe.architectures import transformer_config
+    from megatron_dynamoe.models.architectures import transformer_config
     from megatron_dynamoe.dynamoe import spec
     from megatron_dynamoe.runtime import transformer_impl
 
@@ -248,8 +248,8 @@ def test_apex_fused_layer_norm_is_never_used_for_rmsnorm(monkeypatch):
     from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
     from megatron.core.models.gpt import gpt_layer_specs
 
-    from megatron_dynamoe.architectures import get_architecture, transformer_config
-    from megatron_dynamoe.model_builder import build_gpt_model
+    from megatron_dynamoe.models.architectures import get_architecture, transformer_config
+    from megatron_dynamoe.models.builder import build_gpt_model
 
     monkeypatch.setattr(gpt_layer_specs, "LNImpl", FusedLayerNorm)
     arch, dyn = _tiny()
@@ -350,10 +350,10 @@ def test_checkpoint_loads_across_layer_implementations(tiny_checkpoints):
 
     if not transformer_impl.transformer_engine_available():
         pytest.skip("Transformer Engine is not installed here (the GPU image has it)")
-    from megatron_dynamoe.architectures import transformer_config
-    from megatron_dynamoe.checkpointing import load_checkpoint
-    from megatron_dynamoe.cli import megatron_logits
-    from megatron_dynamoe.model_builder import build_gpt_model
+    from megatron_dynamoe.models.architectures import transformer_config
+    from megatron_dynamoe.checkpoint.torch_dist import load_checkpoint
+    from megatron_dynamoe.utils.parity import megatron_logits
+    from megatron_dynamoe.models.builder import build_gpt_model
 
     arch, dyn = _tiny()
     tokens = torch.randint(0, arch.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -5,7 +5,7 @@
   an existing file inside the repository (and, for a `#fragment` into a Markdown file, to
   one of its headings);
 - every `--flag` written after `tools/X.py`, `launch/train.py`,
-  `python -m megatron_dynamoe.demo` or `python -m megatron_dynamoe.evaluation.topk_training`
+  `python -m megatron_dynamoe.cli.demo` or `python -m megatron_dynamoe.cli.topk`
   in a code block of those files exists in that entry point's argument parser (read from the
   parser objects themselves, so the check follows the code);
 - docs/testing.md names every entry point those code blocks run (its command table);
@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import functools
 import glob
+import importlib
 import importlib.util
 import os
 import re
@@ -141,7 +142,7 @@ def relative_links(text: str) -> Iterator[Tuple[int, str]]:
 ENTRY = re.compile(r"(?:^|/)((?:tools/[\w-]+|launch/train)\.py)$")
 SCRIPT = re.compile(r"(?:^|/)((?:tools|launch|bench)/[\w.-]+\.(?:py|sh)|slurm/[\w.-]+\.sh|"
                     r"\.ci/run)$")
-MODULES = ("megatron_dynamoe.demo", "megatron_dynamoe.evaluation.topk_training")
+MODULES = ("megatron_dynamoe.cli.demo", "megatron_dynamoe.cli.topk")
 SEPARATORS = {"|", "||", "&&", ";", "&", "(", ")"}
 SHELL_LANGS = ("", "bash", "sh", "shell", "console", "zsh")
 
@@ -299,20 +300,23 @@ def known_flags(entry: str) -> Tuple[Set[str], Dict[str, Set[str]]]:
     """Option strings of an entry point's parser, and of each of its subcommands."""
     if entry == "launch/train.py":
         return _flag_sets(_train_parser())
-    if entry == "megatron_dynamoe.demo":
-        from megatron_dynamoe import demo
+    if entry == "megatron_dynamoe.cli.demo":
+        from megatron_dynamoe.cli import demo
 
         return _flag_sets(_capture(lambda: demo.parse_args([])))
-    if entry == "megatron_dynamoe.evaluation.topk_training":
-        from megatron_dynamoe.evaluation import topk_training
+    if entry == "megatron_dynamoe.cli.topk":
+        from megatron_dynamoe.cli import topk
 
-        flags, subcommands = _flag_sets(_capture(lambda: topk_training.main(["init"])))
+        flags, subcommands = _flag_sets(_capture(lambda: topk.main(["init"])))
         # `train` hands its arguments to launch/train.py's parser.
         subcommands["train"] = _flag_sets(_train_parser())[0]
         return flags, subcommands
     if not os.path.exists(os.path.join(REPO, entry)):
         raise AssertionError(f"{entry} does not exist")
     module = _load_script(entry)
+    if hasattr(module, "entry") and not hasattr(module, "parse_args"):
+        # A thin wrapper of a command of megatron_dynamoe.cli: its parser lives there.
+        module = importlib.import_module(module.main.__module__)
     if hasattr(module, "build_parser"):
         return _flag_sets(module.build_parser())
     return _flag_sets(_capture(lambda: module.parse_args([])))
@@ -409,7 +413,7 @@ def test_the_checker_reads_commands_and_catches_a_wrong_flag(tmp_path):
         "OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 launch/train.py --lr 1e-4 \\\n"
         "    --dynamoe-sensitivity-min 0.3   # trailing --comment-flag\n"
         "make install && python tools/convert_checkpoint.py megatron-to-hf --load a --output b\n"
-        "python -m megatron_dynamoe.evaluation.topk_training train --train-iters 2\n"
+        "python -m megatron_dynamoe.cli.topk train --train-iters 2\n"
         "python tools/moefy.py --load x --outptu y\n"
         "```\n\n"
         "    python tools/export.py --load a --output b --level 2\n")
@@ -421,5 +425,5 @@ def test_the_checker_reads_commands_and_catches_a_wrong_flag(tmp_path):
     assert [c.line for c in found] == [5, 7, 7, 8, 9, 12]
     assert [command_key(c.words) for c in found] == [
         "launch/train.py", "make install", "tools/convert_checkpoint.py",
-        "-m megatron_dynamoe.evaluation.topk_training", "tools/moefy.py", "tools/export.py"]
+        "-m megatron_dynamoe.cli.topk", "tools/moefy.py", "tools/export.py"]
     assert [unknown_flags(c) for c in found] == [[], [], [], [], ["--outptu"], []]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_dynamoe.checkpointing import CheckpointError
+from megatron_dynamoe.checkpoint.torch_dist import CheckpointError
 from megatron_dynamoe.training import state as training_state
 from tests.multiproc import run_processes
 from tests.test_training import INFO, _layout_worker, initial_weights  # noqa: F401 (fixture)

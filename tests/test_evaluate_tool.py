@@ -14,12 +14,12 @@ import os
 import pytest
 import torch
 
-from megatron_dynamoe.architectures import get_architecture, transformer_config
-from megatron_dynamoe.checkpointing import CheckpointInfo, read_info, save_checkpoint
+from megatron_dynamoe.models.architectures import get_architecture, transformer_config
+from megatron_dynamoe.checkpoint.torch_dist import CheckpointInfo, read_info, save_checkpoint
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
 from megatron_dynamoe.dynamoe.moefy import moefy_state_dict
-from megatron_dynamoe.evaluation.topk_training import write_topk_init
-from megatron_dynamoe.model_builder import build_gpt_model
+from megatron_dynamoe.baselines.topk_init import write_topk_init
+from megatron_dynamoe.models.builder import build_gpt_model
 from tests.tool_runner import run_tool_here
 
 pytestmark = pytest.mark.usefixtures("single_rank")
@@ -83,8 +83,8 @@ def test_evaluate_end_to_end(checkpoints, tmp_path):
 
 
 def test_export_ffn_budget(checkpoints, tmp_path):
-    from megatron_dynamoe.checkpointing import load_checkpoint
-    from megatron_dynamoe.cli import megatron_logits
+    from megatron_dynamoe.checkpoint.torch_dist import load_checkpoint
+    from megatron_dynamoe.utils.parity import megatron_logits
     from megatron_dynamoe.evaluation.budget import set_layer_sensitivities
 
     out = tmp_path / "budget"

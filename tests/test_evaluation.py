@@ -19,15 +19,15 @@ import os
 import pytest
 import torch
 
-from megatron_dynamoe.architectures import transformer_config
-from megatron_dynamoe.cli import megatron_logits
-from megatron_dynamoe.corpora import load_texts
+from megatron_dynamoe.models.architectures import transformer_config
+from megatron_dynamoe.utils.parity import megatron_logits
+from megatron_dynamoe.data.corpora import load_texts
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
-from megatron_dynamoe.evaluation import baselines, budget, report, routing_picture, scoring
+from megatron_dynamoe.baselines import topk as baselines, budget, report, routing_picture, scoring
 from megatron_dynamoe.evaluation import tasks as task_lib
 from megatron_dynamoe.evaluation.flops import forward_flops_per_token, relative_forward_flops
 from megatron_dynamoe.evaluation.recorder import FFNComputeRecorder
-from megatron_dynamoe.model_builder import set_sensitivity, set_static_level
+from megatron_dynamoe.models.builder import set_sensitivity, set_static_level
 from megatron_dynamoe.runtime.parallel import ParallelLayout
 from tests.builders import ARCH, build_dense, build_dynamoe, moefied_state
 

@@ -169,9 +169,9 @@ def fault_project(tmp_path_factory, single_rank, sotu_prefix):
 
     from safetensors.torch import save_file
 
-    from megatron_dynamoe.architectures import get_architecture, transformer_config
-    from megatron_dynamoe.checkpointing import CheckpointInfo, save_checkpoint
-    from megatron_dynamoe.model_builder import build_gpt_model
+    from megatron_dynamoe.models.architectures import get_architecture, transformer_config
+    from megatron_dynamoe.checkpoint.torch_dist import CheckpointInfo, save_checkpoint
+    from megatron_dynamoe.models.builder import build_gpt_model
 
     root = tmp_path_factory.mktemp("faults")
     project = root / "project"
@@ -291,9 +291,9 @@ def _tree_hash(root, ignore=(".dynamoe-run.lock",)):
 
 @pytest.fixture(scope="module")
 def dense_checkpoint(tmp_path_factory, single_rank):
-    from megatron_dynamoe.architectures import get_architecture, transformer_config
-    from megatron_dynamoe.checkpointing import CheckpointInfo, save_checkpoint
-    from megatron_dynamoe.model_builder import build_gpt_model
+    from megatron_dynamoe.models.architectures import get_architecture, transformer_config
+    from megatron_dynamoe.checkpoint.torch_dist import CheckpointInfo, save_checkpoint
+    from megatron_dynamoe.models.builder import build_gpt_model
 
     arch = get_architecture("tiny-llama")
     folder = tmp_path_factory.mktemp("project") / "ckpt" / "dense"
@@ -411,7 +411,7 @@ def test_trainer_refuses_another_runs_save_folder_and_leaves_it_intact(sotu_pref
 def test_the_data_index_cache_is_private(tmp_path, monkeypatch):
     # Megatron loads the cached index .npy files with pickle enabled: a cache folder another
     # user owns or may write is refused, and the default is never a shared temporary folder.
-    from megatron_dynamoe.data import DataError, _check_cache_owner, default_cache_path
+    from megatron_dynamoe.data.datasets import DataError, _check_cache_owner, default_cache_path
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_path() == str(tmp_path / "xdg" / "megatron-dynamoe" / "data")

@@ -10,8 +10,8 @@ import torch
 from transformers import (AutoModelForCausalLM, BertConfig, GPT2Config, GPT2LMHeadModel,
                           LlamaConfig, LlamaForCausalLM)
 
-from megatron_dynamoe.architectures import PRESETS, transformer_config
-from megatron_dynamoe.hf_interop import (
+from megatron_dynamoe.models.architectures import PRESETS, transformer_config
+from megatron_dynamoe.checkpoint.hf import (
     architecture_from_hf_config,
     find_smollm2_gguf,
     hf_config_from_architecture,
@@ -19,8 +19,8 @@ from megatron_dynamoe.hf_interop import (
     load_hf_model,
     megatron_to_hf_state_dict,
 )
-from megatron_dynamoe.corpora import sotu_texts
-from megatron_dynamoe.model_builder import build_gpt_model, causal_attention_mask
+from megatron_dynamoe.data.corpora import sotu_texts
+from megatron_dynamoe.models.builder import build_gpt_model, causal_attention_mask
 
 pytestmark = pytest.mark.usefixtures("single_rank")
 

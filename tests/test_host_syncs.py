@@ -23,7 +23,7 @@ import megatron_dynamoe
 from megatron_dynamoe.dynamoe import routing as R
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
 from megatron_dynamoe.dynamoe.layer import read_stat_sums
-from megatron_dynamoe.model_builder import (
+from megatron_dynamoe.models.builder import (
     causal_attention_mask,
     dynamoe_layers,
     set_sensitivity,
@@ -258,8 +258,8 @@ def test_dynamoe_forward_backward_has_no_host_syncs(monkeypatch, label_fraction,
 
 
 def test_full_recompute_counts_each_micro_batch_once():
-    from megatron_dynamoe.architectures import transformer_config
-    from megatron_dynamoe.model_builder import build_gpt_model
+    from megatron_dynamoe.models.architectures import transformer_config
+    from megatron_dynamoe.models.builder import build_gpt_model
 
     dyn = DynaMoEConfig(num_shells=8, label_fraction=1.0, label_tolerance=0.3,
                         label_tolerance_max=None)
@@ -305,7 +305,7 @@ def test_level_counts_match_bincount():
 
 
 def test_curriculum_scores_of_dynamoe_layers_use_one_copy(monkeypatch):
-    from megatron_dynamoe.curriculum import sequence_scores
+    from megatron_dynamoe.data.curriculum import sequence_scores
 
     model = _dynamoe_model(label_fraction=0.0)
     model.eval()

@@ -1,4 +1,4 @@
-"""The main job (`python -m megatron_dynamoe.demo`): its contract, and a miniature end to end.
+"""The main job (`python -m megatron_dynamoe.cli.demo`): its contract, and a miniature end to end.
 
 The miniature (`--quick`: 2 fine-tuning iterations, 2 documents per task) converts the shipped
 SmolLM2, MoEfies, fine-tunes DynaMoE and the top-k baseline under torchrun and evaluates:
@@ -15,13 +15,13 @@ from tests.tool_runner import REPO
 
 
 def _main_job(*args, timeout=3600):
-    return subprocess.run([sys.executable, "-m", "megatron_dynamoe.demo", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "megatron_dynamoe.cli.demo", *map(str, args)],
                           cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 def test_refuses_existing_output(tmp_path, capsys):
-    from megatron_dynamoe.cli import run_tool
-    from megatron_dynamoe.demo import main
+    from megatron_dynamoe.cli.common import run_tool
+    from megatron_dynamoe.cli.demo import main
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep").write_text("x")

@@ -13,11 +13,11 @@ import os
 import pytest
 import torch
 
-from megatron_dynamoe.architectures import PRESETS, transformer_config
-from megatron_dynamoe.checkpointing import load_checkpoint, read_info
-from megatron_dynamoe.cli import megatron_logits
+from megatron_dynamoe.models.architectures import PRESETS, transformer_config
+from megatron_dynamoe.checkpoint.torch_dist import load_checkpoint, read_info
+from megatron_dynamoe.utils.parity import megatron_logits
 from megatron_dynamoe.dynamoe.export import dense_state_dict, exported_architecture
-from megatron_dynamoe.model_builder import build_gpt_model, set_sensitivity, set_static_level
+from megatron_dynamoe.models.builder import build_gpt_model, set_sensitivity, set_static_level
 from tests.builders import build_dense
 from tests.multiproc import run_processes
 from tests.tool_runner import run_tool_here, run_tool_process
@@ -153,8 +153,12 @@ def test_dense_state_dict_level_cut_is_the_prefix_of_shells(moefied):
 
 
 def _reshard_worker(rank, world_size, source, target, mode):
-    from megatron_dynamoe.checkpointing import CheckpointInfo, save_checkpoint
-    from megatron_dynamoe.runtime.parallel import ParallelLayout, destroy_parallel, initialize_parallel
+    from megatron_dynamoe.checkpoint.torch_dist import CheckpointInfo, save_checkpoint
+    from megatron_dynamoe.runtime.parallel import (
+        ParallelLayout,
+        destroy_parallel,
+        initialize_parallel,
+    )
     from tests.builders import build_dynamoe
 
     info = read_info(source)
@@ -185,7 +189,7 @@ def test_checkpoint_reshards_between_layouts(moefied, tmp_path, mode):
             layer.mlp.router.weight.normal_(generator=torch.Generator().manual_seed(2))
     set_sensitivity(model, 0.5)
     reference = megatron_logits(model, TOKENS)
-    from megatron_dynamoe.checkpointing import CheckpointInfo, save_checkpoint
+    from megatron_dynamoe.checkpoint.torch_dist import CheckpointInfo, save_checkpoint
 
     info = read_info(moefied)
     source = str(tmp_path / "tp1")

@@ -28,8 +28,12 @@ def _layout_run(rank, world_size, case, workdir):
     from megatron.core import dist_checkpointing, parallel_state
 
     from megatron_dynamoe.dynamoe.config import DynaMoEConfig
-    from megatron_dynamoe.model_builder import set_sensitivity, set_training_step
-    from megatron_dynamoe.runtime.parallel import ParallelLayout, destroy_parallel, initialize_parallel
+    from megatron_dynamoe.models.builder import set_sensitivity, set_training_step
+    from megatron_dynamoe.runtime.parallel import (
+        ParallelLayout,
+        destroy_parallel,
+        initialize_parallel,
+    )
     from tests.builders import batch, build_dense, build_dynamoe, moefied_state
 
     layout = ParallelLayout(tensor_model_parallel_size=case["tp"],

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from megatron_dynamoe.architectures import ModelArchitecture, get_architecture
+from megatron_dynamoe.models.architectures import ModelArchitecture, get_architecture
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
-from megatron_dynamoe.layout_planner import (
+from megatron_dynamoe.planning.planner import (
     GIB,
     PlanRequest,
     communication_bytes,
@@ -18,7 +18,7 @@ from megatron_dynamoe.layout_planner import (
     stage_layers,
     stage_parameters,
 )
-from megatron_dynamoe.layout_search import suggest
+from megatron_dynamoe.planning.search import suggest
 from tests.tool_runner import run_tool_here
 
 MIB = 2 ** 20

@@ -11,7 +11,6 @@ apply to this path): that grace period makes the end-to-end test slow.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import signal
@@ -34,10 +33,8 @@ SLACK_S = 25
 
 
 def _train_module():
-    spec = importlib.util.spec_from_file_location("train_for_stall_test",
-                                                  os.path.join(REPO, "launch", "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    import megatron_dynamoe.cli.train as module
+
     return module
 
 
@@ -86,7 +83,7 @@ def test_timeout_message_names_the_flag_the_iteration_and_the_fix():
     assert "within --distributed-timeout-minutes 0.25 after iteration 7" in message
     assert "a rank stalled or died" in message and "raise --distributed-timeout-minutes" in message
     assert "before this run's first iteration" in train.collective_timeout_message(10, None)
-    from megatron_dynamoe.cli import EXIT_COLLECTIVE_TIMEOUT
+    from megatron_dynamoe.cli.common import EXIT_COLLECTIVE_TIMEOUT
 
     assert EXIT_COLLECTIVE_TIMEOUT not in (0, 1, 2, 3, 4)
 
@@ -237,7 +234,7 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout(sotu_prefix, tmp_path):
     assert not [line for line in text.splitlines()
                 if line.startswith("[default0]:") and "Traceback" in line]
     # torchrun's summary: rank 0 exited with EXIT_COLLECTIVE_TIMEOUT, rank 1 was SIGKILLed.
-    from megatron_dynamoe.cli import EXIT_COLLECTIVE_TIMEOUT as code
+    from megatron_dynamoe.cli.common import EXIT_COLLECTIVE_TIMEOUT as code
     assert re.search(rf"rank\s+: 0 \(local_rank: 0\)\s+exitcode\s+: {code} ", text), text[-3000:]
     assert re.search(r"exitcode\s+: -9 .*\(SIGKILL\)", text), text[-3000:]
 

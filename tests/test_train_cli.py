@@ -102,14 +102,14 @@ def test_smollm2_dynamoe_loss_falls_on_shipped_corpus(sotu_prefix, tmp_path, sin
     few fine-tuning iterations on the shipped corpus with sensitivities in [0.5, 1]."""
     import torch.nn.functional as F
 
-    from megatron_dynamoe import hf_interop
-    from megatron_dynamoe.architectures import transformer_config
-    from megatron_dynamoe.checkpointing import CheckpointInfo, save_checkpoint
-    from megatron_dynamoe.cli import model_batches
-    from megatron_dynamoe.corpora import load_texts, token_windows
+    from megatron_dynamoe.checkpoint import hf as hf_interop
+    from megatron_dynamoe.models.architectures import transformer_config
+    from megatron_dynamoe.checkpoint.torch_dist import CheckpointInfo, save_checkpoint
+    from megatron_dynamoe.utils.parity import model_batches
+    from megatron_dynamoe.data.corpora import load_texts, token_windows
     from megatron_dynamoe.dynamoe.config import DynaMoEConfig
     from megatron_dynamoe.dynamoe.moefy import calibrate_importance, moefy_state_dict
-    from megatron_dynamoe.model_builder import build_gpt_model
+    from megatron_dynamoe.models.builder import build_gpt_model
 
     folder, gguf = hf_interop.find_smollm2_gguf()
     hf_model, tokenizer = hf_interop.load_hf_model(folder, gguf)

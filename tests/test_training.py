@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from megatron_dynamoe.architectures import get_architecture
-from megatron_dynamoe.checkpointing import CheckpointInfo
+from megatron_dynamoe.models.architectures import get_architecture
+from megatron_dynamoe.checkpoint.torch_dist import CheckpointInfo
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
 from megatron_dynamoe.training.config import TrainConfig
 from tests.builders import synthetic_source
@@ -74,10 +74,10 @@ def initial_weights(tmp_path_factory, single_rank):
     """Starting weights for every layout (random initialisation itself depends on the
     layout): a dense 4-layer tiny LLaMA (the distillation teacher) and the DynaMoE model
     MoEfied from it with random routers. Returns (dynamoe folder, dense folder)."""
-    from megatron_dynamoe.architectures import transformer_config
-    from megatron_dynamoe.checkpointing import save_checkpoint
+    from megatron_dynamoe.models.architectures import transformer_config
+    from megatron_dynamoe.checkpoint.torch_dist import save_checkpoint
     from megatron_dynamoe.dynamoe.moefy import moefy_state_dict
-    from megatron_dynamoe.model_builder import build_gpt_model
+    from megatron_dynamoe.models.builder import build_gpt_model
 
     root = tmp_path_factory.mktemp("init")
     torch.manual_seed(3)

@@ -33,7 +33,7 @@ def tool_main(script: str):
 def run_tool_here(script: str, *args) -> subprocess.CompletedProcess:
     """The same tool's `main` through `cli.run_tool` in this process (saves ~6 s of imports per
     call), stderr captured; returns what `run_tool_process` would."""
-    from megatron_dynamoe.cli import run_tool
+    from megatron_dynamoe.cli.common import run_tool
 
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):

@@ -30,8 +30,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_dynamoe.adaptive.config import AdaptiveGatingConfig
 from megatron_dynamoe.adaptive.router import AdaptiveRouter, window_scalars
 from megatron_dynamoe.adaptive.spec import decoder_block_spec
-from megatron_dynamoe.architectures import ModelArchitecture, transformer_config
-from megatron_dynamoe.model_builder import ModelProvider, build_gpt_model
+from megatron_dynamoe.models.architectures import ModelArchitecture, transformer_config
+from megatron_dynamoe.models.builder import ModelProvider, build_gpt_model
 
 CHECKPOINT_KEY = "adaptive"
 
@@ -110,7 +110,7 @@ class AdaptiveMoEProvider(ModelProvider):
     def checkpoint_info(self, provenance: Optional[dict] = None):
         """CheckpointInfo recording the architecture, the gating config and `provenance`
         (free-form keys, as the other tools write them)."""
-        from megatron_dynamoe.checkpointing import CheckpointInfo
+        from megatron_dynamoe.checkpoint.torch_dist import CheckpointInfo
 
         extra = {**(provenance or {}), CHECKPOINT_KEY: self.gating.to_dict(),
                  "model_provider": self.name}
@@ -120,7 +120,7 @@ class AdaptiveMoEProvider(ModelProvider):
     def from_checkpoint_info(cls, info) -> "AdaptiveMoEProvider":
         """The provider of a checkpoint written with `checkpoint_info` (CheckpointError when
         the checkpoint is not an adaptive-gating one)."""
-        from megatron_dynamoe.checkpointing import CheckpointError
+        from megatron_dynamoe.checkpoint.torch_dist import CheckpointError
 
         raw = (info.extra or {}).get(CHECKPOINT_KEY) if info is not None else None
         if raw is None:

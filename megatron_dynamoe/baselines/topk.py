@@ -34,12 +34,12 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_dynamoe.architectures import ModelArchitecture
+from megatron_dynamoe.models.architectures import ModelArchitecture
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
 from megatron_dynamoe.dynamoe.layer import DynaMoELayer
 from megatron_dynamoe.dynamoe.shells import shell_placement
 from megatron_dynamoe.dynamoe.spec import decoder_block_spec
-from megatron_dynamoe.model_builder import (
+from megatron_dynamoe.models.builder import (
     ModelProvider,
     build_gpt_model,
     dynamoe_layers,

@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 from transformers import GPT2Config, LlamaConfig, PretrainedConfig
 
-from megatron_dynamoe.architectures import ModelArchitecture
-from megatron_dynamoe.corpora import package_folder
+from megatron_dynamoe.models.architectures import ModelArchitecture
+from megatron_dynamoe.data.corpora import package_folder
 
 __all__ = [
     "architecture_from_hf_config",
@@ -560,7 +560,8 @@ def save_hf_pretrained(mcore_state: Mapping[str, Tensor], arch: ModelArchitectur
     """
     from transformers import AutoModelForCausalLM
 
-    from megatron_dynamoe.cli import atomic_output_dir, check_parity
+    from megatron_dynamoe.checkpoint.outputs import atomic_output_dir
+    from megatron_dynamoe.utils.parity import check_parity
 
     with atomic_output_dir(output, overwrite) as tmp:
         model = AutoModelForCausalLM.from_config(hf_config_from_architecture(arch))

@@ -40,7 +40,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_dynamoe.checkpointing import CheckpointError, check_loadable
+from megatron_dynamoe.checkpoint.torch_dist import CheckpointError, check_loadable
 
 MANIFEST_FILE = "checksums.json"
 MANIFEST_VERSION = 1

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_dynamoe.architectures import ModelArchitecture
+from megatron_dynamoe.models.architectures import ModelArchitecture
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
 
 METADATA_FILE = "dynamoe.json"
@@ -99,7 +99,7 @@ def resolve_architecture(directory: str, preset: Optional[str]) -> tuple:
     """(ModelArchitecture, CheckpointInfo or None) of a checkpoint: from its dynamoe.json,
     or from `--model PRESET` for a plain Megatron-Core checkpoint. Raises CheckpointError
     when neither is available or when they disagree."""
-    from megatron_dynamoe.architectures import get_architecture
+    from megatron_dynamoe.models.architectures import get_architecture
 
     info = read_info(directory)
     if info is None:
@@ -146,7 +146,7 @@ def save_checkpoint(model: torch.nn.Module, directory: str, info: CheckpointInfo
     if tmp.startswith("error: "):
         raise CheckpointError(tmp[len("error: "):])
     try:
-        from megatron_dynamoe.checkpoint_integrity import run_on_rank0, write_manifest
+        from megatron_dynamoe.checkpoint.integrity import run_on_rank0, write_manifest
         from megatron_dynamoe.runtime.helper_processes import start_checkpoint_writer_manager
 
         start_checkpoint_writer_manager()  # survives the job's preemption signals
@@ -225,7 +225,7 @@ def verify_checkpoint_files(directory: str, verify_checksums: bool = True,
     without `checksums.json` (plain Megatron-Core, older versions) passes with a note. Every
     rank calls it (the hashing is split over the ranks; `collective=False`: this process
     alone). Returns the torch.distributed.checkpoint Metadata, or None for another backend."""
-    from megatron_dynamoe.checkpoint_integrity import verify_checkpoint
+    from megatron_dynamoe.checkpoint.integrity import verify_checkpoint
 
     return verify_checkpoint(directory, verify_checksums, collective)
 

@@ -1,1 +1,2 @@
-"""Command-line layer: one module per tool plus what the tools share. Nothing in the library imports it."""
+"""Command-line layer: one module per tool plus what the tools share. Nothing in the library
+imports it."""

@@ -1,21 +1,18 @@
-"""What every command-line tool shares: error reporting, layout flags, progress, parity checks,
-model inputs.
+"""What the command-line tools share: the exit-code contract, argument types and groups,
+the runtime start-up.
 
 Contract of a tool: bad input prints ONE line `error: ...` naming the problem and the fix and
 exits 2; a failed numeric parity check exits 3; nothing half-written is left behind (tools
-write through `checkpointing.save_checkpoint` or `atomic_output_dir`).
+write through `checkpoint.torch_dist.save_checkpoint` or `checkpoint.outputs.atomic_output_dir`).
+Nothing in the library imports this package.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
-import os
-import shutil
 import sys
-import time
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -23,7 +20,11 @@ from megatron_dynamoe.runtime.upstream_warnings import filter_upstream_warnings
 
 filter_upstream_warnings()  # the tools' start-up: before anything imports megatron.core
 
+from megatron_dynamoe.checkpoint.outputs import describe_os_error  # noqa: E402
 from megatron_dynamoe.runtime.parallel import ParallelLayout  # noqa: E402
+from megatron_dynamoe.utils.errors import ToolError  # noqa: E402
+from megatron_dynamoe.utils.log import log  # noqa: E402
+from megatron_dynamoe.utils.parity import ParityError  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 EXIT_PARITY = 3
@@ -31,18 +32,10 @@ EXIT_DIVERGED = 4  # training met a non-finite loss or gradient and stopped
 EXIT_COLLECTIVE_TIMEOUT = 5  # a collective outlived --distributed-timeout-minutes
 
 
-class ToolError(Exception):
-    """Bad input or environment: reported as one line, exit code 2."""
-
-
-class ParityError(ToolError):
-    """A numeric parity check failed: exit code 3."""
-
-
 def run_tool(main: Callable[[Optional[Sequence[str]]], int],
              argv: Optional[Sequence[str]] = None) -> int:
     """Run `main(argv)` and turn expected failures into one `error:` line + exit code."""
-    from megatron_dynamoe.checkpointing import CheckpointError
+    from megatron_dynamoe.checkpoint.torch_dist import CheckpointError
 
     try:
         return main(argv)
@@ -57,21 +50,6 @@ def run_tool(main: Callable[[Optional[Sequence[str]]], int],
         # Read-only or full file systems, permissions: the file and the reason, no traceback.
         print(f"error: {describe_os_error(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-
-
-def describe_os_error(error: OSError) -> str:
-    """One line for a failed file operation: what failed, on which path, and what to do."""
-    import errno
-
-    where = f"{error.filename}: " if error.filename else ""
-    reason = error.strerror or str(error) or type(error).__name__
-    hint = {errno.ENOSPC: "free space there or write elsewhere",
-            errno.EDQUOT: "free space in your quota or write elsewhere",
-            errno.EROFS: "the file system is read-only: write elsewhere",
-            errno.EACCES: "check the permissions or write elsewhere",
-            errno.EPERM: "check the permissions or write elsewhere"}.get(
-        error.errno, "check the path")
-    return f"{where}{reason}; {hint}"
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -138,22 +116,6 @@ POSITIVE = number(float, 0, low_open=True)
 NON_NEGATIVE = number(float, 0)
 
 
-def log(message: str) -> None:
-    """A timestamped progress line on stderr (rank 0 only)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def progress(iterable: Iterable, desc: str, total: Optional[int] = None) -> Iterator:
-    """tqdm progress bar on stderr (rank 0 only; plain iteration elsewhere)."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        return iter(iterable)
-    from tqdm import tqdm
-
-    return iter(tqdm(iterable, desc=desc, total=total, file=sys.stderr, leave=False,
-                     dynamic_ncols=True))
-
-
 def add_layout_arguments(parser) -> None:
     """Megatron-style parallel layout flags."""
     group = parser.add_argument_group("parallel layout")
@@ -216,8 +178,8 @@ def add_calibration_arguments(group, sequences: int) -> None:
 def calibration_windows(args) -> torch.Tensor:
     """[calibration_sequences, calibration_seq_length] token windows of --calibration-text,
     tokenised with --tokenizer (+ --gguf-file)."""
-    from megatron_dynamoe.corpora import load_texts, token_windows
-    from megatron_dynamoe.hf_interop import load_tokenizer
+    from megatron_dynamoe.data.corpora import load_texts, token_windows
+    from megatron_dynamoe.checkpoint.hf import load_tokenizer
 
     return token_windows(load_tokenizer(args.tokenizer, args.gguf_file),
                          load_texts(args.calibration_text), args.calibration_seq_length,
@@ -231,133 +193,8 @@ def layout_from_args(args) -> ParallelLayout:
                           expert_model_parallel_size=args.expert_model_parallel_size)
 
 
-def check_output_path(path: str, overwrite: bool, inputs: Iterable[Optional[str]] = (),
-                      needed_bytes: int = 0) -> None:
-    """Refuse to clobber an existing output unless --overwrite, and always refuse an output
-    that is, contains or lies inside one of `inputs` (the paths the tool reads; names that
-    are not paths, such as 'smollm2', are ignored): replacing it would destroy the input,
-    with --overwrite or without. Before any work, the output's file system must also accept
-    a file (not read-only, a folder where one is needed) and have `needed_bytes` free (the
-    tool's estimate of what it writes; 0: not checked)."""
-    out = os.path.realpath(path)
-    for source in inputs:
-        if not source or not os.path.exists(source):
-            continue
-        src = os.path.realpath(source)
-        relation = ("is" if out == src else
-                    "contains" if src.startswith(out.rstrip(os.sep) + os.sep) else
-                    "lies inside" if out.startswith(src.rstrip(os.sep) + os.sep) else None)
-        if relation:
-            raise ToolError(f"output {path} {relation} the input {source}: writing it would "
-                            f"destroy the input; choose an output outside it")
-    if os.path.exists(path) and not overwrite:
-        raise ToolError(f"output {path} exists; pass --overwrite to replace it")
-    check_writable(path, needed_bytes)
-
-
-def check_writable(path: str, needed_bytes: int = 0) -> None:
-    """Raise ToolError unless a file or folder can be created at `path`: its nearest existing
-    ancestor must be a folder on a writable file system (proved by creating and removing a
-    temporary file there) with at least `needed_bytes` free."""
-    import tempfile
-
-    ancestor = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(ancestor):
-        ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor):
-        raise ToolError(f"output {path}: {ancestor} is a file, not a folder; choose another "
-                        f"output path")
-    try:
-        with tempfile.TemporaryFile(dir=ancestor):
-            pass
-    except OSError as e:
-        raise ToolError(f"output {path} cannot be written: {describe_os_error(e)}") from None
-    free = shutil.disk_usage(ancestor).free
-    if needed_bytes and free < needed_bytes:
-        raise ToolError(f"output {path} needs about {needed_bytes / 2**30:.2f} GiB, but its file "
-                        f"system has {free / 2**30:.2f} GiB free: free space there or write "
-                        f"elsewhere")
-
-
-def tree_size(path: Optional[str]) -> int:
-    """Bytes in the files under `path` (a file's own size; 0 for None or a missing path):
-    the estimate of an output made from this input (a converted or rewritten checkpoint)."""
-    if not path or not os.path.exists(path):
-        return 0
-    if os.path.isfile(path):
-        return os.path.getsize(path)
-    return sum(os.path.getsize(os.path.join(folder, name))
-               for folder, _, files in os.walk(path) for name in files)
-
-
-@contextlib.contextmanager
-def atomic_output_dir(path: str, overwrite: bool, inputs: Iterable[Optional[str]] = ()):
-    """Yield a temporary sibling folder; on success it replaces `path`, on error it is removed.
-    `inputs` as for `check_output_path`."""
-    check_output_path(path, overwrite, inputs)
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        yield tmp
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def relative_logit_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
-    """max |candidate - reference| / max |reference| (shapes must match), computed in fp32 on
-    the host: the reference may come from another device (an HF model on the CPU)."""
-    if reference.shape != candidate.shape:
-        raise ParityError(f"logit shapes differ: {tuple(candidate.shape)} vs "
-                          f"{tuple(reference.shape)}")
-    reference, candidate = reference.float().cpu(), candidate.float().cpu()
-    return ((candidate - reference).abs().max()
-            / reference.abs().max().clamp_min(1e-12)).item()
-
-
-def check_parity(reference: torch.Tensor, candidate: torch.Tensor, tolerance: float,
-                 what: str) -> float:
-    """Raise ParityError unless relative_logit_error <= tolerance; return the error."""
-    error = relative_logit_error(reference, candidate)
-    log(f"parity ({what}): max |logit diff| / max |logit| = {error:.2e} "
-        f"(tolerance {tolerance:.0e})")
-    if not error <= tolerance:  # also catches NaN
-        raise ParityError(f"{what}: relative logit error {error:.2e} > {tolerance:.0e}")
-    return error
-
-
 # ---------------------------------------------------------------------------------------------
 # Model inputs
 # ---------------------------------------------------------------------------------------------
-def model_batches(tokens: torch.Tensor, batch_size: int) -> Iterator[dict]:
-    """Batches (tokens, position_ids, causal attention_mask) for GPTModel.forward, on the
-    models' device (`runtime.device.place_batch`)."""
-    from megatron_dynamoe.model_builder import causal_attention_mask
-    from megatron_dynamoe.runtime.device import model_device, place_batch
-
-    seq_length = tokens.shape[1]
-    device = model_device()
-    mask = causal_attention_mask(seq_length, device=device)
-    positions = torch.arange(seq_length, device=device)
-    for start in range(0, tokens.shape[0], batch_size):
-        chunk = place_batch(dict(tokens=tokens[start:start + batch_size]))["tokens"]
-        yield dict(tokens=chunk, position_ids=positions.expand_as(chunk), attention_mask=mask)
 
 
-@torch.no_grad()
-def megatron_logits(model, tokens: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
-    """[n, s, V] logits of a (TP=1, PP=1) GPTModel in eval mode, on the host (one copy per
-    batch; tools compare them with host references)."""
-    was_training = model.training
-    model.eval()
-    try:
-        return torch.cat([model(b["tokens"], b["position_ids"], b["attention_mask"]).cpu()
-                          for b in model_batches(tokens, batch_size)])
-    finally:
-        model.train(was_training)

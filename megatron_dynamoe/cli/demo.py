@@ -9,7 +9,7 @@ Runs the same commands a user runs, one process each, into one output folder:
    dense);
 3. preprocess the speeches into a Megatron indexed dataset (the last --held-out-docs
    speeches are left out: they are the evaluation text);
-4. fine-tune DynaMoE briefly with launch/train.py under torchrun (--nproc processes, data
+4. fine-tune DynaMoE briefly with the trainer (launch/train.py) under torchrun (--nproc processes, data
    parallel over gloo), sensitivity sampled per iteration, TensorBoard logs;
 5. the top-k baseline (Megatron's TopKRouter over the same shells) from the same MoEfied
    weights, fine-tuned with the same data, iterations and schedule;
@@ -19,7 +19,7 @@ Runs the same commands a user runs, one process each, into one output folder:
 
 Output folder: results/ (results.md, results.json, quality_vs_compute.png, routing.png,
 routing.html), tensorboard/, ckpt/, data/, logs/ (each step's output), main_job.json
-(commands and timings; written last). Run: `python -m megatron_dynamoe.demo` (`make main`).
+(commands and timings; written last). Run: `python -m megatron_dynamoe.cli.demo` (`make main`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ import sys
 import time
 from typing import List
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The folder holding this package: every step runs the same package, installed or not.
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_args(argv=None):
@@ -76,7 +77,8 @@ class Job:
         os.makedirs(os.path.join(out, "logs"), exist_ok=True)
 
     def run(self, name: str, command: List[str], env=None) -> None:
-        from megatron_dynamoe.cli import ToolError, log
+        from megatron_dynamoe.utils.errors import ToolError
+        from megatron_dynamoe.utils.log import log
 
         index = len(self.steps) + 1
         log(f"step {index}: {name}")
@@ -86,9 +88,11 @@ class Job:
         # Line-buffered: the step log can be followed (tail -f) while the step runs.
         with open(path, "w", buffering=1) as logfile:
             # Progress bars and logs go to the terminal and the step's log file.
-            proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+            pythonpath = os.pathsep.join(filter(None, [PACKAGE_PARENT,
+                                                       os.environ.get("PYTHONPATH")]))
+            proc = subprocess.Popen(command, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True,
-                                    env=dict(os.environ, PYTHONPATH=REPO, **(env or {})))
+                                    env=dict(os.environ, PYTHONPATH=pythonpath, **(env or {})))
             for line in proc.stdout:
                 logfile.write(line)
                 if not _noise(line):
@@ -111,7 +115,8 @@ def _noise(line: str) -> bool:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_dynamoe.cli import ToolError, log
+    from megatron_dynamoe.utils.errors import ToolError
+    from megatron_dynamoe.utils.log import log
 
     out = os.path.abspath(args.output_dir)
     if os.path.exists(out):
@@ -122,15 +127,16 @@ def main(argv=None) -> int:
     py = sys.executable
     ckpt, data = os.path.join(out, "ckpt"), os.path.join(out, "data", "sotu")
     job = Job(out)
-    job.run("convert", [py, "tools/convert_checkpoint.py", "hf-to-megatron", "--hf-model",
-                        "smollm2", "--output", f"{ckpt}/smollm2"])
-    job.run("moefy", [py, "tools/moefy.py", "--load", f"{ckpt}/smollm2", "--output",
-                      f"{ckpt}/smollm2-dynamoe", "--tokenizer", "smollm2",
+    job.run("convert", [py, "-m", "megatron_dynamoe.cli.convert_checkpoint", "hf-to-megatron",
+                        "--hf-model", "smollm2", "--output", f"{ckpt}/smollm2"])
+    job.run("moefy", [py, "-m", "megatron_dynamoe.cli.moefy", "--load", f"{ckpt}/smollm2",
+                      "--output", f"{ckpt}/smollm2-dynamoe", "--tokenizer", "smollm2",
                       "--calibration-sequences", str(args.calibration_sequences)])
-    from megatron_dynamoe.corpora import sotu_texts
+    from megatron_dynamoe.data.corpora import sotu_texts
 
     train_docs = len(sotu_texts()) - args.held_out_docs
-    job.run("preprocess", [py, "tools/preprocess_data.py", "--input", "sotu", "--tokenizer",
+    job.run("preprocess", [py, "-m", "megatron_dynamoe.cli.preprocess_data", "--input", "sotu",
+                           "--tokenizer",
                            "smollm2", "--output-prefix", data, "--limit", str(train_docs)])
     micro = max(1, args.global_batch_size // args.nproc)
     common = ["--tokenizer", "smollm2", "--data-path", data, "--micro-batch-size", str(micro),
@@ -142,11 +148,11 @@ def main(argv=None) -> int:
                 str(args.nproc)]
     distill = (["--dynamoe-distill-teacher", f"{ckpt}/smollm2"] if args.distill else [])
     job.run("fine-tune dynamoe", torchrun + [
-        "launch/train.py", "--pretrained-checkpoint", f"{ckpt}/smollm2-dynamoe", "--save",
-        f"{ckpt}/dynamoe-ft", "--tensorboard-dir", os.path.join(out, "tensorboard", "dynamoe"),
+        "-m", "megatron_dynamoe.cli.train", "--pretrained-checkpoint", f"{ckpt}/smollm2-dynamoe",
+        "--save", f"{ckpt}/dynamoe-ft", "--tensorboard-dir", os.path.join(out, "tensorboard", "dynamoe"),
         "--dynamoe-sensitivity-min", str(args.sensitivity_min), *distill, *common])
-    evaluate = [py, "tools/evaluate.py", "--load", f"{ckpt}/dynamoe-ft", "--dense-load",
-                f"{ckpt}/smollm2", "--tokenizer", "smollm2", "--output-dir",
+    evaluate = [py, "-m", "megatron_dynamoe.cli.evaluate", "--load", f"{ckpt}/dynamoe-ft",
+                "--dense-load", f"{ckpt}/smollm2", "--tokenizer", "smollm2", "--output-dir",
                 os.path.join(out, "results"), "--sensitivities", args.sensitivities,
                 "--tasks", args.tasks, "--limit", str(args.limit), "--eval-sequences",
                 str(args.eval_sequences), "--held-out-docs", str(args.held_out_docs),
@@ -154,11 +160,11 @@ def main(argv=None) -> int:
     if args.ffn_budget:
         evaluate += ["--ffn-budget", args.ffn_budget]
     if not args.no_topk:
-        job.run("top-k init", [py, "-m", "megatron_dynamoe.evaluation.topk_training", "init",
+        job.run("top-k init", [py, "-m", "megatron_dynamoe.cli.topk", "init",
                                "--load", f"{ckpt}/smollm2-dynamoe", "--output",
                                f"{ckpt}/smollm2-topk"])
         job.run("fine-tune top-k", torchrun + [
-            "-m", "megatron_dynamoe.evaluation.topk_training", "train",
+            "-m", "megatron_dynamoe.cli.topk", "train",
             "--pretrained-checkpoint", f"{ckpt}/smollm2-topk", "--save", f"{ckpt}/topk-ft",
             "--tensorboard-dir", os.path.join(out, "tensorboard", "topk"), *common])
         evaluate += ["--topk-load", f"{ckpt}/topk-ft", "--baselines", "dense,static,topk"]
@@ -175,7 +181,12 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from megatron_dynamoe.cli import run_tool
+def entry() -> None:
+    """The `dynamoe-main` console command and `python -m megatron_dynamoe.cli.demo`."""
+    from megatron_dynamoe.cli.common import run_tool
 
     sys.exit(run_tool(main))
+
+
+if __name__ == "__main__":
+    entry()

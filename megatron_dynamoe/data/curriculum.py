@@ -188,7 +188,7 @@ def curriculum_source(get_sample: Callable[[int], Dict], order: CurriculumOrder,
     function of the position, hence exact resumption). `get_sample` is e.g. a dataset's
     `__getitem__`; `collate` defaults to `data.collate_samples`."""
     if collate is None:
-        from megatron_dynamoe.data import collate_samples as collate
+        from megatron_dynamoe.data.datasets import collate_samples as collate
 
     def source(position: int, micro_batch_size: int) -> Dict:
         return collate([get_sample(order[p]) for p in range(position,
@@ -206,7 +206,7 @@ def sequence_scores(model) -> np.ndarray:
     import torch
 
     from megatron_dynamoe.adaptive.provider import adaptive_layers
-    from megatron_dynamoe.model_builder import dynamoe_layers
+    from megatron_dynamoe.models.builder import dynamoe_layers
 
     # Per-layer scores are computed where the statistics live and copied to the host once.
     per_layer = []

@@ -621,7 +621,7 @@ def build_gpt_datasets(data_path: Union[str, Sequence[str]], tokenizer, *, seq_l
     _check_cache_owner(cache)
     backend = dataset_helpers_backend()
     if backend != "compiled":
-        from megatron_dynamoe.cli import log
+        from megatron_dynamoe.utils.log import log
 
         log("megatron dataset helpers: C++ extension missing, using the pure-Python ones")
 

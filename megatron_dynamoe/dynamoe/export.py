@@ -15,7 +15,7 @@ from typing import Dict, Optional
 
 import torch
 
-from megatron_dynamoe.architectures import ModelArchitecture
+from megatron_dynamoe.models.architectures import ModelArchitecture
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
 
 _SHELL_KEY = re.compile(

@@ -33,7 +33,7 @@ from megatron_dynamoe.dynamoe.config import DynaMoEConfig
 from megatron_dynamoe.dynamoe.experts import ShellExperts
 from megatron_dynamoe.dynamoe.layer import DynaMoELayer
 from megatron_dynamoe.dynamoe.router import DifficultyRouter
-from megatron_dynamoe.norms import SequenceParallelTorchNorm
+from megatron_dynamoe.models.norms import SequenceParallelTorchNorm
 
 
 class _KnownMLPFilter(logging.Filter):

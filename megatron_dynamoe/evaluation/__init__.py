@@ -9,8 +9,8 @@ One concept per module:
 - `perplexity`: held-out perplexity;
 - `flops`: forward FLOPs relative to dense from measured FFN fractions;
 - `budget`: target FFN compute fraction -> sensitivity (global or per layer);
-- `baselines`: dense, static nested sub-network, Megatron top-k router over the same shells;
-- `topk_training`: the top-k baseline's initial checkpoint and fine-tune (same trainer);
+- (the baselines it compares against live in `megatron_dynamoe.baselines`: the static nested
+  sub-network, Megatron's top-k router over the same shells, its initial checkpoint);
 - `loading`: a dense / DynaMoE / top-k checkpoint (or training --save folder) for evaluation;
 - `harness`: one model variant through all of the above;
 - `report`: JSON, Markdown table and plot; `routing_picture`: which tokens the model finds hard.

@@ -30,7 +30,7 @@ import torch
 
 from megatron_dynamoe.dynamoe import routing
 from megatron_dynamoe.evaluation.recorder import FFNComputeRecorder
-from megatron_dynamoe.model_builder import dynamoe_layers
+from megatron_dynamoe.models.builder import dynamoe_layers
 
 BUDGET_MODES = ("global", "per-layer")
 # Thetas closer than this spend the same compute on any realistic calibration set; a bracket
@@ -108,7 +108,7 @@ def measure(model, windows: torch.Tensor, batch_size: int = 4
             ) -> Tuple[List[float], List[Optional[torch.Tensor]]]:
     """Per-decoder-layer FFN fractions on `windows` [n, s] at the model's current settings,
     and each DynaMoE layer's recorded q [n * s, K] (None for other layers)."""
-    from megatron_dynamoe.cli import model_batches
+    from megatron_dynamoe.utils.parity import model_batches
 
     was_training = model.training
     model.eval()

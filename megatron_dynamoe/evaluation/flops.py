@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from megatron_dynamoe.architectures import ModelArchitecture
+from megatron_dynamoe.models.architectures import ModelArchitecture
 
 
 @dataclass(frozen=True)

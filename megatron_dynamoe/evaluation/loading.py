@@ -13,7 +13,11 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron_dynamoe.checkpointing import CheckpointInfo, load_checkpoint, resolve_architecture
+from megatron_dynamoe.checkpoint.torch_dist import (
+    CheckpointInfo,
+    load_checkpoint,
+    resolve_architecture,
+)
 
 FAMILY_KEYS = ("model_family", "model_provider")
 
@@ -54,9 +58,9 @@ def load_for_evaluation(path: str, preset: Optional[str] = None,
     """Build the checkpoint's model at TP = PP = EP = 1 (parallel groups initialised), load
     it and put it in eval mode. Raises CheckpointError for a missing / corrupt checkpoint
     (`verify_checksums`: check its files against their checksums.json first)."""
-    from megatron_dynamoe.architectures import transformer_config
-    from megatron_dynamoe.evaluation.baselines import build_topk_model, topk_overrides
-    from megatron_dynamoe.model_builder import build_gpt_model
+    from megatron_dynamoe.models.architectures import transformer_config
+    from megatron_dynamoe.baselines.topk import build_topk_model, topk_overrides
+    from megatron_dynamoe.models.builder import build_gpt_model
 
     folder = resolve_checkpoint_folder(path)
     arch, info = resolve_architecture(folder, preset)

@@ -35,7 +35,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, recorder=None,
     `recorder` (an installed `FFNComputeRecorder`) is given every window's tokens as valid;
     `progress(n)` is told how many windows each batch finished.
     """
-    from megatron_dynamoe.cli import model_batches
+    from megatron_dynamoe.utils.parity import model_batches
 
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be [n, s >= 2], got {tuple(windows.shape)}")

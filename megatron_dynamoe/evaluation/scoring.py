@@ -108,7 +108,7 @@ def score_requests(model, requests: Sequence[Encoded], *, max_length: int,
     Returns:
         One ContinuationScore per request, in the input order.
     """
-    from megatron_dynamoe.model_builder import causal_attention_mask
+    from megatron_dynamoe.models.builder import causal_attention_mask
     from megatron_dynamoe.runtime.device import place_batch
 
     sequences, cont_lengths = [], []

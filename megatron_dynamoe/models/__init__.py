@@ -1,1 +1,2 @@
-"""Model definitions on Megatron-Core: architectures (presets, TransformerConfig), the GPTModel builder and providers, norms."""
+"""Model definitions on Megatron-Core: architectures (presets, TransformerConfig), the GPTModel
+builder and providers, norms."""

@@ -10,7 +10,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_dynamoe.architectures import ModelArchitecture, transformer_config
+from megatron_dynamoe.models.architectures import ModelArchitecture, transformer_config
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig, check_sensitivity
 from megatron_dynamoe.dynamoe.layer import DynaMoELayer
 from megatron_dynamoe.dynamoe.spec import decoder_block_spec

@@ -15,7 +15,7 @@ import dataclasses
 import itertools
 from typing import List, Optional
 
-from megatron_dynamoe.layout_planner import Plan, PlanRequest, divisibility_problems, plan
+from megatron_dynamoe.planning.planner import Plan, PlanRequest, divisibility_problems, plan
 
 KNOBS = ("tp", "pp", "vpp", "ep", "etp", "micro_batch", "recompute", "distributed_optimizer")
 

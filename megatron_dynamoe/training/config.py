@@ -152,7 +152,7 @@ class TrainConfig:
                              f"{LR_DECAY_STYLES}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
-        from megatron_dynamoe.data import parse_split
+        from megatron_dynamoe.data.datasets import parse_split
 
         if parse_split(self.split)[0] == 0:
             raise ValueError(f"--split {self.split} gives training no documents: give the "

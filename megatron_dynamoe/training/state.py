@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_dynamoe.checkpointing import (
+from megatron_dynamoe.checkpoint.torch_dist import (
     CheckpointError,
     CheckpointInfo,
     check_loadable,
@@ -451,7 +451,7 @@ def load_training_state(folder: str, model, optimizer, scheduler,
     """
     from megatron.core import dist_checkpointing
 
-    from megatron_dynamoe.checkpointing import describe_load_failure
+    from megatron_dynamoe.checkpoint.torch_dist import describe_load_failure
 
     metadata = verify_checkpoint_files(folder, verify_checksums=verify_checksums)
     info = read_info(folder)

@@ -186,8 +186,8 @@ def reset_megatron_moe_state() -> None:
 
 def build_teacher(cfg: TrainConfig, model_info, layout_config):
     """The frozen dense teacher for --dynamoe-distill-teacher, at the student's layout."""
-    from megatron_dynamoe.checkpointing import CheckpointError, load_checkpoint, read_info
-    from megatron_dynamoe.model_builder import ModelProvider, build_model_chunks
+    from megatron_dynamoe.checkpoint.torch_dist import CheckpointError, load_checkpoint, read_info
+    from megatron_dynamoe.models.builder import ModelProvider, build_model_chunks
     from megatron_dynamoe.training.distillation import FrozenTeacher
 
     info = read_info(cfg.dynamoe_distill_teacher)
@@ -220,7 +220,7 @@ def check_checkpoint_space(save: str, model, optimizer, distributed_optimizer: b
 
     from megatron.core import parallel_state
 
-    from megatron_dynamoe.checkpointing import CheckpointError
+    from megatron_dynamoe.checkpoint.torch_dist import CheckpointError
     from megatron_dynamoe.runtime.device import any_rank, comm_device
 
     weights = sum(p.numel() * p.element_size() for chunk in model for p in chunk.parameters())
@@ -253,8 +253,8 @@ def build_training_model(cfg: TrainConfig, provider):
     """(TransformerConfig, ModelChunks) of this rank for `cfg`, on the device policy's device
     and not yet DDP-wrapped. Seeded by --seed; with --load / --pretrained-checkpoint no
     random-init work is done (the checkpoint replaces every weight), as in Megatron-LM."""
-    from megatron_dynamoe.architectures import skip_random_init
-    from megatron_dynamoe.model_builder import build_model_chunks
+    from megatron_dynamoe.models.architectures import skip_random_init
+    from megatron_dynamoe.models.builder import build_model_chunks
 
     config = provider.transformer_config(
         cfg.layout, sequence_parallel=cfg.sequence_parallel,
@@ -282,8 +282,8 @@ def train(cfg: TrainConfig, model_info, source: BatchSource, logger=None,
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron_dynamoe.checkpointing import load_checkpoint
-    from megatron_dynamoe.model_builder import (
+    from megatron_dynamoe.checkpoint.torch_dist import load_checkpoint
+    from megatron_dynamoe.models.builder import (
         ModelProvider,
         set_sensitivity,
         set_training_step,

@@ -1,0 +1,216 @@
+"""MoEfy a dense Megatron-Core checkpoint into a DynaMoE checkpoint.
+
+Ranks every FFN's neurons (calibration activations on real text, or data-free weight norms),
+permutes them, cuts them into nested shells, fits the difficulty routers to their labels on
+the calibration text (zero-initialised, i.e. uniform levels, without calibration text or with
+--no-dynamoe-fit-routers), checks that theta = 1 reproduces the dense model's logits, and only
+then writes the DynaMoE checkpoint (torch_dist + dynamoe.json recording the DynaMoE config and
+the router fit).
+
+The checkpoint is layout-independent (shells are keyed by importance order, not by EP rank):
+it loads at any TP / PP / EP. The layout flags are validated against the model and the
+DynaMoE config before any work is done.
+
+    python tools/moefy.py --load ckpt/smollm2 --output ckpt/smollm2-dynamoe --tokenizer smollm2
+    python tools/moefy.py --load plain_ckpt --model tiny-llama --dynamoe-importance weight ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from megatron_dynamoe.cli.common import (
+    COUNT,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    ArgumentParser,
+    add_calibration_arguments,
+    add_layout_arguments,
+    add_runtime_arguments,
+    calibration_windows,
+    finite_float,
+    number,
+    run_tool,
+)
+
+
+def _fractions(text: str):
+    try:
+        return tuple(finite_float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers")
+
+
+def _optional_float(text: str):
+    if text.lower() == "none":
+        return None
+    return finite_float(text)
+
+
+def _layers(text: str):
+    if text == "all":
+        return None
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 'all' or 0-based indices like 0,2,4")
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--load", required=True, help="dense torch_dist checkpoint folder")
+    p.add_argument("--model", help="architecture preset, for a plain Megatron-Core checkpoint "
+                                   "without dynamoe.json")
+    p.add_argument("--output", required=True, help="DynaMoE checkpoint folder to write")
+    p.add_argument("--overwrite", action="store_true")
+    d = p.add_argument_group("DynaMoE")
+    d.add_argument("--dynamoe-num-shells", type=COUNT, default=4)
+    d.add_argument("--dynamoe-level-fractions", type=_fractions, default=(0.25, 0.5, 0.75, 1.0))
+    d.add_argument("--dynamoe-layers", type=_layers, default=None,
+                   help="'all' (default) or 0-based layer indices to MoEfy")
+    d.add_argument("--dynamoe-importance", choices=("activation", "weight"),
+                   default="activation")
+    d.add_argument("--dynamoe-shell-placement", choices=("balanced", "contiguous"),
+                   default="balanced")
+    d.add_argument("--dynamoe-label-reference", choices=("residual", "ffn"),
+                   default="residual", help="what a level's error is relative to: the "
+                   "residual stream (default) or the full FFN output")
+    d.add_argument("--dynamoe-label-tolerance", type=NON_NEGATIVE, default=0.02)
+    d.add_argument("--dynamoe-label-tolerance-max", type=_optional_float, default=0.3,
+                   help="soft labels over [tolerance, tolerance-max]; 'none' for hard labels")
+    d.add_argument("--dynamoe-label-fraction", type=number(float, 0, 1, low_open=True), default=1.0)
+    d.add_argument("--dynamoe-router-loss-coeff", type=NON_NEGATIVE, default=1.0)
+    d.add_argument("--dynamoe-fit-routers", action=argparse.BooleanOptionalAction,
+                   default=None, help="fit the routers to their labels on the calibration "
+                   "text (default: on when --tokenizer gives calibration text)")
+    d.add_argument("--router-fit-steps", type=NON_NEGATIVE_INT, default=300,
+                   help="full-batch Adam steps per router (convex problem)")
+    d.add_argument("--router-fit-lr", type=POSITIVE, default=1e-2)
+    c = p.add_argument_group("calibration and parity text")
+    c.add_argument("--tokenizer", help="Hugging Face folder with a tokenizer, or 'smollm2'; "
+                                       "needed for activation importance")
+    c.add_argument("--gguf-file", help="GGUF file inside --tokenizer's folder")
+    add_calibration_arguments(c, sequences=16)
+    c.add_argument("--batch-size", type=COUNT, default=4)
+    c.add_argument("--tolerance", type=NON_NEGATIVE, default=1e-4,
+                   help="theta = 1 parity: max |logit diff| / max |logit|")
+    add_layout_arguments(p)
+    add_runtime_arguments(p)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from megatron_dynamoe.models.architectures import transformer_config
+    from megatron_dynamoe.checkpoint.torch_dist import (
+        CheckpointInfo,
+        load_checkpoint,
+        resolve_architecture,
+        save_checkpoint,
+    )
+    from megatron_dynamoe.checkpoint.outputs import check_output_path, tree_size
+    from megatron_dynamoe.cli.common import layout_from_args, start_runtime
+    from megatron_dynamoe.utils.errors import ToolError
+    from megatron_dynamoe.utils.log import log, progress
+    from megatron_dynamoe.utils.parity import check_parity, megatron_logits, model_batches
+    from megatron_dynamoe.dynamoe.config import DynaMoEConfig
+    from megatron_dynamoe.dynamoe.moefy import calibrate_importance, moefy_state_dict
+    from megatron_dynamoe.dynamoe.router_fit import fit_routers as fit_routers_to_labels
+    from megatron_dynamoe.models.builder import build_gpt_model, set_sensitivity
+
+    dyn = DynaMoEConfig(
+        num_shells=args.dynamoe_num_shells, level_fractions=args.dynamoe_level_fractions,
+        moefied_layers=args.dynamoe_layers, importance=args.dynamoe_importance,
+        shell_placement=args.dynamoe_shell_placement,
+        label_reference=args.dynamoe_label_reference,
+        label_tolerance=args.dynamoe_label_tolerance,
+        label_tolerance_max=args.dynamoe_label_tolerance_max,
+        label_fraction=args.dynamoe_label_fraction,
+        router_loss_coeff=args.dynamoe_router_loss_coeff)
+    layout = layout_from_args(args)
+    check_output_path(args.output, args.overwrite, (args.load, args.tokenizer),
+                      needed_bytes=tree_size(args.load))
+    arch, info = resolve_architecture(args.load, args.model)
+    if info is not None and info.dynamoe is not None:
+        raise ToolError(f"{args.load} is already a DynaMoE checkpoint; MoEfy a dense one")
+    # Refuse a layout that does not fit before loading anything.
+    transformer_config(arch, layout, dyn)
+    if dyn.importance == "activation" and args.tokenizer is None:
+        raise ToolError("activation importance needs calibration text: pass --tokenizer "
+                        "(a Hugging Face folder, or 'smollm2'), or use --dynamoe-importance weight")
+    fit_routers = args.dynamoe_fit_routers
+    if fit_routers is None:
+        fit_routers = args.tokenizer is not None
+    if fit_routers and args.tokenizer is None:
+        raise ToolError("--dynamoe-fit-routers needs calibration text: pass --tokenizer (a "
+                        "Hugging Face folder, or 'smollm2'), or --no-dynamoe-fit-routers")
+    log(f"MoEfying {args.load}: {dyn.num_shells} shells, levels {list(dyn.level_fractions)}, "
+        f"{dyn.importance} importance; layout TP={layout.tensor_model_parallel_size} "
+        f"PP={layout.pipeline_model_parallel_size} EP={layout.expert_model_parallel_size} "
+        f"validated (the checkpoint loads at any layout)")
+
+    start_runtime(args, local_weights=True)
+    # Both models take their weights from checkpoints: no random-init work.
+    dense = build_gpt_model(arch, transformer_config(arch, perform_initialization=False))
+    load_checkpoint(dense, args.load, verify_checksums=args.verify_checksums)
+
+    if args.tokenizer is not None:
+        tokens = calibration_windows(args)
+    else:
+        generator = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, arch.vocab_size, (2, min(64, arch.max_position_embeddings)),
+                               generator=generator)
+    importance = None
+    if dyn.importance == "activation":
+        batches = progress(model_batches(tokens, args.batch_size), "calibration",
+                           total=-(-tokens.shape[0] // args.batch_size))
+        importance = calibrate_importance(dense, batches, gated=arch.gated,
+                                          activation=arch.activation_func)
+
+    model = build_gpt_model(arch, transformer_config(arch, dynamoe=dyn,
+                                                     perform_initialization=False), dyn)
+    model.load_state_dict(moefy_state_dict(dense.state_dict(), dyn, arch.gated, importance))
+    router_fit = None
+    if fit_routers:
+        batches = progress(model_batches(tokens, args.batch_size), "router labels",
+                           total=-(-tokens.shape[0] // args.batch_size))
+        fits = fit_routers_to_labels(model, batches, steps=args.router_fit_steps,
+                                     lr=args.router_fit_lr,
+                                     progress=lambda xs: progress(xs, "router fit"))
+        router_fit = dict(steps=args.router_fit_steps, lr=args.router_fit_lr,
+                          tokens=fits[0].tokens, layers=[f.to_dict() for f in fits])
+        gap = sum(f.loss - f.target_entropy for f in fits) / len(fits)
+        log(f"routers fitted on {fits[0].tokens} calibration tokens per layer: mean "
+            f"cross-entropy {sum(f.loss for f in fits) / len(fits):.3f} (uniform "
+            f"{sum(f.initial_loss for f in fits) / len(fits):.3f}, lower bound "
+            f"{sum(f.target_entropy for f in fits) / len(fits):.3f}, gap {gap:.3f}), median-"
+            f"level accuracy {sum(f.accuracy for f in fits) / len(fits):.3f}")
+    set_sensitivity(model, 1.0)
+    probe = tokens[:2]
+    error = check_parity(megatron_logits(dense, probe), megatron_logits(model, probe),
+                         args.tolerance, "DynaMoE theta = 1 vs dense")
+    set_sensitivity(model, dyn.sensitivity)
+    extra = dict(source=os.path.abspath(args.load), importance=dyn.importance,
+                 calibration_text=args.calibration_text if importance is not None else None,
+                 calibration_tokens=int(tokens.numel()) if importance is not None else 0,
+                 theta1_parity=error, tokenizer=args.tokenizer, gguf_file=args.gguf_file,
+                 router_fit=router_fit, tool="tools/moefy.py")
+    save_checkpoint(model, args.output, CheckpointInfo(arch, dyn, extra), args.overwrite)
+    log(f"wrote DynaMoE checkpoint {args.output}")
+    return 0
+
+
+def entry() -> None:
+    """The console command (see setup.py) and `python tools/moefy.py`."""
+    sys.exit(run_tool(main))
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,255 @@
+"""Check a training layout before launching it: divisibility, per-GPU memory, communication.
+
+    python tools/plan_layout.py --model llama2-70b --nodes 8 --gpus-per-node 8 \\
+        --tensor-model-parallel-size 8 --pipeline-model-parallel-size 4 \\
+        --virtual-pipeline-model-parallel-size 5 --expert-model-parallel-size 8 \\
+        --expert-tensor-parallel-size 1 --dynamoe-num-shells 8 --sequence-parallel \\
+        --micro-batch-size 1 --global-batch-size 256 --seq-length 4096 \\
+        --recompute-granularity selective --bf16 --gpu-memory-gib 80
+
+Prints the resolved layout, the most loaded GPU's memory (weights, gradients, optimizer state,
+activations) and each kind of communication per step. Exit 0: the layout fits. Exit 2 with one
+`error:` line: it breaks a divisibility rule, or it does not fit the GPU memory; a nearby layout
+that fits is then printed as ready-to-paste environment variables (for slurm/*.sh) and
+launch/train.py flags. `--json` prints the same as one JSON object on stdout. The memory and
+communication model is documented in megatron_dynamoe/planning/planner.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from megatron_dynamoe.cli.common import (
+    COUNT,
+    NON_NEGATIVE,
+    POSITIVE,
+    ArgumentParser,
+    run_tool,
+)
+from megatron_dynamoe.utils.errors import ToolError
+from megatron_dynamoe.planning.planner import (
+    FRAGMENTATION,
+    GIB,
+    RESERVED_GIB,
+    PlanRequest,
+    plan,
+    stage_memory,
+)
+from megatron_dynamoe.planning.search import env_assignments, suggest, train_flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--model", required=True, help="architecture preset (e.g. llama2-70b)")
+    p.add_argument("--dense", action="store_true", help="plan the dense model (no shells)")
+    p.add_argument("--dynamoe-num-shells", type=COUNT, default=4)
+    p.add_argument("--dynamoe-level-fractions", default=None,
+                   help="comma-separated, default: the DynaMoEConfig default")
+    g = p.add_argument_group("cluster")
+    g.add_argument("--num-gpus", type=COUNT, help="total GPUs (or --nodes x --gpus-per-node)")
+    g.add_argument("--nodes", type=COUNT)
+    g.add_argument("--gpus-per-node", type=COUNT)
+    g.add_argument("--gpu-memory-gib", type=POSITIVE, default=80.0,
+                   help="memory of one GPU (default 80: H100 / A100-80GB); on CPU: host "
+                        "memory per rank")
+    g.add_argument("--reserved-gib", type=NON_NEGATIVE, default=RESERVED_GIB,
+                   help=f"per-rank memory outside the model's tensors (default {RESERVED_GIB:g}: "
+                        f"CUDA context, NCCL buffers, workspaces; ~1 on CPU for the Python "
+                        f"process)")
+    g = p.add_argument_group("layout")
+    g.add_argument("--tensor-model-parallel-size", type=COUNT, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=COUNT, default=1)
+    g.add_argument("--virtual-pipeline-model-parallel-size", type=COUNT, default=None)
+    g.add_argument("--expert-model-parallel-size", type=COUNT, default=1)
+    g.add_argument("--expert-tensor-parallel-size", type=COUNT, default=None,
+                   help="default: the TP size (Megatron's default)")
+    g.add_argument("--context-parallel-size", type=COUNT, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action=argparse.BooleanOptionalAction,
+                   default=True, help="shard optimizer state over data parallel (default: on, "
+                                      "as launch/train.py)")
+    g.add_argument("--recompute-granularity", choices=("selective", "full"), default=None)
+    g.add_argument("--recompute-method", choices=("uniform", "block"), default="uniform")
+    g.add_argument("--recompute-num-layers", type=COUNT, default=1)
+    g.add_argument("--flash-attention", action="store_true",
+                   help="attention kernels that keep no s x s tensors (Transformer Engine / "
+                        "FlashAttention); default: Megatron's unfused local attention")
+    g = p.add_argument_group("batch and precision")
+    g.add_argument("--micro-batch-size", type=COUNT, default=1)
+    g.add_argument("--global-batch-size", type=COUNT, default=8)
+    g.add_argument("--seq-length", type=COUNT, default=256)
+    g.add_argument("--bf16", action="store_true", help="bf16 weights/activations with fp32 "
+                                                       "main params (default: fp32, as on CPU)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def request_from_args(args) -> PlanRequest:
+    from megatron_dynamoe.models.architectures import get_architecture
+    from megatron_dynamoe.dynamoe.config import DynaMoEConfig
+
+    if args.num_gpus is None:
+        if not (args.nodes and args.gpus_per_node):
+            raise ToolError("give --num-gpus N, or --nodes N and --gpus-per-node G")
+        args.num_gpus = args.nodes * args.gpus_per_node
+    elif args.nodes and args.gpus_per_node and args.nodes * args.gpus_per_node != args.num_gpus:
+        raise ToolError(f"--num-gpus {args.num_gpus} != --nodes {args.nodes} x --gpus-per-node "
+                        f"{args.gpus_per_node}")
+    dyn = None
+    if not args.dense:
+        kw = {}
+        if args.dynamoe_level_fractions:
+            kw["level_fractions"] = tuple(float(x) for x in args.dynamoe_level_fractions.split(","))
+        dyn = DynaMoEConfig(num_shells=args.dynamoe_num_shells, **kw)
+    return PlanRequest(
+        model=args.model, arch=get_architecture(args.model), dynamoe=dyn,
+        num_gpus=args.num_gpus, gpus_per_node=args.gpus_per_node,
+        tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
+        vpp=args.virtual_pipeline_model_parallel_size, ep=args.expert_model_parallel_size,
+        etp=args.expert_tensor_parallel_size, cp=args.context_parallel_size,
+        micro_batch=args.micro_batch_size, global_batch=args.global_batch_size,
+        seq_length=args.seq_length, sequence_parallel=args.sequence_parallel,
+        distributed_optimizer=args.use_distributed_optimizer,
+        recompute=args.recompute_granularity, recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers, bf16=args.bf16,
+        flash_attention=args.flash_attention, gpu_memory_gib=args.gpu_memory_gib,
+        reserved_gib=args.reserved_gib)
+
+
+def size(nbytes: float) -> str:
+    """Bytes in GiB, or MiB / KiB for small models."""
+    for unit, scale in (("GiB", GIB), ("MiB", 2 ** 20)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:9.2f} {unit}"
+    return f"{nbytes / 1024:9.2f} KiB"
+
+
+def count(n: float) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def layout_line(r: PlanRequest) -> str:
+    vpp = f" VPP={r.vpp}" if r.vpp else ""
+    # Derived sizes only where the layout divides (a refused layout may not).
+    dp = f"DP={r.dp}, expert DP={r.edp}" if r.dp and r.edp else "DP=?"
+    micro = (f"{r.num_microbatches} micro-batches" if r.dp and r.edp and r.micro_batch
+             and r.global_batch % (r.micro_batch * r.dp) == 0 else "micro-batches")
+    return (f"TP={r.tp} PP={r.pp}{vpp} EP={r.ep} ETP={r.expert_tp} CP={r.cp} -> {dp}; "
+            f"{micro} of {r.micro_batch} x "
+            f"{r.seq_length} tokens per step; SP={'on' if r.sp else 'off'}, distributed "
+            f"optimizer={'on' if r.distributed_optimizer else 'off'}, recompute="
+            f"{r.recompute or 'none'}, {'bf16' if r.bf16 else 'fp32'}")
+
+
+def alternatives(p) -> dict:
+    """The most loaded stage's optimizer state with the distributed optimizer toggled, and its
+    activations under each recomputation setting (what the other choices would cost)."""
+    r, stage = p.request, p.worst.stage
+    other = dataclasses.replace(r, distributed_optimizer=not r.distributed_optimizer)
+    return {"optimizer": stage_memory(other, stage).optimizer,
+            "activations": {rec or "none": stage_memory(dataclasses.replace(
+                r, recompute=rec), stage).activations for rec in (None, "selective", "full")}}
+
+
+def report(p) -> str:
+    r, w = p.request, p.worst
+    kind = f"DynaMoE, {r.dynamoe.num_shells} shells" if r.dynamoe else "dense"
+    nodes = f" ({r.num_gpus // r.gpus_per_node} node(s) x {r.gpus_per_node})" \
+        if r.gpus_per_node else ""
+    lines = [f"model:   {r.model} ({kind}, {count(r.arch.num_parameters())} dense "
+             f"parameters) on {r.num_gpus} GPUs{nodes}", f"layout:  {layout_line(r)}"]
+    if p.problems:
+        return "\n".join(lines + [f"invalid: {x}" for x in p.problems])
+    lines.append(f"memory per GPU, pipeline stage {w.stage} (the most loaded), "
+                 f"{count(w.params)} parameters:")
+    alt = alternatives(p)
+    dist = "without" if r.distributed_optimizer else "with"
+    notes = {"optimizer": f"Adam state; {size(alt['optimizer']).strip()} {dist} the distributed "
+                          f"optimizer",
+             "activations": f"{p.in_flight} model chunk(s) in flight; recompute " + ", ".join(
+                 f"{k}: {size(v).strip()}" for k, v in alt["activations"].items()),
+             "weights": "bf16" if r.bf16 else "fp32", "grads": "fp32 main gradients"}
+    for name in ("weights", "grads", "optimizer", "activations"):
+        lines.append(f"  {name:<12} {size(getattr(w, name))}   ({notes[name]})")
+    lines.append(f"  {'total':<12} {size(w.total)}; with {FRAGMENTATION:.0%} "
+                 f"fragmentation + {r.reserved_gib:g} GiB reserved: {p.required_gib:.2f} GiB of "
+                 f"{r.gpu_memory_gib:g} GiB")
+    lines.append("communication per step, sent by one GPU:")
+    for name, value in p.communication.items():
+        if value:
+            lines.append(f"  {name:<28} {size(value)}")
+    return "\n".join(lines)
+
+
+def as_json(p, fallback) -> dict:
+    def plan_dict(q):
+        out = dict(layout=dict(tp=q.request.tp, pp=q.request.pp, vpp=q.request.vpp,
+                               ep=q.request.ep, etp=q.request.expert_tp, cp=q.request.cp,
+                               dp=q.request.dp, expert_dp=q.request.edp,
+                               micro_batch=q.request.micro_batch,
+                               num_microbatches=None if q.problems
+                               else q.request.num_microbatches,
+                               recompute=q.request.recompute,
+                               distributed_optimizer=q.request.distributed_optimizer),
+                   problems=q.problems, fits=q.fits)
+        if not q.problems:
+            out.update(stages=[dataclasses.asdict(s) | {"total": s.total} for s in q.stages],
+                       worst_stage=q.worst.stage, required_gib=q.required_gib,
+                       alternatives=alternatives(q),
+                       communication_bytes=q.communication, env=env_assignments(q.request),
+                       flags=train_flags(q.request))
+        return out
+
+    result = plan_dict(p) | {"model": p.request.model, "num_gpus": p.request.num_gpus,
+                             "gpu_memory_gib": p.request.gpu_memory_gib}
+    result["suggestion"] = plan_dict(fallback) if fallback else None
+    return result
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    request = request_from_args(args)
+    p = plan(request)
+    fallback = None
+    if p.problems:
+        reason = p.problems[0] + (f" (and {len(p.problems) - 1} more problem(s), see above)"
+                                  if len(p.problems) > 1 else "")
+    elif not p.fits:
+        fallback = suggest(request)
+        reason = (f"{request.model} needs {p.required_gib:.1f} GiB per GPU at "
+                  f"{layout_line(request).split(';')[0]} but a GPU has "
+                  f"{request.gpu_memory_gib:g} GiB")
+    if p.fits:
+        print(json.dumps(as_json(p, None), indent=1) if args.json else
+              report(p) + f"\nverdict: fits ({p.required_gib:.1f} GiB <= "
+                          f"{request.gpu_memory_gib:g} GiB per GPU)")
+        return 0
+    if args.json:
+        print(json.dumps(as_json(p, fallback), indent=1))
+    else:
+        print(report(p) + "\nverdict: REFUSED")
+        if fallback:
+            print(f"a layout that fits ({fallback.required_gib:.1f} GiB per GPU):\n"
+                  f"  {layout_line(fallback.request)}\n"
+                  f"  env:   {env_assignments(fallback.request)}\n"
+                  f"  flags: {' '.join(train_flags(fallback.request))}")
+    if fallback:
+        reason += (f"; a layout that fits ({fallback.required_gib:.1f} GiB): "
+                   f"{env_assignments(fallback.request)}")
+    elif not p.problems:
+        reason += "; no nearby layout fits: use more GPUs or a shorter sequence"
+    raise ToolError(f"layout refused: {reason}")
+
+
+def entry() -> None:
+    """The console command (see setup.py) and `python tools/plan_layout.py`."""
+    sys.exit(run_tool(main))
+
+
+if __name__ == "__main__":
+    entry()

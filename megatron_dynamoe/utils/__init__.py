@@ -1,0 +1,1 @@
+"""Small helpers every layer uses: errors, progress logging, numeric parity."""
