@@ -16,6 +16,7 @@ FFN FLOPs per token are measured from the routers' statistics (experts used per 
 
     python bench/bench_adaptive.py                        # ~15 min on 2 cores
     python bench/bench_adaptive.py --dense-iters 20 --iters 10    # smoke run
+    python bench/bench_adaptive.py --quick                # tiny sizes, seconds (a test runs it)
 """
 
 from __future__ import annotations
@@ -108,12 +109,20 @@ class _Recorder:
         self.experts_per_token = []
 
     def iteration(self, iteration, cfg, *, scalars=None, **kwargs):
-        values = [v for k, v in (scalars or {}).items() if k.endswith("/experts-per-token")]
+        # `scalars` is the trainer's callable returning the family's scalars (tag -> value).
+        values = [v for k, v in (scalars() if scalars else {}).items()
+                  if k.endswith("/experts-per-token")]
         if values:
             self.experts_per_token.append(sum(values) / len(values))
 
     def text(self, message):
         pass
+
+
+# Tiny sizes for --quick: the same pipeline and output in seconds (flags still override).
+QUICK = dict(layers=2, hidden=64, ffn=128, seq_length=32, micro_batch_size=4,
+             global_batch_size=4, dense_iters=6, iters=6, curriculum_window=4,
+             eval_sequences=8)
 
 
 def main(argv=None) -> int:
@@ -134,7 +143,12 @@ def main(argv=None) -> int:
     p.add_argument("--curriculum-window", type=int, default=16)
     p.add_argument("--eval-sequences", type=int, default=64)
     p.add_argument("--json")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (" + ", ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()) + "), seconds")
     args = p.parse_args(argv)
+    if args.quick:
+        p.set_defaults(**QUICK)
+        args = p.parse_args(argv)   # explicit flags still win
 
     seq, gbs = args.seq_length, args.global_batch_size
     arch = ModelArchitecture(family="llama", num_layers=args.layers, hidden_size=args.hidden,

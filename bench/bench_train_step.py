@@ -8,6 +8,7 @@ zero-initialised (uniform levels), so theta = f puts every token at FFN fraction
 
     python bench/bench_train_step.py                       # 4 layers, hidden 512, FFN 2048
     torchrun --nproc-per-node 2 bench/bench_train_step.py --tensor-model-parallel-size 2
+    python bench/bench_train_step.py --quick               # tiny sizes, seconds (a test runs it)
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def _source(seq_length: int, vocab: int):
     return source
 
 
+# Tiny sizes for --quick: the same code path and output in seconds (flags still override).
+QUICK = dict(layers=2, hidden=64, ffn=256, vocab=256, seq_length=32, micro_batch_size=2,
+             global_batch_size=2, iters=2, warmup=1)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=4)
@@ -61,7 +67,12 @@ def main(argv=None) -> int:
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--expert-model-parallel-size", type=int, default=1)
     p.add_argument("--json")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (" + ", ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()) + "), seconds")
     args = p.parse_args(argv)
+    if args.quick:
+        p.set_defaults(**QUICK)
+        args = p.parse_args(argv)   # explicit flags still win
 
     arch = ModelArchitecture(family="llama", num_layers=args.layers, hidden_size=args.hidden,
                              ffn_hidden_size=args.ffn, num_attention_heads=8,

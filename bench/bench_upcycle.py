@@ -8,6 +8,11 @@ replicated expert is the whole FFN, a split one 1/E of it). Calibration (importa
 co-activation clusters, router fit) uses the early speeches; evaluation the last ones.
 
     python bench/bench_upcycle.py                  # ~5 min on 2 cores
+    python bench/bench_upcycle.py --quick          # seconds (a test runs it)
+
+`--quick` runs every method and router case on a tiny randomly initialised Hugging Face
+LLaMA with a byte-level tokenizer (loading SmolLM2's GGUF alone takes ~30 s), with short
+windows: the same conversion, upcycling and evaluation, a meaningless closeness.
 """
 
 from __future__ import annotations
@@ -54,6 +59,29 @@ def evaluate(model, tokens: torch.Tensor, batch_size: int):
             sum(experts) / len(experts) if experts else None)
 
 
+# --quick: short windows on the tiny model (flags still override).
+QUICK = dict(seq_length=32, calibration_sequences=2, eval_sequences=2, batch_size=2)
+
+
+def tiny_hf_llama():
+    """(model, tokenizer, name) for --quick: a seeded random 2-layer LlamaForCausalLM (hidden
+    64, FFN 128, grouped-query attention, untied) over a 256-id byte-level tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    byte_level = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level.decoder = decoders.ByteLevel()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(vocab), max_position_embeddings=128,
+        rms_norm_eps=1e-5, tie_word_embeddings=False))
+    return (model.eval(), PreTrainedTokenizerFast(tokenizer_object=byte_level),
+            "tiny random LLaMA (--quick)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--experts", type=int, default=4)
@@ -66,11 +94,21 @@ def main(argv=None) -> int:
                    help="router logit scales to report for the co-activation split")
     p.add_argument("--methods", default="replicate,split-importance,split-coactivation")
     p.add_argument("--json")
+    p.add_argument("--quick", action="store_true", help="a tiny random LLaMA instead of "
+                   "SmolLM2, and " + ", ".join(f"--{k.replace('_', '-')} {v}"
+                                               for k, v in QUICK.items()) + "; seconds")
     args = p.parse_args(argv)
+    if args.quick:
+        p.set_defaults(**QUICK)
+        args = p.parse_args(argv)   # explicit flags still win
     started = time.time()
     initialize_parallel(ParallelLayout())
-    folder, gguf = hf_interop.find_smollm2_gguf()
-    hf_model, tokenizer = hf_interop.load_hf_model(folder, gguf)
+    if args.quick:
+        hf_model, tokenizer, model_name = tiny_hf_llama()
+    else:
+        folder, gguf = hf_interop.find_smollm2_gguf()
+        hf_model, tokenizer = hf_interop.load_hf_model(folder, gguf)
+        model_name = "SmolLM2-135M"
     arch = hf_interop.architecture_from_hf_config(hf_model.config)
     dense_provider = ModelProvider(arch, None)
     dense = dense_provider.build(dense_provider.transformer_config(ParallelLayout()))
@@ -130,7 +168,7 @@ def main(argv=None) -> int:
             perplexity=ppl, experts_per_token=experts, ffn_fraction=experts * expert_fraction)
         rows.append(row)
         log(json.dumps(row))
-    print(f"\nSmolLM2-135M, {arch.num_layers} FFNs of {arch.ffn_hidden_size} -> {e} experts; "
+    print(f"\n{model_name}, {arch.num_layers} FFNs of {arch.ffn_hidden_size} -> {e} experts; "
           f"calibration {calib.shape[0]} x {args.seq_length} tokens (early speeches), "
           f"held-out {held_out.shape[0]} x {args.seq_length} (last 20 speeches); "
           f"{time.time() - started:.0f} s")

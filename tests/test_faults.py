@@ -120,7 +120,8 @@ BAD_INPUT = {
     "m2h-flipped-byte": ("tools/convert_checkpoint.py", "megatron-to-hf --load {flipped} "
                          "--output {out}", "{flipped}/__0_0.distcp is corrupt"),
     "evaluate-flipped-byte": ("tools/evaluate.py", "--load {flipped} --tokenizer smollm2 "
-                              "--output-dir {out}", "{flipped}/__0_0.distcp is corrupt"),
+                              "--baselines dense --output-dir {out}",
+                              "{flipped}/__0_0.distcp is corrupt"),
     "hf-truncated-safetensors": ("tools/convert_checkpoint.py", "hf-to-megatron --hf-model "
                                  "{hf_truncated} --output {out}",
                                  "model.safetensors is truncated"),

@@ -91,12 +91,32 @@ def test_permute_rejects_non_permutation():
         S.permute_ffn(fc1, fc2, torch.zeros(48, dtype=torch.long), gated=True)
 
 
+def _expected_rank_load(level_probabilities: torch.Tensor, level_shells: tuple,
+                        placement: list, ep_size: int) -> torch.Tensor:
+    """Expected token-shell products per EP rank for a distribution over levels.
+
+    Args:
+        level_probabilities: [K] share of tokens at each level.
+        level_shells: shells per level (cumulative), length K.
+        placement: physical slot -> logical shell (from `shell_placement`).
+    Returns:
+        [ep_size] expected load (fraction of tokens x shells) per rank.
+    """
+    num_shells = level_shells[-1]
+    # reach[s] = share of tokens whose level includes logical shell s.
+    reach = torch.zeros(num_shells, dtype=torch.float64)
+    for level, count in enumerate(level_shells):
+        reach[:count] += float(level_probabilities[level])
+    physical = reach[torch.tensor(placement)]
+    return physical.view(ep_size, -1).sum(dim=1)
+
+
 def test_balanced_placement_evens_expected_load():
     # Levels 1..4 equally likely, one shell per level: shell loads 1, .75, .5, .25 (x 8 shells).
     level_shells = (2, 4, 6, 8)
     uniform = torch.full((4,), 0.25)
-    contiguous = S.expected_rank_load(uniform, level_shells, S.shell_placement(8, 2, "contiguous"), 2)
-    balanced = S.expected_rank_load(uniform, level_shells, S.shell_placement(8, 2, "balanced"), 2)
+    contiguous = _expected_rank_load(uniform, level_shells, S.shell_placement(8, 2, "contiguous"), 2)
+    balanced = _expected_rank_load(uniform, level_shells, S.shell_placement(8, 2, "balanced"), 2)
     assert contiguous.tolist() == [3.5, 1.5]          # rank 0 holds the heavy shells
     assert balanced.tolist() == [2.5, 2.5]            # serpentine: equal expected load
     assert sorted(S.shell_placement(8, 4)) == list(range(8))

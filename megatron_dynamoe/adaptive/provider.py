@@ -64,6 +64,10 @@ class AdaptiveMoEProvider(ModelProvider):
 
     name = "adaptive"
 
+    @property
+    def family(self) -> str:
+        return "adaptive"
+
     def __init__(self, architecture: ModelArchitecture, gating: AdaptiveGatingConfig):
         if architecture.family != "llama":
             raise ValueError("adaptive MoE layers need bias-free FFNs (a LLaMA-family model): "

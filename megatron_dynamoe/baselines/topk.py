@@ -126,6 +126,15 @@ class TopKProvider(ModelProvider):
                              "DynaMoEConfig of the MoEfied checkpoint")
         super().__init__(architecture, dynamoe)
 
+    @property
+    def family(self) -> str:
+        return TOPK_FAMILY
+
+    @classmethod
+    def from_checkpoint_info(cls, info) -> "TopKProvider":
+        """The provider of a top-k checkpoint (its architecture and shells)."""
+        return cls(info.architecture, info.dynamoe)
+
     def transformer_config(self, layout, **kwargs) -> TransformerConfig:
         """The DynaMoE config with the top-k router fields (`topk_overrides`)."""
         return super().transformer_config(layout, **{**topk_overrides(self.dynamoe), **kwargs})

@@ -166,9 +166,13 @@ def save_checkpoint(model: torch.nn.Module, directory: str, info: CheckpointInfo
 def _write_info(folder: str, info: CheckpointInfo) -> None:
     from megatron_dynamoe.runtime import transformer_impl
 
+    from megatron_dynamoe.models.registry import FAMILY_KEY, family_of
+
     payload = info.to_json()
-    # Provenance: the layer implementation that wrote these weights.
-    payload["extra"] = {**payload["extra"], "transformer_impl": transformer_impl.current()}
+    # Provenance: the layer implementation that wrote these weights, and the model family
+    # (models.registry) whoever loads them builds.
+    payload["extra"] = {**payload["extra"], "transformer_impl": transformer_impl.current(),
+                        FAMILY_KEY: family_of(info)}
     with open(os.path.join(folder, METADATA_FILE), "w") as f:
         json.dump(payload, f, indent=2)
 

@@ -83,10 +83,11 @@ def main(argv=None) -> int:
 
     from megatron_dynamoe.adaptive.provider import AdaptiveMoEProvider, set_threshold
     from megatron_dynamoe.models.builder import ModelProvider, set_sensitivity
+    from megatron_dynamoe.models.registry import family_of
     from megatron_dynamoe.runtime.device import place_batch
     from megatron_dynamoe.runtime.parallel import ParallelLayout
 
-    if "adaptive" in (info.extra or {}):
+    if family_of(info) == "adaptive":
         provider, metric = AdaptiveMoEProvider.from_checkpoint_info(info), "two-expert-share"
         batch_size = args.batch_size
     elif info.dynamoe is not None:

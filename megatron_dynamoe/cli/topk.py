@@ -24,21 +24,21 @@ from megatron_dynamoe.cli.common import run_tool
 
 
 def train_topk(argv) -> int:
-    """launch/train.py's main with the model built by TopKProvider (its flags, device policy,
-    preemption handling and process-group tear-down included)."""
+    """launch/train.py's main (which trains every family, the top-k baseline included: its
+    checkpoints name their family), refusing a checkpoint of another family: `train` here
+    promises the top-k fine-tune."""
+    from megatron_dynamoe.models.registry import family_of, provider_for
     from megatron_dynamoe.utils.errors import ToolError
-    from megatron_dynamoe.baselines.topk import TopKProvider
-    from megatron_dynamoe.evaluation.loading import model_family
 
-    def provider_for(info):
-        if model_family(info) != "topk":
+    def topk_only(info):
+        if family_of(info) != "topk":
             raise ToolError("start the top-k fine-tune from a top-k checkpoint (the `init` step "
                             "writes one), or resume its --save folder")
-        return TopKProvider(info.architecture, info.dynamoe)
+        return provider_for(info)
 
     from megatron_dynamoe.cli.train import main as train_main
 
-    return train_main(argv, provider_for=provider_for)
+    return train_main(argv, provider_for=topk_only)
 
 
 def main(argv=None) -> int:

@@ -115,15 +115,11 @@ def curriculum_batch_source(cfg, train_set):
 
 
 def model_provider(info):
-    """The provider of the model `info` describes: adaptive-gating MoE checkpoints record
-    their gating config in extra['adaptive']; anything else is the DynaMoE / dense model."""
-    from megatron_dynamoe.models.builder import ModelProvider
+    """The provider of the model `info` describes: every family (dense, DynaMoE, top-k
+    baseline, adaptive-gating MoE) trains through this entry point (`models.registry`)."""
+    from megatron_dynamoe.models.registry import provider_for
 
-    if "adaptive" in (info.extra or {}):
-        from megatron_dynamoe.adaptive.provider import AdaptiveMoEProvider
-
-        return AdaptiveMoEProvider.from_checkpoint_info(info)
-    return ModelProvider(info.architecture, info.dynamoe)
+    return provider_for(info)
 
 
 def claim_save_folder(cfg):

@@ -115,10 +115,12 @@ def main(argv=None) -> int:
     from megatron_dynamoe.models.builder import ModelProvider
     from megatron_dynamoe.runtime.parallel import ParallelLayout
 
+    from megatron_dynamoe.models.registry import family_of
+
     check_output_path(args.output, args.overwrite, (args.load, args.tokenizer),
                       needed_bytes=tree_size(args.load))
     arch, info = resolve_architecture(args.load, args.model)
-    if info is not None and (info.dynamoe is not None or "adaptive" in (info.extra or {})):
+    if family_of(info) != "dense":
         raise ToolError(f"{args.load} is already an MoE checkpoint; upcycle a dense one")
     gating = upcycled_gating(AdaptiveGatingConfig(
         num_experts=args.num_experts, gating=args.gating, threshold=args.threshold,

@@ -9,8 +9,8 @@ sample order cut into micro-batches per data-parallel rank) -> batch dicts for G
 What the trainer needs to know:
 
 - **Sample counts up front.** GPTDataset builds its shuffled sample index for a fixed number of
-  samples per split (`num_samples`, as many epochs as that takes). Megatron-LM asks for
-  `split_sample_counts(train_iters, global_batch_size, eval_interval, eval_iters)`. The order of
+  samples per split (`num_samples`, as many epochs as that takes; the trainer asks for
+  train_iters x global batch size training samples, as Megatron-LM does). The order of
   samples depends on (data, split, seed, seq_length, num_samples): resuming with a different
   `--train-iters` or global batch size rebuilds a *different* order (Megatron behaves the same).
 - **Position = consumed_samples.** A run's position in the data is one integer, the number of
@@ -63,8 +63,8 @@ __all__ = [
     "indexed_dataset_writer",
     "GPTDatasets",
     "build_gpt_datasets",
-    "split_sample_counts",
     "MicroBatchSampler",
+    "micro_batch_starts",
     "collate_samples",
     "micro_batches",
 ]
@@ -473,21 +473,6 @@ class GPTDatasets(NamedTuple):
     test: Optional[torch.utils.data.Dataset]
 
 
-def split_sample_counts(train_iters: int, global_batch_size: int, eval_interval: int,
-                        eval_iters: int) -> Tuple[int, int, int]:
-    """Megatron-LM's sample counts per split: train_iters x gbs for training, evaluation every
-    `eval_interval` iterations (and at the end) of `eval_iters` batches, one test pass."""
-    for name, value in (("train_iters", train_iters), ("global_batch_size", global_batch_size),
-                        ("eval_interval", eval_interval)):
-        if value < 1:
-            raise DataError(f"{name} must be >= 1, got {value}")
-    if eval_iters < 0:
-        raise DataError(f"eval_iters must be >= 0, got {eval_iters}")
-    evaluations = train_iters // eval_interval + 1
-    return (train_iters * global_batch_size, evaluations * eval_iters * global_batch_size,
-            eval_iters * global_batch_size)
-
-
 def _fingerprint(prefixes: Sequence[str]) -> str:
     digest = hashlib.sha256()
     for prefix in prefixes:
@@ -679,10 +664,18 @@ class MicroBatchSampler:
         return (self.total_samples - self.consumed_samples) // self.step_size
 
     def __iter__(self) -> Iterator[List[int]]:
-        first = self.consumed_samples + self.dp_rank * self.micro_batch_size
-        for step in range(len(self)):
-            start = first + step * self.step_size
+        for start in micro_batch_starts(self.consumed_samples, self.micro_batch_size, len(self),
+                                        self.dp_rank, self.dp_size):
             yield list(range(start, start + self.micro_batch_size))
+
+
+def micro_batch_starts(consumed_samples: int, micro_batch_size: int, count: int,
+                       dp_rank: int, dp_size: int) -> List[int]:
+    """The first global sample of each of DP rank `dp_rank`'s next `count` micro-batches from
+    sample `consumed_samples` on: micro-batch m starts at consumed + (m x dp_size + dp_rank)
+    x micro_batch_size (every step takes dp_size consecutive micro-batches, one per rank).
+    The one sample order of training (trainer) and of `MicroBatchSampler`."""
+    return [consumed_samples + (m * dp_size + dp_rank) * micro_batch_size for m in range(count)]
 
 
 def collate_samples(samples: Sequence[Dict], shared_attention_mask: bool = True) -> Dict:

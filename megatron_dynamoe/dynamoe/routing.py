@@ -166,24 +166,6 @@ def median_levels(level_probs: torch.Tensor) -> torch.Tensor:
     return 1 + (q[:, :-1] < 0.5 - 1e-9).sum(dim=-1)
 
 
-def difficulty_labels(group_outputs: torch.Tensor, tolerance: float) -> torch.Tensor:
-    """Label = smallest level whose partial output is within `tolerance` of the full output.
-
-    Relative error is ||P_K - P_e||_2 / ||P_K||_2 per token; level K always qualifies
-    (error 0). A token whose full output is exactly zero gets level 1.
-
-    Args:
-        group_outputs: [T, K, H] output of each level's added shells.
-        tolerance: tau >= 0.
-    Returns:
-        [T] int64 labels in 1..K.
-    """
-    with torch.no_grad():
-        full = group_outputs.double().sum(dim=1).norm(dim=-1)
-        targets = label_targets(level_errors(group_outputs), full, tolerance)
-        return targets.argmax(dim=-1) + 1
-
-
 def select_level_output(group_outputs: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Each token's output at its level: the sum of its first `level` group outputs.
 

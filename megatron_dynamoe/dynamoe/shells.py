@@ -166,23 +166,3 @@ def shell_placement(num_shells: int, ep_size: int, strategy: str = "balanced") -
         rank = pos if round_ % 2 == 0 else ep_size - 1 - pos
         per_rank[rank].append(s)
     return [s for rank_shells in per_rank for s in rank_shells]
-
-
-def expected_rank_load(level_probabilities: torch.Tensor, level_shells: Tuple[int, ...],
-                       placement: List[int], ep_size: int) -> torch.Tensor:
-    """Expected token-shell products per EP rank for a distribution over levels.
-
-    Args:
-        level_probabilities: [K] share of tokens at each level.
-        level_shells: shells per level (cumulative), length K.
-        placement: physical slot -> logical shell (from `shell_placement`).
-    Returns:
-        [ep_size] expected load (fraction of tokens x shells) per rank.
-    """
-    num_shells = level_shells[-1]
-    # reach[s] = share of tokens whose level includes logical shell s.
-    reach = torch.zeros(num_shells, dtype=torch.float64)
-    for level, count in enumerate(level_shells):
-        reach[:count] += float(level_probabilities[level])
-    physical = reach[torch.tensor(placement)]
-    return physical.view(ep_size, -1).sum(dim=1)

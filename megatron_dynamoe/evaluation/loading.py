@@ -2,9 +2,8 @@
 
 A path may be a model checkpoint (tools/convert_checkpoint.py, tools/moefy.py, this
 package's top-k initialisation) or a training `--save` folder, whose latest complete
-iteration is used. The model family comes from `dynamoe.json`: no DynaMoE config = dense,
-`extra["model_family"]` or the trainer's `extra["model_provider"]` == "topk" = top-k
-baseline, otherwise DynaMoE.
+iteration is used. `models.registry.family_of` names the family (dense, DynaMoE, top-k baseline, adaptive-gating
+MoE) and its provider builds the model.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from megatron_dynamoe.checkpoint.torch_dist import (
     resolve_architecture,
 )
 
-FAMILY_KEYS = ("model_family", "model_provider")
 
 
 @dataclass
@@ -28,7 +26,7 @@ class LoadedModel:
 
     model: object
     info: CheckpointInfo
-    family: str   # 'dense', 'dynamoe' or 'topk'
+    family: str   # models.registry.FAMILIES: 'dense', 'dynamoe', 'topk' or 'adaptive'
     path: str     # the checkpoint folder actually read
 
 
@@ -44,13 +42,10 @@ def resolve_checkpoint_folder(path: str) -> str:
 
 
 def model_family(info: Optional[CheckpointInfo]) -> str:
-    """'dense', 'dynamoe' or 'topk' from a checkpoint's metadata."""
-    if info is None or info.dynamoe is None:
-        return "dense"
-    for key in FAMILY_KEYS:
-        if info.extra.get(key) == "topk":
-            return "topk"
-    return "dynamoe"
+    """The family of a checkpoint's model (`models.registry.family_of`)."""
+    from megatron_dynamoe.models.registry import family_of
+
+    return family_of(info)
 
 
 def load_for_evaluation(path: str, preset: Optional[str] = None,
@@ -58,24 +53,18 @@ def load_for_evaluation(path: str, preset: Optional[str] = None,
     """Build the checkpoint's model at TP = PP = EP = 1 (parallel groups initialised), load
     it and put it in eval mode. Raises CheckpointError for a missing / corrupt checkpoint
     (`verify_checksums`: check its files against their checksums.json first)."""
-    from megatron_dynamoe.models.architectures import transformer_config
-    from megatron_dynamoe.baselines.topk import build_topk_model, topk_overrides
-    from megatron_dynamoe.models.builder import build_gpt_model
+    from megatron_dynamoe.models.registry import family_of, provider_for
+    from megatron_dynamoe.runtime.parallel import ParallelLayout
 
     folder = resolve_checkpoint_folder(path)
     arch, info = resolve_architecture(folder, preset)
     if info is None:
         info = CheckpointInfo(arch, None, {})
-    family = model_family(info)
-    dyn = info.dynamoe
+    family = family_of(info)
+    provider = provider_for(info, family)
     # Built on the device policy's device without random-init work (the load replaces it).
-    if family == "topk":
-        model = build_topk_model(arch, transformer_config(arch, dynamoe=dyn,
-                                                          perform_initialization=False,
-                                                          **topk_overrides(dyn)), dyn)
-    else:
-        model = build_gpt_model(arch, transformer_config(arch, dynamoe=dyn,
-                                                         perform_initialization=False), dyn)
+    model = provider.build(provider.transformer_config(ParallelLayout(),
+                                                       perform_initialization=False))
     load_checkpoint(model, folder, origin=f"the {family} model of {folder}",
                     verify_checksums=verify_checksums)
     if family == "dynamoe":

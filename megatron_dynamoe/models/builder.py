@@ -73,6 +73,11 @@ class ModelProvider:
         self.architecture = architecture
         self.dynamoe = dynamoe
 
+    @property
+    def family(self) -> str:
+        """The model family this provider builds (`models.registry`), recorded in checkpoints."""
+        return "dynamoe" if self.dynamoe is not None else "dense"
+
     def transformer_config(self, layout, *, sequence_parallel: bool = False,
                            moe_token_dispatcher_type: str = "alltoall",
                            params_dtype: torch.dtype = torch.float32,

@@ -15,7 +15,6 @@ resumption exact.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import time
@@ -118,8 +117,9 @@ class _MicroBatches:
 
     def __init__(self, source: BatchSource, start: int, micro_batch_size: int, count: int,
                  dp_rank: int, dp_size: int, teacher_logits: Optional[list] = None):
-        self._positions = [start + (m * dp_size + dp_rank) * micro_batch_size
-                           for m in range(count)]
+        from megatron_dynamoe.data.datasets import micro_batch_starts
+
+        self._positions = micro_batch_starts(start, micro_batch_size, count, dp_rank, dp_size)
         self._source, self._mbs = source, micro_batch_size
         self._teacher_logits, self._index = teacher_logits, 0
 
@@ -288,6 +288,7 @@ def train(cfg: TrainConfig, model_info, source: BatchSource, logger=None,
         set_sensitivity,
         set_training_step,
     )
+    from megatron_dynamoe.models.registry import with_family
     from megatron_dynamoe.training import preemption
     from megatron_dynamoe.training.state import (
         latest_checkpoint,
@@ -413,8 +414,7 @@ def train(cfg: TrainConfig, model_info, source: BatchSource, logger=None,
                 interval_save = cfg.save_interval and iteration % cfg.save_interval == 0
                 if cfg.save and (interval_save or stop_now or exit_now
                                  or iteration == cfg.train_iters):
-                    info = dataclasses.replace(
-                        model_info, extra={**model_info.extra, "model_provider": provider.name})
+                    info = with_family(model_info, provider.family)
                     folder = save_training_state(
                         cfg.save, iteration, model, optimizer, scheduler, consumed, info,
                         optimizer_sharding=("fully_reshardable"
