@@ -13,10 +13,15 @@ process it builds the 2-layer tiny LLaMA, MoEfies it with seeded routers, and co
 
     python bench/check_gpu.py    # one JSON line; exit 1 when a check fails (the CPU reference
                                  # runs in a subprocess that sees no GPU)
+    python bench/check_gpu.py --reference ref.pt   # only that CPU half, any machine, seconds
+                                                   # (a test runs it)
+
+Without a CUDA device it prints one line and exits 2.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -26,6 +31,11 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
+from megatron_dynamoe.runtime.upstream_warnings import filter_upstream_warnings
+
+# Megatron-Core's 'TE / Apex not installed' import warnings would bury the one line this
+# prints without a GPU.
+filter_upstream_warnings()
 
 from megatron_dynamoe.models.architectures import get_architecture, transformer_config
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
@@ -114,9 +124,15 @@ def _reference(path: str) -> None:
     torch.save(dict(runs=runs, fit_losses=[f.loss for f in fits]), path)
 
 
-def main(argv) -> int:
-    if argv[:1] == ["--reference"]:
-        _reference(argv[1])
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reference", metavar="PATH",
+                        help="only compute the CPU fp32 reference (routed and labelled runs, "
+                             "router fit) and save it to PATH; needs no GPU (the check runs "
+                             "this in a subprocess that sees none)")
+    args = parser.parse_args(argv)
+    if args.reference:
+        _reference(args.reference)
         return 0
     if not torch.cuda.is_available():
         print("check_gpu: no CUDA device here; run it on a GPU machine", file=sys.stderr)

@@ -72,7 +72,7 @@ BAD_INPUT = {
                                   "--dynamoe-label-tolerance nan", "give a finite number"),
     "moefy-level-fractions-nan": ("tools/moefy.py", "--load {ckpt} --output {out} "
                                   "--dynamoe-level-fractions 0.5,nan",
-                                  "'nan': give a finite number"),
+                                  "give a comma-separated list of finite numbers"),
     "moefy-batch-size-zero": ("tools/moefy.py", "--load {ckpt} --output {out} --batch-size 0",
                               "argument --batch-size: '0' is out of range"),
     "moefy-fit-steps-negative": ("tools/moefy.py", "--load {ckpt} --output {out} "

@@ -166,6 +166,80 @@ def start_runtime(args, layout: Optional[ParallelLayout] = None, seed: int = 123
     return groups
 
 
+def _float_list(text: str) -> tuple:
+    try:
+        return tuple(finite_float(x) for x in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a comma-separated list of finite "
+                                         f"numbers") from None
+
+
+def _optional_non_negative(text: str):
+    return None if text.lower() == "none" else NON_NEGATIVE(text)
+
+
+def _layer_list(text: str):
+    if text == "all":
+        return None
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 'all' or 0-based indices like "
+                                         f"0,2,4") from None
+
+
+# DynaMoEConfig field -> (flag, argparse keywords). Defaults come from the dataclass itself,
+# so they are stated once; the field's meaning is documented there.
+_DYNAMOE_FLAGS = {
+    "num_shells": ("--dynamoe-num-shells", dict(type=COUNT)),
+    "level_fractions": ("--dynamoe-level-fractions", dict(
+        type=_float_list, help="fraction of the FFN at each level, increasing, ending at 1")),
+    "moefied_layers": ("--dynamoe-layers", dict(
+        type=_layer_list, help="'all' or 0-based layer indices to MoEfy")),
+    "importance": ("--dynamoe-importance", dict(choices=("activation", "weight"))),
+    "shell_placement": ("--dynamoe-shell-placement", dict(choices=("balanced", "contiguous"))),
+    "label_reference": ("--dynamoe-label-reference", dict(
+        choices=("residual", "ffn"), help="what a level's error is relative to: the residual "
+        "stream or the full FFN output")),
+    "label_tolerance": ("--dynamoe-label-tolerance", dict(type=NON_NEGATIVE)),
+    "label_tolerance_max": ("--dynamoe-label-tolerance-max", dict(
+        type=_optional_non_negative,
+        help="soft labels over [tolerance, tolerance-max]; 'none' for hard labels")),
+    "label_fraction": ("--dynamoe-label-fraction", dict(type=number(float, 0, 1,
+                                                                    low_open=True))),
+    "router_loss_coeff": ("--dynamoe-router-loss-coeff", dict(type=NON_NEGATIVE)),
+}
+
+
+def add_dynamoe_config_arguments(group, names: Sequence[str] = tuple(_DYNAMOE_FLAGS)) -> None:
+    """The --dynamoe-* flags of a DynaMoEConfig (the fields `names`, default all), defaults
+    taken from the dataclass (read back by `dynamoe_config_from_args`)."""
+    import dataclasses
+
+    from megatron_dynamoe.dynamoe.config import DynaMoEConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(DynaMoEConfig) if f.init}
+    for name in names:
+        flag, kwargs = _DYNAMOE_FLAGS[name]
+        default = defaults[name]
+        text = (",".join(map(str, default)) if isinstance(default, tuple) else
+                "all" if default is None and name == "moefied_layers" else default)
+        kwargs = dict(kwargs)  # the table stays as it is for the next parser
+        help_text = kwargs.pop("help", None)
+        group.add_argument(flag, dest=f"dynamoe_{name}", default=default,
+                           help=f"{help_text + '; ' if help_text else ''}default: {text}",
+                           **kwargs)
+
+
+def dynamoe_config_from_args(args):
+    """The DynaMoEConfig of `add_dynamoe_config_arguments` flags (validated on construction;
+    a bad combination is a ValueError naming the flag)."""
+    from megatron_dynamoe.dynamoe.config import DynaMoEConfig
+
+    return DynaMoEConfig(**{name: getattr(args, f"dynamoe_{name}") for name in _DYNAMOE_FLAGS
+                            if hasattr(args, f"dynamoe_{name}")})
+
+
 def add_calibration_arguments(group, sequences: int) -> None:
     """--calibration-text / --calibration-sequences / --calibration-seq-length (the text that
     calibration, routing fits and budgets run on; `calibration_windows` reads them)."""

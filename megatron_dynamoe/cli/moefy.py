@@ -29,34 +29,12 @@ from megatron_dynamoe.cli.common import (
     ArgumentParser,
     add_calibration_arguments,
     add_layout_arguments,
+    add_dynamoe_config_arguments,
     add_runtime_arguments,
     calibration_windows,
-    finite_float,
-    number,
+    dynamoe_config_from_args,
     run_tool,
 )
-
-
-def _fractions(text: str):
-    try:
-        return tuple(finite_float(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers")
-
-
-def _optional_float(text: str):
-    if text.lower() == "none":
-        return None
-    return finite_float(text)
-
-
-def _layers(text: str):
-    if text == "all":
-        return None
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give 'all' or 0-based indices like 0,2,4")
 
 
 def parse_args(argv=None):
@@ -69,22 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--output", required=True, help="DynaMoE checkpoint folder to write")
     p.add_argument("--overwrite", action="store_true")
     d = p.add_argument_group("DynaMoE")
-    d.add_argument("--dynamoe-num-shells", type=COUNT, default=4)
-    d.add_argument("--dynamoe-level-fractions", type=_fractions, default=(0.25, 0.5, 0.75, 1.0))
-    d.add_argument("--dynamoe-layers", type=_layers, default=None,
-                   help="'all' (default) or 0-based layer indices to MoEfy")
-    d.add_argument("--dynamoe-importance", choices=("activation", "weight"),
-                   default="activation")
-    d.add_argument("--dynamoe-shell-placement", choices=("balanced", "contiguous"),
-                   default="balanced")
-    d.add_argument("--dynamoe-label-reference", choices=("residual", "ffn"),
-                   default="residual", help="what a level's error is relative to: the "
-                   "residual stream (default) or the full FFN output")
-    d.add_argument("--dynamoe-label-tolerance", type=NON_NEGATIVE, default=0.02)
-    d.add_argument("--dynamoe-label-tolerance-max", type=_optional_float, default=0.3,
-                   help="soft labels over [tolerance, tolerance-max]; 'none' for hard labels")
-    d.add_argument("--dynamoe-label-fraction", type=number(float, 0, 1, low_open=True), default=1.0)
-    d.add_argument("--dynamoe-router-loss-coeff", type=NON_NEGATIVE, default=1.0)
+    add_dynamoe_config_arguments(d)
     d.add_argument("--dynamoe-fit-routers", action=argparse.BooleanOptionalAction,
                    default=None, help="fit the routers to their labels on the calibration "
                    "text (default: on when --tokenizer gives calibration text)")
@@ -120,20 +83,11 @@ def main(argv=None) -> int:
     from megatron_dynamoe.utils.errors import ToolError
     from megatron_dynamoe.utils.log import log, progress
     from megatron_dynamoe.utils.parity import check_parity, megatron_logits, model_batches
-    from megatron_dynamoe.dynamoe.config import DynaMoEConfig
     from megatron_dynamoe.dynamoe.moefy import calibrate_importance, moefy_state_dict
     from megatron_dynamoe.dynamoe.router_fit import fit_routers as fit_routers_to_labels
     from megatron_dynamoe.models.builder import build_gpt_model, set_sensitivity
 
-    dyn = DynaMoEConfig(
-        num_shells=args.dynamoe_num_shells, level_fractions=args.dynamoe_level_fractions,
-        moefied_layers=args.dynamoe_layers, importance=args.dynamoe_importance,
-        shell_placement=args.dynamoe_shell_placement,
-        label_reference=args.dynamoe_label_reference,
-        label_tolerance=args.dynamoe_label_tolerance,
-        label_tolerance_max=args.dynamoe_label_tolerance_max,
-        label_fraction=args.dynamoe_label_fraction,
-        router_loss_coeff=args.dynamoe_router_loss_coeff)
+    dyn = dynamoe_config_from_args(args)
     layout = layout_from_args(args)
     check_output_path(args.output, args.overwrite, (args.load, args.tokenizer),
                       needed_bytes=tree_size(args.load))

@@ -27,6 +27,8 @@ from megatron_dynamoe.cli.common import (
     NON_NEGATIVE,
     POSITIVE,
     ArgumentParser,
+    add_dynamoe_config_arguments,
+    dynamoe_config_from_args,
     run_tool,
 )
 from megatron_dynamoe.utils.errors import ToolError
@@ -47,9 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--model", required=True, help="architecture preset (e.g. llama2-70b)")
     p.add_argument("--dense", action="store_true", help="plan the dense model (no shells)")
-    p.add_argument("--dynamoe-num-shells", type=COUNT, default=4)
-    p.add_argument("--dynamoe-level-fractions", default=None,
-                   help="comma-separated, default: the DynaMoEConfig default")
+    add_dynamoe_config_arguments(p, names=("num_shells", "level_fractions"))
     g = p.add_argument_group("cluster")
     g.add_argument("--num-gpus", type=COUNT, help="total GPUs (or --nodes x --gpus-per-node)")
     g.add_argument("--nodes", type=COUNT)
@@ -91,7 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def request_from_args(args) -> PlanRequest:
     from megatron_dynamoe.models.architectures import get_architecture
-    from megatron_dynamoe.dynamoe.config import DynaMoEConfig
 
     if args.num_gpus is None:
         if not (args.nodes and args.gpus_per_node):
@@ -102,10 +101,7 @@ def request_from_args(args) -> PlanRequest:
                         f"{args.gpus_per_node}")
     dyn = None
     if not args.dense:
-        kw = {}
-        if args.dynamoe_level_fractions:
-            kw["level_fractions"] = tuple(float(x) for x in args.dynamoe_level_fractions.split(","))
-        dyn = DynaMoEConfig(num_shells=args.dynamoe_num_shells, **kw)
+        dyn = dynamoe_config_from_args(args)
     return PlanRequest(
         model=args.model, arch=get_architecture(args.model), dynamoe=dyn,
         num_gpus=args.num_gpus, gpus_per_node=args.gpus_per_node,
