@@ -371,8 +371,7 @@ def test_checkpoint_loads_across_layer_implementations(tiny_checkpoints):
 def test_tensor_parallel_gpu_runs_get_one_cuda_connection():
     import types
 
-    train_main = tool_main("launch/train.py")
-    set_limit = train_main.__globals__["set_cuda_connection_limit"]
+    from megatron_dynamoe.training.run import set_cuda_connection_limit as set_limit
 
     def cfg(device, tp):
         return types.SimpleNamespace(device=device, tensor_model_parallel_size=tp)
@@ -393,8 +392,8 @@ def test_one_train_command_serves_the_first_start_and_every_requeue(tiny_checkpo
     # --load SAVE (empty at the first start) + --pretrained-checkpoint INIT: the model comes
     # from INIT until SAVE holds a training checkpoint (what SLURM requeues rely on).
     from megatron_dynamoe.training.config import TrainConfig
+    from megatron_dynamoe.training.run import resolve_model
 
-    resolve_model = tool_main("launch/train.py").__globals__["resolve_model"]
     dense, dynamoe = tiny_checkpoints
     for save in (tmp_path / "absent", tmp_path):
         info = resolve_model(TrainConfig(load=str(save), pretrained_checkpoint=dynamoe))

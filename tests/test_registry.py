@@ -62,7 +62,7 @@ def test_each_family_gets_its_provider_which_names_the_family_back():
 
 def test_the_trainer_entry_point_asks_the_registry():
     from megatron_dynamoe.baselines.topk import TopKProvider
-    from megatron_dynamoe.cli.train import model_provider
+    from megatron_dynamoe.training.run import model_provider
 
     assert isinstance(model_provider(with_family(CheckpointInfo(ARCH, DYN, {}), "topk")),
                       TopKProvider)

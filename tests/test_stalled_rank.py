@@ -33,7 +33,7 @@ SLACK_S = 25
 
 
 def _train_module():
-    import megatron_dynamoe.cli.train as module
+    import megatron_dynamoe.training.run as module
 
     return module
 

@@ -22,14 +22,16 @@ filter_upstream_warnings()  # the tools' start-up: before anything imports megat
 
 from megatron_dynamoe.checkpoint.outputs import describe_os_error  # noqa: E402
 from megatron_dynamoe.runtime.parallel import ParallelLayout  # noqa: E402
-from megatron_dynamoe.utils.errors import ToolError  # noqa: E402
+from megatron_dynamoe.utils.errors import (  # noqa: E402, F401  (exit codes: for the tools)
+    EXIT_BAD_INPUT,
+    EXIT_COLLECTIVE_TIMEOUT,
+    EXIT_DIVERGED,
+    EXIT_PARITY,
+    ToolError,
+)
 from megatron_dynamoe.utils.log import log  # noqa: E402
 from megatron_dynamoe.utils.parity import ParityError  # noqa: E402
 
-EXIT_BAD_INPUT = 2
-EXIT_PARITY = 3
-EXIT_DIVERGED = 4  # training met a non-finite loss or gradient and stopped
-EXIT_COLLECTIVE_TIMEOUT = 5  # a collective outlived --distributed-timeout-minutes
 
 
 def run_tool(main: Callable[[Optional[Sequence[str]]], int],
