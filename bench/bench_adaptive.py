@@ -22,7 +22,9 @@ FFN FLOPs per token are measured from the routers' statistics (experts used per 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -160,7 +162,8 @@ def main(argv=None) -> int:
     held_out = byte_windows(speeches[229:], seq, seed=2)[: args.eval_sequences]
     if finetune.shape[0] < args.iters * gbs or pretrain.shape[0] < args.dense_iters * gbs:
         raise SystemExit("not enough text for these iteration counts")
-    work = tempfile.mkdtemp(prefix="bench-adaptive-")
+    work = tempfile.mkdtemp(prefix="bench-adaptive-")   # the runs' checkpoints, removed at exit
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     base = dict(model="tiny-llama", micro_batch_size=args.micro_batch_size,
                 global_batch_size=gbs, seq_length=seq, lr=args.lr, min_lr=args.lr / 10,
                 lr_warmup_iters=5, log_interval=10 ** 6, seed=1)
