@@ -4,8 +4,10 @@ renamed into place), checked for a writable file system with room before the wor
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
+import time
 from typing import Iterable, Optional
 
 from megatron_dynamoe.utils.errors import ToolError
@@ -85,21 +87,64 @@ def tree_size(path: Optional[str]) -> int:
                for folder, _, files in os.walk(path) for name in files)
 
 
+# ---------------------------------------------------------------------------------------------
+# Atomic writes: the one way this package writes an output (a file, a folder, a checkpoint)
+# ---------------------------------------------------------------------------------------------
+def temporary_sibling(path: str) -> str:
+    """The hidden temporary name `path` is written under before it is renamed into place:
+    `.NAME.tmp-PID-TIME` in the same folder (the same file system, so the rename is atomic;
+    `stale_temporaries` finds the ones a killed writer left)."""
+    path = os.path.abspath(path)
+    return os.path.join(os.path.dirname(path),
+                        f".{os.path.basename(path)}.tmp-{os.getpid()}-{time.time_ns()}")
+
+
+def stale_temporaries(parent: str, name_pattern: str) -> list:
+    """Paths of the temporaries (`temporary_sibling`) of outputs named like the glob
+    `name_pattern` in `parent`."""
+    return sorted(glob.glob(os.path.join(parent, f".{name_pattern}.tmp-*")))
+
+
+def replace_with(tmp: str, path: str) -> None:
+    """Move the finished temporary `tmp` to `path`, replacing what is there (a folder is
+    removed first: a rename cannot replace a non-empty folder)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str):
+    """Yield a temporary path to write the file `path` under; when the block ends normally
+    the file is flushed to disk and renamed into place, otherwise removed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = temporary_sibling(path)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        replace_with(tmp, path)
+    finally:
+        _remove(tmp)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str, overwrite: bool, inputs: Iterable[Optional[str]] = ()):
     """Yield a temporary sibling folder; on success it replaces `path`, on error it is removed.
     `inputs` as for `check_output_path`."""
     check_output_path(path, overwrite, inputs)
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = temporary_sibling(path)
     os.makedirs(tmp)
     try:
         yield tmp
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        replace_with(tmp, path)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)

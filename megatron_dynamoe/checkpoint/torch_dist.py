@@ -18,13 +18,17 @@ import glob
 import json
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from megatron_dynamoe.checkpoint.outputs import (
+    replace_with,
+    stale_temporaries,
+    temporary_sibling,
+)
 from megatron_dynamoe.models.architectures import ModelArchitecture
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
 
@@ -118,7 +122,7 @@ def remove_stale_temporaries(parent: str, name_pattern: str) -> list:
     interrupted save (a killed job) left behind; returns their paths. Call it on rank 0 before
     a save into `parent`, which only one run writes to: a full-size checkpoint that never
     completed would otherwise stay on the file system forever."""
-    stale = sorted(glob.glob(os.path.join(parent, f".{name_pattern}.tmp-*")))
+    stale = stale_temporaries(parent, name_pattern)
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return stale
@@ -139,8 +143,7 @@ def save_checkpoint(model: torch.nn.Module, directory: str, info: CheckpointInfo
             parent = os.path.dirname(directory)
             os.makedirs(parent, exist_ok=True)
             remove_stale_temporaries(parent, glob.escape(os.path.basename(directory)))
-            tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-{os.getpid()}-"
-                                       f"{int(time.time())}")
+            tmp = temporary_sibling(directory)
             os.makedirs(tmp)
     tmp = _broadcast_path(tmp)
     if tmp.startswith("error: "):
@@ -178,9 +181,7 @@ def _write_info(folder: str, info: CheckpointInfo) -> None:
 
 
 def _publish(tmp: str, directory: str) -> None:
-    if os.path.exists(directory):
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+    replace_with(tmp, directory)
 
 
 def load_checkpoint(model: torch.nn.Module, directory: str, origin: str = "this model",

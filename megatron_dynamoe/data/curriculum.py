@@ -73,24 +73,21 @@ class CurriculumScores:
 
 def save_scores(path: str, scores: CurriculumScores) -> None:
     """Write `scores` to `path` (.json or .npz) atomically (temporary file, then rename)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    from megatron_dynamoe.checkpoint.outputs import atomic_file
+
+    if not path.endswith((".json", ".npz")):
+        raise CurriculumError(f"{path}: name a .json or .npz scores file")
     header = dict(format=FORMAT, version=VERSION, metric=scores.metric,
                   provenance=scores.provenance)
-    try:
+    with atomic_file(path) as tmp:
         if path.endswith(".json"):
             with open(tmp, "w") as f:
                 json.dump(dict(header, indices=scores.indices.tolist(),
                                scores=scores.scores.tolist()), f)
-        elif path.endswith(".npz"):
+        else:
             with open(tmp, "wb") as f:
                 np.savez(f, indices=scores.indices, scores=scores.scores,
                          header=np.array(json.dumps(header)))
-        else:
-            raise CurriculumError(f"{path}: name a .json or .npz scores file")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_scores(path: str) -> CurriculumScores:

@@ -435,10 +435,12 @@ def indexed_dataset_writer(prefix: str, vocab_size: int, overwrite: bool = False
     """
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
+    from megatron_dynamoe.checkpoint.outputs import replace_with, temporary_sibling
+
     prefix = _check_output_prefix(prefix, overwrite)
-    parent, base = os.path.split(prefix)
+    parent = os.path.dirname(os.path.abspath(prefix))
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}")
+    tmp = temporary_sibling(prefix)  # + .bin / .idx
     builder = IndexedDatasetBuilder(tmp + ".bin", dtype=DType.optimal_dtype(vocab_size))
     writer = _DocumentWriter(builder, vocab_size)
     try:
@@ -451,8 +453,8 @@ def indexed_dataset_writer(prefix: str, vocab_size: int, overwrite: bool = False
                 os.fsync(f.fileno())
         if os.path.exists(prefix + ".idx"):
             os.remove(prefix + ".idx")
-        os.replace(tmp + ".bin", prefix + ".bin")
-        os.replace(tmp + ".idx", prefix + ".idx")
+        replace_with(tmp + ".bin", prefix + ".bin")
+        replace_with(tmp + ".idx", prefix + ".idx")
     finally:
         if not builder.data_file.closed:
             builder.data_file.close()

@@ -268,10 +268,10 @@ def save_training_state(save_dir: str, iteration: int, model, optimizer, schedul
     save_checkpoint(state, folder, CheckpointInfo(info.architecture, info.dynamoe,
                                                   {**info.extra, **extra}), overwrite=True)
     if dist.get_rank() == 0:
-        tmp = os.path.join(save_dir, f".{LATEST_FILE}.tmp")
-        with open(tmp, "w") as f:
+        from megatron_dynamoe.checkpoint.outputs import atomic_file
+
+        with atomic_file(os.path.join(save_dir, LATEST_FILE)) as tmp, open(tmp, "w") as f:
             f.write(f"{iteration}\n")
-        os.replace(tmp, os.path.join(save_dir, LATEST_FILE))
     dist.barrier()
     return folder
 
