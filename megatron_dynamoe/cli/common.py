@@ -22,7 +22,7 @@ filter_upstream_warnings()  # the tools' start-up: before anything imports megat
 
 from megatron_dynamoe.checkpoint.outputs import describe_os_error  # noqa: E402
 from megatron_dynamoe.runtime.parallel import ParallelLayout  # noqa: E402
-from megatron_dynamoe.utils.errors import (  # noqa: E402, F401  (exit codes: for the tools)
+from megatron_dynamoe.utils.errors import (  # noqa: E402, F401  (re-exported for the tools)
     EXIT_BAD_INPUT,
     EXIT_COLLECTIVE_TIMEOUT,
     EXIT_DIVERGED,
@@ -240,6 +240,15 @@ def dynamoe_config_from_args(args):
 
     return DynaMoEConfig(**{name: getattr(args, f"dynamoe_{name}") for name in _DYNAMOE_FLAGS
                             if hasattr(args, f"dynamoe_{name}")})
+
+
+def add_parity_arguments(group, sequences: int, tolerance_help: str) -> None:
+    """The calibration-text flags (`add_calibration_arguments`) plus --batch-size and the
+    --tolerance of the tool's logit parity check (`utils.parity.check_parity`)."""
+    add_calibration_arguments(group, sequences)
+    group.add_argument("--batch-size", type=COUNT, default=4)
+    group.add_argument("--tolerance", type=NON_NEGATIVE, default=1e-4,
+                       help=f"{tolerance_help}: max |logit diff| / max |logit|")
 
 
 def add_calibration_arguments(group, sequences: int) -> None:

@@ -26,12 +26,13 @@ import os
 import sys
 
 from megatron_dynamoe.cli.common import (
+    COUNT,
     NON_NEGATIVE,
     ArgumentParser,
     add_calibration_arguments,
     add_runtime_arguments,
     calibration_windows,
-    finite_float,
+    number,
     run_tool,
 )
 
@@ -43,10 +44,10 @@ def parse_args(argv=None):
     p.add_argument("--load", required=True, help="DynaMoE torch_dist checkpoint folder")
     p.add_argument("--output", required=True)
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--level", type=int, default=None,
+    p.add_argument("--level", type=COUNT, default=None,
                    help="1..K: static sub-network at this level (default: the full level K)")
     p.add_argument("--format", choices=("megatron", "hf"), default="megatron")
-    p.add_argument("--ffn-budget", type=finite_float, default=None,
+    p.add_argument("--ffn-budget", type=number(float, 0, 1, low_open=True), default=None,
                    help="target mean FFN compute fraction in (0, 1]: export the DynaMoE "
                         "variant that meets it on the calibration text")
     p.add_argument("--budget-mode", choices=("global", "per-layer"), default="global")

@@ -22,14 +22,12 @@ import os
 import sys
 
 from megatron_dynamoe.cli.common import (
-    COUNT,
-    NON_NEGATIVE,
     NON_NEGATIVE_INT,
     POSITIVE,
     ArgumentParser,
-    add_calibration_arguments,
-    add_layout_arguments,
     add_dynamoe_config_arguments,
+    add_layout_arguments,
+    add_parity_arguments,
     add_runtime_arguments,
     calibration_windows,
     dynamoe_config_from_args,
@@ -58,10 +56,7 @@ def parse_args(argv=None):
     c.add_argument("--tokenizer", help="Hugging Face folder with a tokenizer, or 'smollm2'; "
                                        "needed for activation importance")
     c.add_argument("--gguf-file", help="GGUF file inside --tokenizer's folder")
-    add_calibration_arguments(c, sequences=16)
-    c.add_argument("--batch-size", type=COUNT, default=4)
-    c.add_argument("--tolerance", type=NON_NEGATIVE, default=1e-4,
-                   help="theta = 1 parity: max |logit diff| / max |logit|")
+    add_parity_arguments(c, sequences=16, tolerance_help="theta = 1 parity")
     add_layout_arguments(p)
     add_runtime_arguments(p)
     return p.parse_args(argv)

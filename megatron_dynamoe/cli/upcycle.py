@@ -29,8 +29,8 @@ from megatron_dynamoe.cli.common import (
     NON_NEGATIVE_INT,
     POSITIVE,
     ArgumentParser,
-    add_calibration_arguments,
     add_layout_arguments,
+    add_parity_arguments,
     add_runtime_arguments,
     calibration_windows,
     finite_float,
@@ -79,10 +79,7 @@ def parse_args(argv=None):
     c.add_argument("--tokenizer", help="Hugging Face folder with a tokenizer, or 'smollm2'; "
                                        "needed by every method but data-free split-importance")
     c.add_argument("--gguf-file")
-    add_calibration_arguments(c, sequences=8)
-    c.add_argument("--batch-size", type=COUNT, default=4)
-    c.add_argument("--tolerance", type=NON_NEGATIVE, default=1e-4,
-                   help="construction parity: max |logit diff| / max |logit|")
+    add_parity_arguments(c, sequences=8, tolerance_help="construction parity")
     add_layout_arguments(p)
     add_runtime_arguments(p)
     return p.parse_args(argv)
