@@ -23,7 +23,8 @@ from megatron_dynamoe.models.architectures import transformer_config
 from megatron_dynamoe.utils.parity import megatron_logits
 from megatron_dynamoe.data.corpora import load_texts
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
-from megatron_dynamoe.baselines import topk as baselines, budget, report, routing_picture, scoring
+from megatron_dynamoe.baselines import topk as baselines
+from megatron_dynamoe.evaluation import budget, report, routing_picture, scoring
 from megatron_dynamoe.evaluation import tasks as task_lib
 from megatron_dynamoe.evaluation.flops import forward_flops_per_token, relative_forward_flops
 from megatron_dynamoe.evaluation.recorder import FFNComputeRecorder
