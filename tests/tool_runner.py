@@ -36,6 +36,13 @@ def run_tool_here(script: str, *args) -> subprocess.CompletedProcess:
     from megatron_dynamoe.cli.common import run_tool
 
     stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr):
-        code = run_tool(tool_main(script), [str(a) for a in args])
+    environ = dict(os.environ)
+    try:
+        with contextlib.redirect_stderr(stderr):
+            code = run_tool(tool_main(script), [str(a) for a in args])
+    finally:
+        # launch/train.py exports the launcher's RANK / WORLD_SIZE / LOCAL_WORLD_SIZE / MASTER_*
+        # (as it should in its own process): they must not leak into later tests' children.
+        os.environ.clear()
+        os.environ.update(environ)
     return subprocess.CompletedProcess(args, code, "", stderr.getvalue())
