@@ -6,6 +6,7 @@ container flags, the GPU training step, the conversion tools on the CPU) and of 
 bash -n and shellcheck on every script."""
 
 import glob
+import importlib
 import importlib.util
 import os
 import re
@@ -59,11 +60,12 @@ def _flag(argv, name):
 
 
 def _tool_module(script):
+    """The command module (megatron_dynamoe.cli.X) behind a tools/X.py wrapper the script runs."""
     spec = importlib.util.spec_from_file_location("slurm_test_" + os.path.basename(script)[:-3],
                                                   os.path.join(REPO, script))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    wrapper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wrapper)
+    return importlib.import_module(wrapper.main.__module__)
 
 
 def _need(*binaries):
