@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
-import importlib.util
 import io
 import json
 import math
@@ -32,6 +31,7 @@ from typing import Dict, List, NamedTuple, Tuple
 import pytest
 
 from tests.test_docs import commands, user_docs
+from tests.tool_runner import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH_SCRIPT = re.compile(r"(?:^|/)(bench/[\w.-]+\.py)$")
@@ -154,14 +154,6 @@ class _Captured(Exception):
         self.parser = parser
 
 
-def _load(script: str):
-    name = "bench_check_" + re.sub(r"\W", "_", script)
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, script))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 _PARSERS: Dict[str, argparse.ArgumentParser] = {}
 
 
@@ -169,7 +161,7 @@ def bench_parser(script: str) -> argparse.ArgumentParser:
     """The argument parser a bench script's `main` builds, taken at the moment it would parse
     (nothing after that runs)."""
     if script not in _PARSERS:
-        module = _load(script)
+        module = load_script(script)
         saved = argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args
 
         def grab(self, *args, **kwargs):

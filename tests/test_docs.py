@@ -22,13 +22,14 @@ import contextlib
 import functools
 import glob
 import importlib
-import importlib.util
 import os
 import re
 import shlex
 from typing import Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
 
 import pytest
+
+from tests.tool_runner import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO, "README.md")
@@ -270,14 +271,6 @@ def _capture(call) -> argparse.ArgumentParser:
     raise AssertionError(f"{call} parsed no arguments")
 
 
-def _load_script(relative: str):
-    name = "docs_check_" + re.sub(r"\W", "_", relative)
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, relative))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _train_parser() -> argparse.ArgumentParser:
     from megatron_dynamoe.training.config import build_parser
 
@@ -313,7 +306,7 @@ def known_flags(entry: str) -> Tuple[Set[str], Dict[str, Set[str]]]:
         return flags, subcommands
     if not os.path.exists(os.path.join(REPO, entry)):
         raise AssertionError(f"{entry} does not exist")
-    module = _load_script(entry)
+    module = load_script(entry)
     if hasattr(module, "entry") and not hasattr(module, "parse_args"):
         # A thin wrapper of a command of megatron_dynamoe.cli: its parser lives there.
         module = importlib.import_module(module.main.__module__)

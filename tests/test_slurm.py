@@ -7,7 +7,6 @@ bash -n and shellcheck on every script."""
 
 import glob
 import importlib
-import importlib.util
 import os
 import re
 import shlex
@@ -22,6 +21,7 @@ import time
 import pytest
 
 from tests.launch_helpers import REPO, loss_curve, quiet_env, shared_sotu_data
+from tests.tool_runner import load_script
 
 SCRIPTS = sorted(glob.glob(os.path.join(REPO, "slurm", "*.sh")))
 INSTALL_HINT = "run `make install` (it installs slurm-wlm, munge and shellcheck with apt)"
@@ -61,11 +61,7 @@ def _flag(argv, name):
 
 def _tool_module(script):
     """The command module (megatron_dynamoe.cli.X) behind a tools/X.py wrapper the script runs."""
-    spec = importlib.util.spec_from_file_location("slurm_test_" + os.path.basename(script)[:-3],
-                                                  os.path.join(REPO, script))
-    wrapper = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(wrapper)
-    return importlib.import_module(wrapper.main.__module__)
+    return importlib.import_module(load_script(script).main.__module__)
 
 
 def _need(*binaries):

@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import io
 import os
+import re
 import subprocess
 import sys
 
@@ -20,14 +21,20 @@ def run_tool_process(script: str, *args, timeout: float = 300) -> subprocess.Com
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def load_script(script: str):
+    """A script of the repository (path relative to its root, e.g. 'bench/bench_layer.py' or
+    'tools/moefy.py') loaded as a module in this process."""
+    name = "script_" + re.sub(r"\W", "_", script)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tool_main(script: str):
     """The `main(argv)` of a tool script (relative to the repository root), loaded in this
     process."""
-    name = os.path.splitext(os.path.basename(script))[0]
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(REPO, script))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script(script).main
 
 
 def run_tool_here(script: str, *args) -> subprocess.CompletedProcess:

@@ -180,7 +180,8 @@ def _optional_non_negative(text: str):
     return None if text.lower() == "none" else NON_NEGATIVE(text)
 
 
-def _layer_list(text: str):
+def layer_list(text: str):
+    """argparse type of a layer selection: 'all' (None) or 0-based indices like 0,2,4."""
     if text == "all":
         return None
     try:
@@ -197,7 +198,7 @@ _DYNAMOE_FLAGS = {
     "level_fractions": ("--dynamoe-level-fractions", dict(
         type=_float_list, help="fraction of the FFN at each level, increasing, ending at 1")),
     "moefied_layers": ("--dynamoe-layers", dict(
-        type=_layer_list, help="'all' or 0-based layer indices to MoEfy")),
+        type=layer_list, help="'all' or 0-based layer indices to MoEfy")),
     "importance": ("--dynamoe-importance", dict(choices=("activation", "weight"))),
     "shell_placement": ("--dynamoe-shell-placement", dict(choices=("balanced", "contiguous"))),
     "label_reference": ("--dynamoe-label-reference", dict(

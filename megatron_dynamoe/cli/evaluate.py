@@ -38,8 +38,8 @@ def _floats(text: str):
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--load", required=True, help="DynaMoE checkpoint, or a training --save "
                                                   "folder (its latest iteration)")
     p.add_argument("--model", help="architecture preset for a plain Megatron-Core checkpoint")

@@ -37,8 +37,8 @@ from megatron_dynamoe.cli.common import (
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--load", required=True, help="dense torch_dist checkpoint folder")
     p.add_argument("--model", help="architecture preset, for a plain Megatron-Core checkpoint "
                                    "without dynamoe.json")

@@ -45,8 +45,8 @@ from megatron_dynamoe.planning.search import env_assignments, suggest, train_fla
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--model", required=True, help="architecture preset (e.g. llama2-70b)")
     p.add_argument("--dense", action="store_true", help="plan the dense model (no shells)")
     add_dynamoe_config_arguments(p, names=("num_shells", "level_fractions"))

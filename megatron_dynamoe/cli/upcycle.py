@@ -33,27 +33,19 @@ from megatron_dynamoe.cli.common import (
     add_parity_arguments,
     add_runtime_arguments,
     calibration_windows,
+    layer_list,
     finite_float,
     number,
     run_tool,
 )
 
 
-def _layers(text: str):
-    if text == "all":
-        return None
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give 'all' or 0-based indices like 0,2,4")
-
-
 def parse_args(argv=None):
     from megatron_dynamoe.adaptive.upcycle import UPCYCLE_METHODS
 
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--load", required=True, help="dense torch_dist checkpoint folder")
     p.add_argument("--model", help="architecture preset, for a plain Megatron-Core checkpoint")
     p.add_argument("--output", required=True, help="MoE checkpoint folder to write")
@@ -70,7 +62,7 @@ def parse_args(argv=None):
     g.add_argument("--capacity-factor", type=POSITIVE, help="default: dropless")
     g.add_argument("--drop-policy", choices=("probs", "position"), default="probs")
     g.add_argument("--aux-loss-coeff", type=NON_NEGATIVE, default=1e-2)
-    g.add_argument("--moe-layers", type=_layers, default=None,
+    g.add_argument("--moe-layers", type=layer_list, default=None,
                    help="'all' (default) or 0-based layer indices to upcycle")
     g.add_argument("--router-logit-std", type=NON_NEGATIVE, default=0.1,
                    help="scale of the fitted router's logits on the calibration tokens")
