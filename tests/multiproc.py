@@ -31,6 +31,13 @@ def _worker(rank, world_size, port, fn, args, errors):
     except BaseException:  # report everything, including assertion failures
         errors.put((rank, traceback.format_exc()))
         raise
+    finally:
+        # As the entry points do: a process group left to the interpreter's exit can abort
+        # the process ("terminate called without an active exception", exit -6) when its
+        # gloo threads are torn down in a random order.
+        from megatron_dynamoe.runtime.parallel import destroy_parallel
+
+        destroy_parallel()
 
 
 def run_processes(fn, world_size: int, *args, timeout: float = 600.0) -> None:

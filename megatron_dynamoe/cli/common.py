@@ -33,12 +33,14 @@ from megatron_dynamoe.utils.log import log  # noqa: E402
 from megatron_dynamoe.utils.parity import ParityError  # noqa: E402
 
 
-
 def run_tool(main: Callable[[Optional[Sequence[str]]], int],
              argv: Optional[Sequence[str]] = None) -> int:
     """Run `main(argv)` and turn expected failures into one `error:` line + exit code."""
     from megatron_dynamoe.checkpoint.torch_dist import CheckpointError
 
+    import torch.distributed as dist
+
+    world_before = dist.is_available() and dist.is_initialized()
     try:
         return main(argv)
     except ParityError as e:
@@ -52,6 +54,14 @@ def run_tool(main: Callable[[Optional[Sequence[str]]], int],
         # Read-only or full file systems, permissions: the file and the reason, no traceback.
         print(f"error: {describe_os_error(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        # The world this tool started goes down before the interpreter's exit: gloo / NCCL
+        # threads torn down at exit in a random order can abort the process (exit -6) after
+        # success. (A world that was up before, as in an in-process test, is left as it was.)
+        if not world_before and dist.is_available() and dist.is_initialized():
+            from megatron_dynamoe.runtime.parallel import destroy_parallel
+
+            destroy_parallel()
 
 
 class ArgumentParser(argparse.ArgumentParser):
