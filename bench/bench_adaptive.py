@@ -49,7 +49,7 @@ from megatron_dynamoe.data.curriculum import (
     curriculum_source,
     profile_scores,
 )
-from megatron_dynamoe.data.datasets import collate_samples
+from megatron_dynamoe.data.sampling import collate_samples
 from megatron_dynamoe.models.builder import ModelProvider, causal_attention_mask
 from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
 from megatron_dynamoe.training.config import TrainConfig

@@ -41,9 +41,8 @@ from megatron_dynamoe.models.architectures import get_architecture, transformer_
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
 from megatron_dynamoe.dynamoe.moefy import moefy_state_dict
 from megatron_dynamoe.dynamoe.router_fit import fit_routers
-from megatron_dynamoe.models.builder import (
-    build_gpt_model,
-    causal_attention_mask,
+from megatron_dynamoe.models.builder import build_gpt_model, causal_attention_mask
+from megatron_dynamoe.dynamoe.control import (
     dynamoe_layers,
     set_sensitivity,
     set_static_level,

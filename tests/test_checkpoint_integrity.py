@@ -24,8 +24,14 @@ import torch
 
 from megatron_dynamoe.checkpoint.integrity import (MANIFEST_FILE, read_dcp_metadata,
                                                    verify_checkpoint)
-from megatron_dynamoe.checkpoint.torch_dist import (CheckpointError, CheckpointInfo, load_checkpoint,
-                                            save_checkpoint, verify_checkpoint_files)
+from megatron_dynamoe.checkpoint.torch_dist import (
+    CheckpointError,
+    CheckpointInfo,
+    load_checkpoint,
+    read_info,
+    save_checkpoint,
+    verify_checkpoint_files,
+)
 from tests.builders import ARCH, build_dense
 from tests.multiproc import run_processes
 
@@ -106,11 +112,30 @@ def test_manifest_lists_every_file_with_its_sha256(saved):
         manifest = json.load(f)
     assert manifest["format_version"] == 1 and manifest["algorithm"] == "sha256"
     assert manifest["files"] == _independent_manifest(folder)
-    assert {".metadata", "common.pt", "dynamoe.json", "metadata.json"} <= set(manifest["files"])
+    assert {".metadata", "common.pt", "model.json", "metadata.json"} <= set(manifest["files"])
     assert sum(name.endswith(".distcp") for name in manifest["files"]) >= 1
     loaded = build_dense(seed=1)
     assert not _weights_equal(loaded, model)
     load_checkpoint(loaded, folder)
+    assert _weights_equal(loaded, model)
+
+
+def test_older_metadata_name_is_still_read(saved, copy):
+    """Checkpoints written before the family registry call their metadata `dynamoe.json`:
+    such a folder (its manifest naming that file) still loads, with its family and config."""
+    _, model = saved
+    os.rename(os.path.join(copy, "model.json"), os.path.join(copy, "dynamoe.json"))
+    path = os.path.join(copy, MANIFEST_FILE)
+    with open(path) as f:
+        manifest = json.load(f)
+    manifest["files"]["dynamoe.json"] = manifest["files"].pop("model.json")
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    info = read_info(copy)
+    assert info.architecture == ARCH and info.dynamoe is None
+    assert info.extra["model_family"] == "dense"
+    loaded = build_dense(seed=1)
+    load_checkpoint(loaded, copy)
     assert _weights_equal(loaded, model)
 
 
@@ -135,9 +160,9 @@ def test_flipped_byte_is_refused_and_really_changes_weights(saved, copy):
 
 
 def test_truncated_and_missing_files(copy):
-    # A file only the manifest knows (dynamoe.json) missing: refused; unhashed, it loads.
-    os.remove(os.path.join(copy, "dynamoe.json"))
-    with pytest.raises(CheckpointError, match="is incomplete: dynamoe.json is missing"):
+    # A file only the manifest knows (model.json) missing: refused; unhashed, it loads.
+    os.remove(os.path.join(copy, "model.json"))
+    with pytest.raises(CheckpointError, match="is incomplete: model.json is missing"):
         verify_checkpoint_files(copy)
     verify_checkpoint_files(copy, verify_checksums=False)
     shard = os.path.join(copy, "__0_1.distcp")
@@ -147,7 +172,7 @@ def test_truncated_and_missing_files(copy):
     with pytest.raises(CheckpointError, match=re.escape(
             f"checkpoint file {shard} is truncated ({size - 10} bytes, {MANIFEST_FILE} "
             f"lists {size}): copy it again from a good copy, or pass --no-verify-checksums")):
-        verify_checkpoint_files(copy)  # the first problem in file order, before dynamoe.json
+        verify_checkpoint_files(copy)  # the first problem in file order, before model.json
     # Without the hashing, the .metadata size check still refuses the truncation.
     with pytest.raises(CheckpointError, match=re.escape(f"{shard!r} is truncated")):
         verify_checkpoint_files(copy, verify_checksums=False)

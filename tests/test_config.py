@@ -11,6 +11,7 @@ from megatron_dynamoe.models.architectures import (
 )
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig, check_sensitivity
 from megatron_dynamoe.runtime.parallel import ParallelLayout
+from megatron_dynamoe.utils.ranges import Interval
 
 
 def test_defaults_are_four_levels_of_quarters():
@@ -80,7 +81,7 @@ def test_config_round_trip_and_checkpoints_written_before_soft_labels():
     cfg = DynaMoEConfig(label_reference="ffn", label_tolerance=0.05, label_tolerance_max=0.4)
     assert DynaMoEConfig.from_dict(cfg.to_dict()) == cfg and cfg.soft_labels
     assert not DynaMoEConfig(label_tolerance=0.3, label_tolerance_max=0.3).soft_labels
-    # A dynamoe.json from before label_reference existed keeps its meaning: hard labels
+    # A checkpoint's metadata from before label_reference existed keeps its meaning: hard labels
     # relative to the FFN output at its tolerance.
     old = {k: v for k, v in DynaMoEConfig().to_dict().items()
            if k not in ("label_reference", "label_tolerance_max")}
@@ -140,3 +141,84 @@ def test_transformer_config_for_llama_and_gpt2():
 ])
 def test_preset_parameter_counts_match_published_models(name, expected):
     assert PRESETS[name].num_parameters() == expected
+
+
+@pytest.mark.parametrize("interval,value,message", [
+    (Interval(int, 1), 0, "--x 0 is out of range: give a value in [1, inf)"),
+    (Interval(float, 0, 1, high_open=True), 1.0,
+     "--x 1.0 is out of range: give a value in [0, 1)"),
+    (Interval(float, 0, 1e4, low_open=True), 0.0,
+     "--x 0.0 is out of range: give a value in (0, 10000]"),
+    (Interval(float, None, 0.5), 0.75, "--x 0.75 is out of range: give a value in (-inf, 0.5]"),
+    (Interval(float, 0), float("inf"), "--x inf: give a finite number"),
+    (Interval(int, 1), float("nan"), "--x nan: give a finite number"),
+])
+def test_interval_messages(interval, value, message):
+    with pytest.raises(ValueError) as e:
+        interval.check("--x", value)
+    assert str(e.value) == message
+    assert interval.message("'v'", value) == message.replace(f"--x {value}", "'v'")
+
+
+def test_interval_bounds():
+    assert Interval(float, 0, 1).describe() == "[0, 1]"
+    assert Interval(float, 0, 1, low_open=True, high_open=True).describe() == "(0, 1)"
+    assert Interval(float).describe() == "(-inf, inf)"
+    assert Interval(float, 0, 1).check("--x", 0) == 0
+    assert Interval(float, 0, 1).check("--x", 1) == 1
+    assert not Interval(float, 0, 1, low_open=True).contains(0)
+    assert Interval(int, 1).contains(10**9)
+
+
+def test_train_config_and_tool_flags_word_ranges_alike():
+    # TrainConfig's RANGES and the tools' argparse types state ranges with the same Interval.
+    import argparse
+
+    from megatron_dynamoe.cli.common import COUNT, number
+    from megatron_dynamoe.training.config import TrainConfig
+
+    with pytest.raises(ValueError, match=r"^--micro-batch-size 0 is out of range: give a value "
+                                         r"in \[1, inf\)$"):
+        TrainConfig(model="tiny-llama", micro_batch_size=0)
+    with pytest.raises(ValueError, match=r"^--router-lr-mult 0.0 is out of range: give a value "
+                                         r"in \(0, 10000\]$"):
+        TrainConfig(model="tiny-llama", router_lr_mult=0.0)
+    with pytest.raises(ValueError, match="^--weight-decay nan: give a finite number$"):
+        TrainConfig(model="tiny-llama", weight_decay=float("nan"))
+    with pytest.raises(argparse.ArgumentTypeError,
+                       match=r"^'0' is out of range: give a value in \[1, inf\)$"):
+        COUNT("0")
+    with pytest.raises(argparse.ArgumentTypeError,
+                       match=r"^'0' is out of range: give a value in \(0, 1\]$"):
+        number(float, 0, 1, low_open=True)("0")
+    with pytest.raises(argparse.ArgumentTypeError, match="^'1.5' is not an integer$"):
+        COUNT("1.5")
+    assert number(float, 0, 1)("0.25") == 0.25 and COUNT("3") == 3
+
+
+def test_dynamoe_flags_default_to_the_config():
+    # The --dynamoe-* flags take their defaults from DynaMoEConfig, stated once.
+    import argparse
+
+    from megatron_dynamoe.cli.common import add_dynamoe_config_arguments, \
+        dynamoe_config_from_args
+    from megatron_dynamoe.dynamoe.config import IMPORTANCE_METHODS
+
+    parser = argparse.ArgumentParser()
+    add_dynamoe_config_arguments(parser)
+    assert dynamoe_config_from_args(parser.parse_args([])) == DynaMoEConfig()
+    cfg = dynamoe_config_from_args(parser.parse_args(
+        ["--dynamoe-num-shells", "8", "--dynamoe-level-fractions", "0.5,1",
+         "--dynamoe-layers", "1,3", "--dynamoe-label-tolerance-max", "none"]))
+    assert (cfg.num_shells, cfg.level_fractions, cfg.moefied_layers,
+            cfg.label_tolerance_max) == (8, (0.5, 1.0), (1, 3), None)
+    helps = {a.dest: (a.help, a.choices) for a in parser._actions}
+    assert helps["dynamoe_level_fractions"][0].endswith("; default: 0.25,0.5,0.75,1.0")
+    assert helps["dynamoe_moefied_layers"][0].endswith("; default: all")
+    assert tuple(helps["dynamoe_importance"][1]) == IMPORTANCE_METHODS
+    # A subset of the flags (tools/plan_layout.py): the other fields keep their defaults.
+    parser = argparse.ArgumentParser()
+    add_dynamoe_config_arguments(parser, names=("num_shells", "level_fractions"))
+    assert dynamoe_config_from_args(parser.parse_args(["--dynamoe-num-shells", "2",
+                                                       "--dynamoe-level-fractions", "0.5,1"])) \
+        == DynaMoEConfig(num_shells=2, level_fractions=(0.5, 1.0))

@@ -5,7 +5,7 @@
   ORIGINAL model's logits on 2 x 64 tokens of State of the Union text;
 - tiny random GPT-2 (gelu_new, tied) and LLaMA (GQA, untied): the same round trip, with exact
   weights at the end;
-- a plain Megatron-Core checkpoint (no dynamoe.json) converts with --model only;
+- a plain Megatron-Core checkpoint (no model.json) converts with --model only;
 - bad input: exit 2 (3 for parity), one `error:` line, no traceback, nothing left behind.
 
 Each tool process pays ~8 s of imports, so independent runs go two at a time (2 cores), and
@@ -241,7 +241,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def plain_checkpoint(tmp_path_factory):
     """Our dense tiny LLaMA saved by plain Megatron-Core (dist_checkpointing.save, no
-    dynamoe.json), and its logits on TOKENS."""
+    model.json), and its logits on TOKENS."""
     from megatron.core import dist_checkpointing
 
     folder = tmp_path_factory.mktemp("plain") / "megatron"
@@ -249,7 +249,7 @@ def plain_checkpoint(tmp_path_factory):
     model = build_dense(seed=7)
     _jitter(model, seed=8)
     dist_checkpointing.save(model.sharded_state_dict(), str(folder))
-    assert not (folder / "dynamoe.json").exists()
+    assert not (folder / "model.json").exists()
     return SimpleNamespace(folder=str(folder), logits=megatron_logits(model, TOKENS))
 
 
@@ -320,7 +320,7 @@ def _bad_input_setup(tiny, plain, root):
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) // 2)
     os.remove(os.path.join(paths["deleted"], "__0_0.distcp"))
-    with open(os.path.join(paths["dynamoe"], "dynamoe.json"), "w") as f:
+    with open(os.path.join(paths["dynamoe"], "model.json"), "w") as f:
         json.dump(CheckpointInfo(PRESETS["tiny-llama"], DynaMoEConfig(), {}).to_json(), f)
     return paths
 

@@ -149,7 +149,7 @@ def _provider(threshold):
 
 
 def _profile(provider, dataset, batch_size):
-    from megatron_dynamoe.data.datasets import collate_samples
+    from megatron_dynamoe.data.sampling import collate_samples
     from megatron_dynamoe.runtime.parallel import ParallelLayout
 
     torch.manual_seed(0)
@@ -195,14 +195,14 @@ def test_trainer_with_curriculum_resumes_bit_identically(single_rank, tmp_path):
     rest = run(model=None, load=str(tmp_path / "b"), save=str(tmp_path / "b"))
     assert {**first.losses, **rest.losses} == full.losses
     assert len(full.losses) == 6 and all(np.isfinite(list(full.losses.values())))
-    info = json.loads((tmp_path / "b" / "iter_0000006" / "dynamoe.json").read_text())
+    info = json.loads((tmp_path / "b" / "iter_0000006" / "model.json").read_text())
     assert info["extra"]["adaptive"] == provider.gating.to_dict()
 
 
 def test_profile_scores_dynamoe_mean_level(single_rank):
-    from megatron_dynamoe.data.datasets import collate_samples
+    from megatron_dynamoe.data.sampling import collate_samples
     from megatron_dynamoe.dynamoe.config import DynaMoEConfig
-    from megatron_dynamoe.models.builder import set_static_level
+    from megatron_dynamoe.dynamoe.control import set_static_level
     from tests.builders import build_dynamoe
 
     model = build_dynamoe(DynaMoEConfig(num_shells=4))

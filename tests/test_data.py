@@ -1,4 +1,4 @@
-"""The data layer (megatron_dynamoe.data.datasets) and tools/preprocess_data.py, checked by numbers.
+"""The data layer (megatron_dynamoe.data) and tools/preprocess_data.py, checked by numbers.
 
 - preprocessing with the real SmolLM2 tokenizer: the .bin/.idx read back by Megatron's
   IndexedDataset equals the tokenizer's ids + EOD per document, exactly;
@@ -23,8 +23,12 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_dynamoe.data import datasets as data
-from megatron_dynamoe.data.datasets import DataError, HFTokenizerAdapter, build_gpt_datasets
+from megatron_dynamoe.data import helpers
+from megatron_dynamoe.data.datasets import build_gpt_datasets
+from megatron_dynamoe.data.errors import DataError
+from megatron_dynamoe.data.indexed import indexed_dataset_writer
+from megatron_dynamoe.data.sampling import MicroBatchSampler, micro_batches
+from megatron_dynamoe.data.tokenizer import HFTokenizerAdapter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOD = 2  # SmolLM2's EOS, <|im_end|>
@@ -58,7 +62,7 @@ def _documents(seed, count, low, high, min_len=5, max_len=80):
 
 
 def _write(prefix, documents, vocab_size=49152):
-    with data.indexed_dataset_writer(prefix, vocab_size) as writer:
+    with indexed_dataset_writer(prefix, vocab_size) as writer:
         for ids in documents:
             writer.add_document(ids)
     return prefix
@@ -121,7 +125,7 @@ def _read_back(prefix):
 
 def test_compiled_helpers_ship_with_megatron_core_and_python_ones_match():
     """0.16.1's wheel ships helpers_cpp compiled; the Python stand-in returns the same arrays."""
-    assert data.dataset_helpers_backend() == "compiled"
+    assert helpers.dataset_helpers_backend() == "compiled"
     from megatron.core.datasets import helpers_cpp
 
     rng = np.random.default_rng(0)
@@ -138,8 +142,8 @@ def test_compiled_helpers_ship_with_megatron_core_and_python_ones_match():
                 for bits, compiled in ((np.int32, helpers_cpp.build_sample_idx_int32),
                                        (np.int64, helpers_cpp.build_sample_idx_int64)):
                     want = compiled(sizes, document_idx, seq, epochs, tokens, drop_last, extra)
-                    got = data.py_build_sample_idx(sizes, document_idx, seq, epochs, tokens,
-                                                   drop_last, extra, dtype=bits)
+                    got = helpers.py_build_sample_idx(sizes, document_idx, seq, epochs, tokens,
+                                                      drop_last, extra, dtype=bits)
                     assert got.dtype == want.dtype and np.array_equal(got, want), \
                         (trial, drop_last, extra)
     for weights in ([0.75, 0.25], [0.5, 0.3, 0.2], [0.1, 0.9]):
@@ -147,13 +151,13 @@ def test_compiled_helpers_ship_with_megatron_core_and_python_ones_match():
         want = (np.zeros(size, np.int16), np.zeros(size, np.int64))
         got = (np.zeros(size, np.int16), np.zeros(size, np.int64))
         helpers_cpp.build_blending_indices(*want, np.array(weights), len(weights), size, False)
-        data.py_build_blending_indices(*got, np.array(weights), len(weights), size, False)
+        helpers.py_build_blending_indices(*got, np.array(weights), len(weights), size, False)
         assert all(np.array_equal(g, w) for g, w in zip(got, want))
     sizes = np.array([30, 7, 19], dtype=np.int64)
     want = (np.zeros(56, np.int16), np.zeros(56, np.int64))
     got = (np.zeros(56, np.int16), np.zeros(56, np.int64))
     helpers_cpp.build_exhaustive_blending_indices(*want, sizes, 3)
-    data.py_build_exhaustive_blending_indices(*got, sizes, 3)
+    helpers.py_build_exhaustive_blending_indices(*got, sizes, 3)
     assert all(np.array_equal(g, w) for g, w in zip(got, want))
 
 
@@ -232,7 +236,7 @@ def test_gpt_dataset_samples_are_windows_of_the_document_stream(adapter, corpus,
         assert torch.equal(sample["position_ids"], torch.arange(seq))
         assert torch.equal(sample["attention_mask"], mask)
 
-    batch = next(data.micro_batches(train, 4))
+    batch = next(micro_batches(train, 4))
     assert {k: tuple(v.shape) for k, v in batch.items()} == {
         "tokens": (4, seq), "labels": (4, seq), "loss_mask": (4, seq),
         "position_ids": (4, seq), "attention_mask": (1, 1, seq, seq)}
@@ -259,7 +263,7 @@ def test_eod_flags_mask_loss_and_reset_positions(adapter, corpus, tmp_path):
         assert sample["position_ids"].tolist() == expected_positions
         seen_eod += int((tokens == EOD).sum())
     assert seen_eod > 0
-    batch = next(data.micro_batches(train, 3))
+    batch = next(micro_batches(train, 3))
     assert tuple(batch["attention_mask"].shape) == (3, 1, seq, seq)  # per-sample masks
 
 
@@ -292,7 +296,7 @@ def test_index_cache_is_reused_and_keyed_by_the_data(adapter, corpus, tmp_path):
     again = build_gpt_datasets(prefix, adapter, **kwargs).train
     assert {p: os.path.getmtime(p) for p in files} == files  # loaded, not rebuilt
     assert np.array_equal(first.shuffle_index, again.shuffle_index)
-    _write_over = data.indexed_dataset_writer(prefix, 49152, overwrite=True)
+    _write_over = indexed_dataset_writer(prefix, 49152, overwrite=True)
     with _write_over as writer:
         for ids in corpus["docs_b"][:100]:
             writer.add_document(ids)
@@ -305,10 +309,10 @@ def test_index_cache_is_reused_and_keyed_by_the_data(adapter, corpus, tmp_path):
 
 def test_sampler_splits_across_dp_ranks_and_resumes_exactly():
     total, mbs = 103, 3
-    single = [b for b in data.MicroBatchSampler(total, 0, mbs)]
+    single = [b for b in MicroBatchSampler(total, 0, mbs)]
     flat = [i for b in single for i in b]
     assert flat == list(range(total - total % mbs))
-    ranks = [list(data.MicroBatchSampler(total, 0, mbs, dp_rank=r, dp_size=2)) for r in (0, 1)]
+    ranks = [list(MicroBatchSampler(total, 0, mbs, dp_rank=r, dp_size=2)) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == total // (2 * mbs)
     seen = [set(i for b in batches for i in b) for batches in ranks]
     assert not seen[0] & seen[1]
@@ -317,12 +321,12 @@ def test_sampler_splits_across_dp_ranks_and_resumes_exactly():
     for k_steps in (0, 1, 5, len(ranks[0])):
         consumed = k_steps * mbs * 2
         for r in (0, 1):
-            resumed = list(data.MicroBatchSampler(total, consumed, mbs, dp_rank=r, dp_size=2))
+            resumed = list(MicroBatchSampler(total, consumed, mbs, dp_rank=r, dp_size=2))
             assert resumed == ranks[r][k_steps:]
     with pytest.raises(DataError, match="consumed_samples=200"):
-        data.MicroBatchSampler(total, 200, mbs)
+        MicroBatchSampler(total, 200, mbs)
     with pytest.raises(DataError, match="dp_rank 2"):
-        data.MicroBatchSampler(total, 0, mbs, dp_rank=2, dp_size=2)
+        MicroBatchSampler(total, 0, mbs, dp_rank=2, dp_size=2)
 
 
 def test_micro_batches_are_deterministic_and_resume_at_consumed_samples(adapter, corpus,
@@ -334,24 +338,24 @@ def test_micro_batches_are_deterministic_and_resume_at_consumed_samples(adapter,
 
     train = build(7, "c1")
     dp, mbs = 2, 4
-    full = [list(data.micro_batches(train, mbs, dp_rank=r, dp_size=dp)) for r in range(dp)]
+    full = [list(micro_batches(train, mbs, dp_rank=r, dp_size=dp)) for r in range(dp)]
     assert len(full[0]) == 12
-    single = list(data.micro_batches(train, mbs * dp))
+    single = list(micro_batches(train, mbs * dp))
     for step in range(12):
         joined = torch.cat([full[0][step]["tokens"], full[1][step]["tokens"]])
         assert torch.equal(joined, single[step]["tokens"])
     consumed = 5 * mbs * dp  # a checkpoint after 5 micro-batch steps
     for r in range(dp):
-        resumed = list(data.micro_batches(train, mbs, consumed_samples=consumed, dp_rank=r,
-                                          dp_size=dp))
+        resumed = list(micro_batches(train, mbs, consumed_samples=consumed, dp_rank=r,
+                                     dp_size=dp))
         assert len(resumed) == 7
         for a, b in zip(resumed, full[r][5:]):
             assert all(torch.equal(a[key], b[key]) for key in ("tokens", "labels", "loss_mask",
                                                                 "position_ids"))
     rebuilt = build(7, "c2")  # same seed, fresh cache: the same batches
-    assert torch.equal(next(data.micro_batches(rebuilt, mbs))["tokens"], full[0][0]["tokens"])
+    assert torch.equal(next(micro_batches(rebuilt, mbs))["tokens"], full[0][0]["tokens"])
     other = build(8, "c3")
-    assert not torch.equal(next(data.micro_batches(other, mbs))["tokens"],
+    assert not torch.equal(next(micro_batches(other, mbs))["tokens"],
                            full[0][0]["tokens"])
 
 
@@ -456,8 +460,8 @@ def _two_rank_worker(rank, world_size, prefixes, cache, out):
     train = build_gpt_datasets(["0.75", prefixes[0], "0.25", prefixes[1]],
                                HFTokenizerAdapter(_StubTokenizer(), "stub"), seq_length=16,
                                num_samples=(64, 8, 0), split="90,10,0", cache_path=cache).train
-    batches = list(data.micro_batches(train, 4, consumed_samples=8, dp_rank=rank,
-                                      dp_size=world_size))
+    batches = list(micro_batches(train, 4, consumed_samples=8, dp_rank=rank,
+                                 dp_size=world_size))
     torch.save(torch.stack([b["tokens"] for b in batches]), os.path.join(out, f"{rank}.pt"))
 
 

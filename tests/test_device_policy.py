@@ -262,7 +262,7 @@ def test_apex_fused_layer_norm_is_never_used_for_rmsnorm(monkeypatch):
 
 def test_checkpoints_record_the_layer_implementation(tiny_checkpoints):
     for folder in tiny_checkpoints:
-        with open(os.path.join(folder, "dynamoe.json")) as f:
+        with open(os.path.join(folder, "model.json")) as f:
             assert json.load(f)["extra"]["transformer_impl"] == "local"
 
 

@@ -9,7 +9,7 @@ from megatron_dynamoe.dynamoe.config import DynaMoEConfig
 from megatron_dynamoe.dynamoe.layer import DynaMoELayer
 from megatron_dynamoe.dynamoe.moefy import calibrate_importance, moefy_state_dict
 from megatron_dynamoe.dynamoe.shells import importance_order, weight_importance
-from megatron_dynamoe.models.builder import dynamoe_layers, set_sensitivity, set_training_step
+from megatron_dynamoe.dynamoe.control import dynamoe_layers, set_sensitivity, set_training_step
 from tests.builders import ARCH, batch, build_dense, build_dynamoe, moefied_state
 
 pytestmark = pytest.mark.usefixtures("single_rank")

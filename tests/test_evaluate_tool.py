@@ -85,7 +85,7 @@ def test_evaluate_end_to_end(checkpoints, tmp_path):
 def test_export_ffn_budget(checkpoints, tmp_path):
     from megatron_dynamoe.checkpoint.torch_dist import load_checkpoint
     from megatron_dynamoe.utils.parity import megatron_logits
-    from megatron_dynamoe.evaluation.budget import set_layer_sensitivities
+    from megatron_dynamoe.dynamoe.control import set_layer_sensitivities
 
     out = tmp_path / "budget"
     result = run_tool_here("tools/export.py", "--load", checkpoints / "dynamoe", "--output", out,

@@ -28,7 +28,7 @@ from megatron_dynamoe.evaluation import budget, report, routing_picture, scoring
 from megatron_dynamoe.evaluation import tasks as task_lib
 from megatron_dynamoe.evaluation.flops import forward_flops_per_token, relative_forward_flops
 from megatron_dynamoe.evaluation.recorder import FFNComputeRecorder
-from megatron_dynamoe.models.builder import set_sensitivity, set_static_level
+from megatron_dynamoe.dynamoe.control import set_sensitivity, set_static_level
 from megatron_dynamoe.runtime.parallel import ParallelLayout
 from tests.builders import ARCH, build_dense, build_dynamoe, moefied_state
 

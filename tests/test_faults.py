@@ -412,7 +412,8 @@ def test_trainer_refuses_another_runs_save_folder_and_leaves_it_intact(sotu_pref
 def test_the_data_index_cache_is_private(tmp_path, monkeypatch):
     # Megatron loads the cached index .npy files with pickle enabled: a cache folder another
     # user owns or may write is refused, and the default is never a shared temporary folder.
-    from megatron_dynamoe.data.datasets import DataError, _check_cache_owner, default_cache_path
+    from megatron_dynamoe.data.datasets import _check_cache_owner, default_cache_path
+    from megatron_dynamoe.data.errors import DataError
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_path() == str(tmp_path / "xdg" / "megatron-dynamoe" / "data")

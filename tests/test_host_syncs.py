@@ -23,12 +23,8 @@ import megatron_dynamoe
 from megatron_dynamoe.dynamoe import routing as R
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
 from megatron_dynamoe.dynamoe.layer import read_stat_sums
-from megatron_dynamoe.models.builder import (
-    causal_attention_mask,
-    dynamoe_layers,
-    set_sensitivity,
-    set_training_step,
-)
+from megatron_dynamoe.models.builder import causal_attention_mask
+from megatron_dynamoe.dynamoe.control import dynamoe_layers, set_sensitivity, set_training_step
 from megatron_dynamoe.runtime.parallel import ParallelLayout
 from tests.builders import ARCH, batch, build_dense, build_dynamoe, moefied_state
 

@@ -1,6 +1,6 @@
 """tools/moefy.py and tools/export.py as real processes, and checkpoint resharding.
 
-- moefy of a plain Megatron-Core checkpoint (no dynamoe.json): theta = 1 equals dense;
+- moefy of a plain Megatron-Core checkpoint (no model.json): theta = 1 equals dense;
 - export at level K equals dense, export at level e equals the DynaMoE model with every token
   at level e (Megatron and Hugging Face forms);
 - a checkpoint written at TP=2 / EP=2 loads at TP=1 and vice versa with equal logits;
@@ -17,7 +17,8 @@ from megatron_dynamoe.models.architectures import PRESETS, transformer_config
 from megatron_dynamoe.checkpoint.torch_dist import load_checkpoint, read_info
 from megatron_dynamoe.utils.parity import megatron_logits
 from megatron_dynamoe.dynamoe.export import dense_state_dict, exported_architecture
-from megatron_dynamoe.models.builder import build_gpt_model, set_sensitivity, set_static_level
+from megatron_dynamoe.models.builder import build_gpt_model
+from megatron_dynamoe.dynamoe.control import set_sensitivity, set_static_level
 from tests.builders import build_dense
 from tests.multiproc import run_processes
 from tests.tool_runner import run_tool_here, run_tool_process
@@ -258,7 +259,7 @@ def test_corrupt_and_mismatched_checkpoints(moefied, tmp_path):
     out = str(tmp_path / "out")
     _assert_clean_failure(_tool_here("export.py", "--load", corrupt, "--output", out),
                           "is truncated", out)
-    with open(os.path.join(corrupt, "dynamoe.json"), "w") as f:
+    with open(os.path.join(corrupt, "model.json"), "w") as f:
         f.write("{not json")
     _assert_clean_failure(_tool_here("export.py", "--load", corrupt, "--output", out),
                           "unreadable or corrupt", out)

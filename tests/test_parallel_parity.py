@@ -28,7 +28,7 @@ def _layout_run(rank, world_size, case, workdir):
     from megatron.core import dist_checkpointing, parallel_state
 
     from megatron_dynamoe.dynamoe.config import DynaMoEConfig
-    from megatron_dynamoe.models.builder import set_sensitivity, set_training_step
+    from megatron_dynamoe.dynamoe.control import set_sensitivity, set_training_step
     from megatron_dynamoe.runtime.parallel import (
         ParallelLayout,
         destroy_parallel,

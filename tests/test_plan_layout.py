@@ -19,14 +19,19 @@ from megatron_dynamoe.planning.planner import (
     stage_parameters,
 )
 from megatron_dynamoe.planning.search import suggest
+from megatron_dynamoe.runtime.parallel import ParallelLayout
 from tests.tool_runner import run_tool_here
 
 MIB = 2 ** 20
 # slurm/moefy_70b.sh defaults: 8 nodes x 8 GPUs, TP=8 PP=4 VPP=5 EP=8 ETP=1 -> DP=2, EDP=2.
 LLAMA2 = PlanRequest(
     model="llama2-70b", arch=get_architecture("llama2-70b"), dynamoe=DynaMoEConfig(num_shells=8),
-    num_gpus=64, gpus_per_node=8, tp=8, pp=4, vpp=5, ep=8, etp=1, micro_batch=1,
-    global_batch=128, seq_length=4096, sequence_parallel=True, recompute="selective", bf16=True)
+    num_gpus=64, gpus_per_node=8,
+    layout=ParallelLayout(tensor_model_parallel_size=8, pipeline_model_parallel_size=4,
+                          virtual_pipeline_model_parallel_size=5, expert_model_parallel_size=8,
+                          expert_tensor_parallel_size=1),
+    micro_batch=1, global_batch=128, seq_length=4096, sequence_parallel=True,
+    recompute="selective", bf16=True)
 DEFAULT_FLAGS = ["--model", "llama2-70b", "--nodes", "8", "--gpus-per-node", "8",
                  "--tensor-model-parallel-size", "8", "--pipeline-model-parallel-size", "4",
                  "--virtual-pipeline-model-parallel-size", "5", "--expert-model-parallel-size",
@@ -118,16 +123,17 @@ GPT_LIKE = ModelArchitecture(family="gpt2", num_layers=8, hidden_size=1024,
 def test_korthikanti_table_for_gpt_layers(tp, sp, recompute, expected):
     """Table 2 of Korthikanti et al. (2022): a GPT layer (FFN 4h, MHA, dropout) stores
     sbh * (34 + 5as/h) bytes in 16-bit, and the TP / SP / selective variants."""
-    r = PlanRequest(model="gpt", arch=GPT_LIKE, dynamoe=None, num_gpus=tp, tp=tp,
-                    seq_length=2048, micro_batch=2, sequence_parallel=sp, recompute=recompute,
-                    bf16=True, dropout=True)
+    r = PlanRequest(model="gpt", arch=GPT_LIKE, dynamoe=None, num_gpus=tp,
+                    layout=ParallelLayout(tensor_model_parallel_size=tp), seq_length=2048,
+                    micro_batch=2, sequence_parallel=sp, recompute=recompute, bf16=True,
+                    dropout=True)
     sbh = 2048 * 2 * 1024
     assert layer_activation_bytes(r, False, recompute) == \
         pytest.approx(sbh * expected(16, 2048, 1024, tp), rel=1e-12)
 
 
 def test_pipeline_in_flight_micro_batches():
-    r = dataclasses.replace(LLAMA2, vpp=None)
+    r = LLAMA2.with_layout(virtual_pipeline_model_parallel_size=None)
     per_layer = layer_activation_bytes(r, True, "selective")
     tokens = 8 * 4096 * 4
     # 1F1B: stage 0 holds PP=4 micro-batches of its 20 layers; the last stage 1.
@@ -142,22 +148,46 @@ def test_pipeline_in_flight_micro_batches():
         4 * 20 * layer_input + layer_activation_bytes(full, True, None) + tokens)
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(num_gpus=60), "60 GPUs are not divisible by TP x PP x CP = 8 x 4 x 1"),
-    (dict(tp=16, gpus_per_node=16), "TP=16 must divide the 64 attention heads and 8 query"),
-    (dict(vpp=3), "PP x VPP = 4 x 3 must divide the 80 layers"),
-    (dict(etp=None), "not divisible by expert TP x EP x PP = 8 x 8 x 4"),
-    (dict(ep=16), "16 shells|8 shells cannot be split over expert-parallel size 16"),
-    (dict(sequence_parallel=False), "MoE layers with TP > 1 need --sequence-parallel"),
-    (dict(global_batch=101), "global batch 101 is not divisible by micro batch x DP = 1 x 2"),
-    (dict(global_batch=4), "needs the 2 micro-batches per step to be a multiple of PP=4"),
-    (dict(seq_length=4100), "splits the 4100 tokens over TP x CP = 8"),
+@pytest.mark.parametrize("changes, sizes, message", [
+    (dict(num_gpus=60), {}, "60 GPUs are not divisible by TP x PP x CP = 8 x 4 x 1"),
+    (dict(gpus_per_node=16), dict(tensor_model_parallel_size=16),
+     "TP=16 must divide the 64 attention heads and 8 query"),
+    ({}, dict(virtual_pipeline_model_parallel_size=3),
+     "PP x VPP = 4 x 3 must divide the 80 layers"),
+    ({}, dict(virtual_pipeline_model_parallel_size=1),
+     "the interleaved schedule needs PP > 1 and VPP > 1"),
+    ({}, dict(expert_tensor_parallel_size=None),
+     "not divisible by expert TP x EP x PP = 8 x 8 x 4"),
+    ({}, dict(expert_model_parallel_size=16),
+     "16 shells|8 shells cannot be split over expert-parallel size 16"),
+    (dict(sequence_parallel=False), {}, "MoE layers with TP > 1 need --sequence-parallel"),
+    (dict(global_batch=101), {},
+     "global batch 101 is not divisible by micro batch x DP = 1 x 2"),
+    (dict(global_batch=4), {}, "needs the 2 micro-batches per step to be a multiple of PP=4"),
+    (dict(seq_length=4100), {}, "splits the 4100 tokens over TP x CP = 8"),
 ])
-def test_divisibility_rules(changes, message):
+def test_divisibility_rules(changes, sizes, message):
     import re
 
-    problems = plan(dataclasses.replace(LLAMA2, **changes)).problems
+    problems = plan(dataclasses.replace(LLAMA2.with_layout(**sizes), **changes)).problems
     assert any(re.search(message, p) for p in problems), problems
+
+
+def test_request_reads_its_layout():
+    assert (LLAMA2.tp, LLAMA2.pp, LLAMA2.vpp, LLAMA2.ep, LLAMA2.etp) == (8, 4, 5, 8, 1)
+    assert (LLAMA2.expert_tp, LLAMA2.dp, LLAMA2.edp, LLAMA2.chunks) == (1, 2, 2, 5)
+    assert LLAMA2.with_layout(expert_tensor_parallel_size=None).expert_tp == 8
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        LLAMA2.tp = 2
+    # The layout's own sizes are checked by ParallelLayout (integers >= 1).
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match=r"^--expert-tensor-parallel-size must be an "
+                                             r"integer >= 1, got "):
+            LLAMA2.with_layout(expert_tensor_parallel_size=bad)
+    with pytest.raises(ValueError, match=r"^plan: cp = 0 must be an integer >= 1$"):
+        dataclasses.replace(LLAMA2, cp=0)
+    with pytest.raises(ValueError, match="must be a ParallelLayout"):
+        dataclasses.replace(LLAMA2, layout=(8, 4))
 
 
 def test_tool_accepts_the_default_70b_layout(capsys):
@@ -193,8 +223,8 @@ def test_memory_refusal_names_reason_and_a_layout_that_fits(capsys):
     request = dataclasses.replace(LLAMA2, model="llama3-70b",
                                   arch=get_architecture("llama3-70b"), seq_length=8192)
     fallback = suggest(request)
-    assert plan(fallback.request).fits and fallback.request == dataclasses.replace(request,
-                                                                                 vpp=None)
+    assert plan(fallback.request).fits and \
+        fallback.request == request.with_layout(virtual_pipeline_model_parallel_size=None)
 
 
 def _with(flags, **values):
@@ -211,6 +241,9 @@ def _with(flags, **values):
     (dict(nodes=6), "48 GPUs are not divisible by TP x PP x CP = 8 x 4 x 1: use a multiple of 32"),
     (dict(expert_tensor_parallel_size=8), "not divisible by expert TP x EP x PP = 8 x 8 x 4"),
     (dict(dynamoe_num_shells=4), "4 shells cannot be split over expert-parallel size 8"),
+    # ParallelLayout refuses it before the planner runs; the same one-line refusal.
+    (dict(pipeline_model_parallel_size=1),
+     "--virtual-pipeline-model-parallel-size needs --pipeline-model-parallel-size > 1"),
 ])
 def test_bad_layouts_exit_2_with_one_error_line(values, message, capsys):
     result = run_tool_here("tools/plan_layout.py", *_with(DEFAULT_FLAGS, **values))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from megatron_dynamoe.dynamoe import routing
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
 from megatron_dynamoe.dynamoe.router_fit import collect_router_data, fit_routers
-from megatron_dynamoe.models.builder import dynamoe_layers, set_sensitivity, set_training_step
+from megatron_dynamoe.dynamoe.control import dynamoe_layers, set_sensitivity, set_training_step
 from tests.builders import ARCH, batch, build_dense, build_dynamoe, moefied_state
 
 pytestmark = pytest.mark.usefixtures("single_rank")

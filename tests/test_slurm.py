@@ -103,16 +103,32 @@ class Cluster:
 
 
 def _config(root, munge_socket):
-    """The reference single-node configuration, adapted: this machine's CPUs, free ports, our
-    munge socket; a 5 s requeue delay (cred_expire, 120 s by default) and a 1 s scheduler
-    loop so that a requeued job restarts within seconds."""
-    with open("/work/shared/reference/slurm-single-node.conf") as f:
-        text = f.read()
-    text = text.replace("@STATE_DIR@", root).replace("CPUs=2", f"CPUs={os.cpu_count()}")
-    text = re.sub(r"SlurmctldPort=\d+", f"SlurmctldPort={_free_port()}", text)
-    text = re.sub(r"SlurmdPort=\d+", f"SlurmdPort={_free_port()}", text)
-    return text + (f"AuthInfo=socket={munge_socket},cred_expire=5\n"
-                   "SchedulerParameters=sched_interval=1,bf_interval=1\n")
+    """A single-node slurm.conf for this machine: one node `localhost` with this machine's
+    CPUs, state / spool / logs / pid files in `root`, free ports, our munge socket, no
+    accounting; a 5 s requeue delay (cred_expire, 120 s by default) and a 1 s scheduler loop
+    so that a requeued job restarts within seconds. slurmd is started with `-N localhost`
+    (the machine's hostname need not be localhost)."""
+    settings = dict(
+        ClusterName="dynamoe-test", SlurmctldHost="localhost", SlurmUser="root",
+        SlurmdUser="root", AuthType="auth/munge", CredType="cred/munge",
+        AuthInfo=f"socket={munge_socket},cred_expire=5",
+        # linuxproc / no task plugin: no cgroups needed inside a container.
+        ProctrackType="proctrack/linuxproc", TaskPlugin="task/none",
+        SelectType="select/cons_tres", SelectTypeParameters="CR_Core",
+        SchedulerType="sched/backfill", SchedulerParameters="sched_interval=1,bf_interval=1",
+        MpiDefault="none", ReturnToService=2,
+        StateSaveLocation=f"{root}/state", SlurmdSpoolDir=f"{root}/spool",
+        SlurmctldPidFile=f"{root}/slurmctld.pid", SlurmdPidFile=f"{root}/slurmd.pid",
+        SlurmctldLogFile=f"{root}/slurmctld.log", SlurmdLogFile=f"{root}/slurmd.log",
+        SlurmctldPort=_free_port(), SlurmdPort=_free_port(),
+        AccountingStorageType="accounting_storage/none",
+        JobAcctGatherType="jobacct_gather/none", JobCompType="jobcomp/none")
+    memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    lines = [f"{key}={value}" for key, value in settings.items()]
+    lines += [f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={os.cpu_count()} "
+              f"RealMemory={memory_mb * 3 // 4} State=UNKNOWN",
+              "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP"]
+    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture(scope="module")

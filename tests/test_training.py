@@ -49,6 +49,32 @@ def test_loss_falls_and_resume_is_bit_identical(tmp_path):
 
 
 @pytest.mark.usefixtures("single_rank")
+def test_trainer_steps_by_hand_match_train():
+    """`Trainer.train_step` is `train()`'s iteration: a Trainer stepped by hand, then run to
+    the end, gives `train()`'s losses bit for bit, and each step advances the iteration and
+    the sample position by one global batch."""
+    from megatron_dynamoe.runtime.parallel import initialize_parallel
+    from megatron_dynamoe.training.trainer import Trainer, sample_sensitivity
+
+    full = _run(train_iters=4)
+    cfg = TrainConfig(**{**BASE, "train_iters": 4})
+    initialize_parallel(cfg.layout, seed=cfg.seed)
+    trainer = Trainer(cfg, INFO, synthetic_source())
+    assert (trainer.iteration, trainer.consumed_samples) == (0, 0)
+    steps = []
+    for i in range(1, 3):
+        steps.append(trainer.train_step())
+        assert (trainer.iteration, trainer.consumed_samples) == (i, 8 * i)
+    assert [s.iteration for s in steps] == [1, 2]
+    assert [s.theta for s in steps] == [sample_sensitivity(cfg, i) for i in range(2)]
+    assert all(s.ok and not s.skipped and s.distill_kl is None for s in steps)
+    rest = trainer.run()  # the loop continues where the hand-driven steps stopped
+    assert rest.trained_iterations == 2 and sorted(rest.losses) == [3, 4]
+    assert (rest.iteration, rest.consumed_samples) == (4, 32)
+    assert {**{s.iteration: s.loss for s in steps}, **rest.losses} == full.losses
+
+
+@pytest.mark.usefixtures("single_rank")
 def test_bf16_tracks_fp32_and_saves(tmp_path):
     """--bf16 (CPUs run bf16 too): every weight bf16, routers included (they compute in fp32;
     Megatron's optimizers checkpoint only single-dtype models), the training checkpoint saves

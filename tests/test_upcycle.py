@@ -156,3 +156,38 @@ def test_upcycle_rejects_bad_input(single_rank):
     with pytest.raises(ValueError, match="does not match method"):
         upcycle_state_dict(dense.state_dict(), dataclasses.replace(gating, scale=4.0),
                            "replicate", ARCH.gated, ARCH.activation_func)
+
+
+def test_gating_flags_default_to_the_config_and_read_back_into_it():
+    # The flags take their defaults from AdaptiveGatingConfig, so an empty command line (but
+    # the required folders) gives the dataclass's defaults; set flags reach the config.
+    from megatron_dynamoe.adaptive.config import DROP_POLICIES, GATING_MODES
+    from megatron_dynamoe.cli.common import config_from_args
+    from megatron_dynamoe.cli.upcycle import GATING_FLAGS, parse_args
+
+    folders = ["--load", "dense", "--output", "moe"]
+    args = parse_args(folders)
+    assert config_from_args(args, AdaptiveGatingConfig, GATING_FLAGS) == AdaptiveGatingConfig()
+    for name in GATING_FLAGS:
+        assert getattr(args, name) == getattr(AdaptiveGatingConfig(), name), name
+    args = parse_args(folders + ["--gating", "topp", "--top-p", "0.9", "--max-experts", "3",
+                                 "--moe-layers", "2,0", "--capacity-factor", "1.5"])
+    cfg = config_from_args(args, AdaptiveGatingConfig, GATING_FLAGS)
+    assert (cfg.gating, cfg.top_p, cfg.max_experts, cfg.moe_layers, cfg.capacity_factor) == \
+        ("topp", 0.9, 3, (0, 2), 1.5)
+    # The choices are the config module's own lists.
+    actions = {a.dest: a for a in _capture_parser(parse_args, folders)._actions}
+    assert tuple(actions["gating"].choices) == GATING_MODES
+    assert tuple(actions["drop_policy"].choices) == DROP_POLICIES
+
+
+def _capture_parser(parse_args, argv):
+    """The parser `parse_args(argv)` builds (its parse_args returns it instead of parsing)."""
+    import argparse
+
+    saved = argparse.ArgumentParser.parse_args
+    argparse.ArgumentParser.parse_args = lambda self, argv=None, namespace=None: self
+    try:
+        return parse_args(argv)
+    finally:
+        argparse.ArgumentParser.parse_args = saved

@@ -3,7 +3,7 @@ the benchmarks, and reports their routing statistics as TensorBoard scalars.
 
 The model is Megatron's GPTModel with Megatron's MoE layer (router swapped, see spec.py), so
 it trains through the same schedules, DDP, distributed optimizer and checkpoints as the
-DynaMoE model. Checkpoints record the gating config in `dynamoe.json`'s `extra["adaptive"]`
+DynaMoE model. Checkpoints record the gating config in `model.json`'s `extra["adaptive"]`
 (`checkpoint_info` / `from_checkpoint_info`).
 
 Scalars (per logged iteration, from the logging rank's stage, summed over the iteration's
@@ -83,11 +83,10 @@ class AdaptiveMoEProvider(ModelProvider):
         """Megatron TransformerConfig at `layout`: the architecture's, plus the MoE fields of
         the gating config (raises when the layout does not divide the model or the experts)."""
         arch = self.architecture
-        tp = layout.tensor_model_parallel_size
         self.gating.validate_for_model(
             arch.ffn_hidden_size, arch.num_layers,
             expert_model_parallel_size=layout.expert_model_parallel_size,
-            expert_tensor_parallel_size=layout.expert_tensor_parallel_size or tp)
+            expert_tensor_parallel_size=layout.expert_tensor_parallel)
         fields = self.gating.transformer_overrides(arch.ffn_hidden_size)
         fields.update(overrides)
         if moe_token_dispatcher_type not in ("alltoall", "allgather"):
@@ -129,9 +128,9 @@ class AdaptiveMoEProvider(ModelProvider):
         raw = (info.extra or {}).get(CHECKPOINT_KEY) if info is not None else None
         if raw is None:
             raise CheckpointError("the checkpoint is not an adaptive-gating MoE checkpoint "
-                                  f"(no extra.{CHECKPOINT_KEY} in dynamoe.json)")
+                                  f"(no extra.{CHECKPOINT_KEY} in model.json)")
         try:
             gating = AdaptiveGatingConfig.from_dict(raw)
         except (TypeError, ValueError) as e:
-            raise CheckpointError(f"dynamoe.json extra.{CHECKPOINT_KEY} is invalid: {e}") from e
+            raise CheckpointError(f"model.json extra.{CHECKPOINT_KEY} is invalid: {e}") from e
         return cls(info.architecture, gating)

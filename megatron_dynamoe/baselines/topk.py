@@ -39,13 +39,8 @@ from megatron_dynamoe.dynamoe.config import DynaMoEConfig
 from megatron_dynamoe.dynamoe.layer import DynaMoELayer
 from megatron_dynamoe.dynamoe.shells import shell_placement
 from megatron_dynamoe.dynamoe.spec import decoder_block_spec
-from megatron_dynamoe.models.builder import (
-    ModelProvider,
-    build_gpt_model,
-    dynamoe_layers,
-    set_sensitivity,
-    set_static_level,
-)
+from megatron_dynamoe.models.builder import ModelProvider, build_gpt_model
+from megatron_dynamoe.dynamoe.control import dynamoe_layers, set_sensitivity, set_static_level
 
 TOPK_FAMILY = "topk"
 TIE_BREAK = 1e-6
@@ -220,7 +215,7 @@ def apply_variant(model, variant: Variant) -> None:
     if variant.family == "static":
         set_static_level(model, variant.level)
     elif variant.family == "dynamoe":
-        from megatron_dynamoe.evaluation.budget import set_layer_sensitivities
+        from megatron_dynamoe.dynamoe.control import set_layer_sensitivities
 
         set_static_level(model, None)
         if variant.layer_thetas:

@@ -18,7 +18,7 @@ def write_topk_init(load: str, output: str, overwrite: bool = False,
 
     from megatron_dynamoe.models.architectures import transformer_config
     from megatron_dynamoe.checkpoint.torch_dist import CheckpointInfo, save_checkpoint
-    from megatron_dynamoe.checkpoint.outputs import check_output_path, tree_size
+    from megatron_dynamoe.utils.outputs import check_output_path, tree_size
     from megatron_dynamoe.utils.errors import ToolError
     from megatron_dynamoe.utils.parity import check_parity, megatron_logits
     from megatron_dynamoe.baselines.topk import (
@@ -29,7 +29,7 @@ def write_topk_init(load: str, output: str, overwrite: bool = False,
         topk_state_from_dynamoe,
     )
     from megatron_dynamoe.evaluation.loading import load_for_evaluation
-    from megatron_dynamoe.models.builder import set_sensitivity, set_static_level
+    from megatron_dynamoe.dynamoe.control import set_sensitivity, set_static_level
     from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
 
     check_output_path(output, overwrite, (load,), needed_bytes=tree_size(load))

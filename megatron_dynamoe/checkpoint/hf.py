@@ -33,7 +33,7 @@ from torch import Tensor
 from transformers import GPT2Config, LlamaConfig, PretrainedConfig
 
 from megatron_dynamoe.models.architectures import ModelArchitecture
-from megatron_dynamoe.data.corpora import package_folder
+from megatron_dynamoe.utils.packages import package_folder
 
 __all__ = [
     "architecture_from_hf_config",
@@ -560,7 +560,7 @@ def save_hf_pretrained(mcore_state: Mapping[str, Tensor], arch: ModelArchitectur
     """
     from transformers import AutoModelForCausalLM
 
-    from megatron_dynamoe.checkpoint.outputs import atomic_output_dir
+    from megatron_dynamoe.utils.outputs import atomic_output_dir
     from megatron_dynamoe.utils.parity import check_parity
 
     with atomic_output_dir(output, overwrite) as tmp:

@@ -1,11 +1,11 @@
 """Model checkpoints in Megatron-Core's `torch_dist` format, written atomically.
 
 A checkpoint is a folder written by `megatron.core.dist_checkpointing.save` from the model's
-`sharded_state_dict()` (so it loads at any TP / PP / EP layout), plus `dynamoe.json`: the
-architecture, the DynaMoE config (null for a dense model) and provenance, and
-`checksums.json`: the size and SHA-256 of every other file (`checkpoint_integrity`). Folders
-written by plain Megatron-Core (no `dynamoe.json`) load too; the caller then supplies the
-architecture. Loading first verifies the checksums and refuses pickles that could run code.
+`sharded_state_dict()` (so it loads at any TP / PP / EP layout), plus `model.json`: the
+model family, the architecture, the DynaMoE config (null for a dense model) and provenance
+(older checkpoints call it `dynamoe.json`, still read), and `checksums.json`: the size and
+SHA-256 of every other file (`checkpoint_integrity`). Folders written by plain Megatron-Core
+(no `model.json`) load too; the caller then supplies the architecture. Loading first verifies the checksums and refuses pickles that could run code.
 
 Writes go to a hidden temporary sibling folder that is renamed into place only after every
 rank finished, so an interrupted or failed save never leaves a folder that looks complete;
@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_dynamoe.checkpoint.outputs import (
+from megatron_dynamoe.utils.outputs import (
     replace_with,
     stale_temporaries,
     temporary_sibling,
@@ -32,7 +32,9 @@ from megatron_dynamoe.checkpoint.outputs import (
 from megatron_dynamoe.models.architectures import ModelArchitecture
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
 
-METADATA_FILE = "dynamoe.json"
+METADATA_FILE = "model.json"
+# What checkpoints written before the family registry call the same file; still read.
+LEGACY_METADATA_FILE = "dynamoe.json"
 # Sharded keys of a GPTModel's weights (a training checkpoint adds optimizer.* and others).
 MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 FORMAT_VERSION = 1
@@ -45,7 +47,7 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class CheckpointInfo:
-    """What `dynamoe.json` records about a checkpoint."""
+    """What `model.json` records about a checkpoint."""
 
     architecture: ModelArchitecture
     dynamoe: Optional[DynaMoEConfig]
@@ -83,11 +85,22 @@ def check_loadable(directory: str) -> None:
             f"{_MEGATRON_METADATA}); point to the folder that dist_checkpointing.save wrote")
 
 
+def metadata_path(directory: str) -> Optional[str]:
+    """The checkpoint's metadata file: `model.json`, else the older name `dynamoe.json`, else
+    None (a plain Megatron-Core checkpoint)."""
+    for name in (METADATA_FILE, LEGACY_METADATA_FILE):
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            return path
+    return None
+
+
 def read_info(directory: str) -> Optional[CheckpointInfo]:
-    """The checkpoint's `dynamoe.json`, or None for a plain Megatron-Core checkpoint."""
+    """The checkpoint's `model.json` (or older `dynamoe.json`), or None for a plain
+    Megatron-Core checkpoint."""
     check_loadable(directory)
-    path = os.path.join(directory, METADATA_FILE)
-    if not os.path.exists(path):
+    path = metadata_path(directory)
+    if path is None:
         return None
     try:
         with open(path) as f:
@@ -100,7 +113,7 @@ def read_info(directory: str) -> Optional[CheckpointInfo]:
 
 
 def resolve_architecture(directory: str, preset: Optional[str]) -> tuple:
-    """(ModelArchitecture, CheckpointInfo or None) of a checkpoint: from its dynamoe.json,
+    """(ModelArchitecture, CheckpointInfo or None) of a checkpoint: from its model.json,
     or from `--model PRESET` for a plain Megatron-Core checkpoint. Raises CheckpointError
     when neither is available or when they disagree."""
     from megatron_dynamoe.models.architectures import get_architecture
@@ -131,7 +144,7 @@ def remove_stale_temporaries(parent: str, name_pattern: str) -> list:
 def save_checkpoint(model: torch.nn.Module, directory: str, info: CheckpointInfo,
                     overwrite: bool = False) -> None:
     """Save `model` (this rank's part; every rank calls) to `directory` atomically: shards,
-    then dynamoe.json, then checksums.json (hashing split over the ranks), then the rename."""
+    then model.json, then checksums.json (hashing split over the ranks), then the rename."""
     from megatron.core import dist_checkpointing
 
     directory = os.path.abspath(directory)

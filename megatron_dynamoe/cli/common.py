@@ -3,16 +3,17 @@ the runtime start-up.
 
 Contract of a tool: bad input prints ONE line `error: ...` naming the problem and the fix and
 exits 2; a failed numeric parity check exits 3; nothing half-written is left behind (tools
-write through `checkpoint.torch_dist.save_checkpoint` or `checkpoint.outputs.atomic_output_dir`).
+write through `checkpoint.torch_dist.save_checkpoint` or `utils.outputs.atomic_output_dir`).
 Nothing in the library imports this package.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -20,17 +21,24 @@ from megatron_dynamoe.runtime.upstream_warnings import filter_upstream_warnings
 
 filter_upstream_warnings()  # the tools' start-up: before anything imports megatron.core
 
-from megatron_dynamoe.checkpoint.outputs import describe_os_error  # noqa: E402
-from megatron_dynamoe.runtime.parallel import ParallelLayout  # noqa: E402
-from megatron_dynamoe.utils.errors import (  # noqa: E402, F401  (re-exported for the tools)
-    EXIT_BAD_INPUT,
-    EXIT_COLLECTIVE_TIMEOUT,
-    EXIT_DIVERGED,
-    EXIT_PARITY,
-    ToolError,
+from megatron_dynamoe.utils.outputs import describe_os_error  # noqa: E402
+from megatron_dynamoe.dynamoe.config import (  # noqa: E402
+    IMPORTANCE_METHODS,
+    LABEL_REFERENCES,
+    SHELL_PLACEMENTS,
+    DynaMoEConfig,
 )
+from megatron_dynamoe.runtime.parallel import ParallelLayout  # noqa: E402
+from megatron_dynamoe.utils import errors  # noqa: E402
+from megatron_dynamoe.utils.errors import EXIT_BAD_INPUT, EXIT_PARITY, ToolError  # noqa: E402
 from megatron_dynamoe.utils.log import log  # noqa: E402
 from megatron_dynamoe.utils.parity import ParityError  # noqa: E402
+from megatron_dynamoe.utils import ranges  # noqa: E402
+from megatron_dynamoe.utils.ranges import Interval  # noqa: E402
+
+# The rest of the exit-code contract, re-exported for the tools and their tests.
+EXIT_DIVERGED = errors.EXIT_DIVERGED
+EXIT_COLLECTIVE_TIMEOUT = errors.EXIT_COLLECTIVE_TIMEOUT
 
 
 def run_tool(main: Callable[[Optional[Sequence[str]]], int],
@@ -91,41 +99,34 @@ def number(kind: type = float, low: Optional[float] = None, high: Optional[float
     [low, high] (an end is open with `low_open` / `high_open`; None = unbounded). The one
     place tools state a flag's range: `type=number(int, 1)` is a count, `number(float, 0,
     1)` a fraction; a value outside it is refused before any work starts."""
+    return interval_type(Interval(kind, low, high, low_open, high_open))
+
+
+def interval_type(interval: Interval) -> Callable[[str], float]:
+    """argparse type of a value in a `utils.ranges.Interval` (what `number` builds): parses
+    `interval.kind` and refuses a value outside it with the interval's own wording."""
 
     def parse(text: str):
-        if kind is int:
+        if interval.kind is int:
             try:
                 value = int(text)
             except ValueError:
                 raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
         else:
             value = finite_float(text)
-        too_low = low is not None and (value <= low if low_open else value < low)
-        too_high = high is not None and (value >= high if high_open else value > high)
-        if too_low or too_high:
-            raise argparse.ArgumentTypeError(f"{text!r} is out of range: give a value in "
-                                             f"{_interval(low, high, low_open, high_open)}")
+        problem = interval.message(repr(text), value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
         return value
 
-    parse.__name__ = "integer" if kind is int else "number"  # argparse's "invalid X value"
+    parse.__name__ = "integer" if interval.kind is int else "number"  # "invalid X value"
     return parse
 
 
-def _interval(low, high, low_open, high_open) -> str:
-    left = "(" if low_open or low is None else "["
-    right = ")" if high_open or high is None else "]"
-    return (f"{left}{'-inf' if low is None else _plain(low)}, "
-            f"{'inf' if high is None else _plain(high)}{right}")
-
-
-def _plain(value) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
-
-
-COUNT = number(int, 1)          # sizes, counts, lengths: >= 1
-NON_NEGATIVE_INT = number(int, 0)
-POSITIVE = number(float, 0, low_open=True)
-NON_NEGATIVE = number(float, 0)
+COUNT = interval_type(ranges.COUNT)          # sizes, counts, lengths: >= 1
+NON_NEGATIVE_INT = interval_type(ranges.NON_NEGATIVE_INT)
+POSITIVE = interval_type(ranges.POSITIVE)
+NON_NEGATIVE = interval_type(ranges.NON_NEGATIVE)
 
 
 def add_layout_arguments(parser) -> None:
@@ -201,56 +202,86 @@ def layer_list(text: str):
                                          f"0,2,4") from None
 
 
-# DynaMoEConfig field -> (flag, argparse keywords). Defaults come from the dataclass itself,
-# so they are stated once; the field's meaning is documented there.
+def add_config_arguments(group, config_cls, flags: Mapping[str, tuple], dest_prefix: str = "",
+                         names: Optional[Sequence[str]] = None,
+                         default_in_help: bool = False) -> None:
+    """Add one flag per field of the dataclass `config_cls` named in `flags` ({field: (flag,
+    argparse keywords, help or None)}; `names` picks some, default all), with dest
+    `dest_prefix + field` and the dataclass's own default, so defaults are stated once;
+    `default_in_help` appends 'default: X' to the help. `config_from_args` reads them back."""
+    defaults = _field_defaults(config_cls)
+    for name in flags if names is None else names:
+        flag, kwargs, help_text = flags[name]
+        default = defaults[name]
+        if default_in_help:
+            help_text = (f"{help_text + '; ' if help_text else ''}"
+                         f"default: {_default_text(default, kwargs)}")
+        group.add_argument(flag, dest=dest_prefix + name, default=default, help=help_text,
+                           **kwargs)
+
+
+def config_from_args(args, config_cls, flags: Mapping[str, tuple], dest_prefix: str = ""):
+    """The `config_cls` of the `add_config_arguments` flags present in `args` (fields without
+    a flag keep their defaults); the dataclass validates it, a bad combination is its
+    ValueError."""
+    return config_cls(**{name: getattr(args, dest_prefix + name) for name in flags
+                         if hasattr(args, dest_prefix + name)})
+
+
+def _field_defaults(config_cls) -> dict:
+    out = {}
+    for f in dataclasses.fields(config_cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def _default_text(default, kwargs: dict) -> str:
+    # The default as the user would type it on the command line.
+    if isinstance(default, tuple):
+        return ",".join(map(str, default))
+    if default is None and kwargs.get("type") is layer_list:
+        return "all"
+    return str(default)
+
+
+# DynaMoEConfig field -> (flag, argparse keywords, help). Defaults come from the dataclass
+# itself, so they are stated once; the field's meaning is documented there.
 _DYNAMOE_FLAGS = {
-    "num_shells": ("--dynamoe-num-shells", dict(type=COUNT)),
-    "level_fractions": ("--dynamoe-level-fractions", dict(
-        type=_float_list, help="fraction of the FFN at each level, increasing, ending at 1")),
-    "moefied_layers": ("--dynamoe-layers", dict(
-        type=layer_list, help="'all' or 0-based layer indices to MoEfy")),
-    "importance": ("--dynamoe-importance", dict(choices=("activation", "weight"))),
-    "shell_placement": ("--dynamoe-shell-placement", dict(choices=("balanced", "contiguous"))),
-    "label_reference": ("--dynamoe-label-reference", dict(
-        choices=("residual", "ffn"), help="what a level's error is relative to: the residual "
-        "stream or the full FFN output")),
-    "label_tolerance": ("--dynamoe-label-tolerance", dict(type=NON_NEGATIVE)),
-    "label_tolerance_max": ("--dynamoe-label-tolerance-max", dict(
-        type=_optional_non_negative,
-        help="soft labels over [tolerance, tolerance-max]; 'none' for hard labels")),
-    "label_fraction": ("--dynamoe-label-fraction", dict(type=number(float, 0, 1,
-                                                                    low_open=True))),
-    "router_loss_coeff": ("--dynamoe-router-loss-coeff", dict(type=NON_NEGATIVE)),
+    "num_shells": ("--dynamoe-num-shells", dict(type=COUNT), None),
+    "level_fractions": ("--dynamoe-level-fractions", dict(type=_float_list),
+                        "fraction of the FFN at each level, increasing, ending at 1"),
+    "moefied_layers": ("--dynamoe-layers", dict(type=layer_list),
+                       "'all' or 0-based layer indices to MoEfy"),
+    "importance": ("--dynamoe-importance", dict(choices=IMPORTANCE_METHODS), None),
+    "shell_placement": ("--dynamoe-shell-placement", dict(choices=SHELL_PLACEMENTS), None),
+    "label_reference": ("--dynamoe-label-reference", dict(choices=LABEL_REFERENCES),
+                        "what a level's error is relative to: the residual stream or the "
+                        "full FFN output"),
+    "label_tolerance": ("--dynamoe-label-tolerance", dict(type=NON_NEGATIVE), None),
+    "label_tolerance_max": ("--dynamoe-label-tolerance-max",
+                            dict(type=_optional_non_negative),
+                            "soft labels over [tolerance, tolerance-max]; 'none' for hard "
+                            "labels"),
+    "label_fraction": ("--dynamoe-label-fraction",
+                       dict(type=number(float, 0, 1, low_open=True)), None),
+    "router_loss_coeff": ("--dynamoe-router-loss-coeff", dict(type=NON_NEGATIVE), None),
 }
 
 
 def add_dynamoe_config_arguments(group, names: Sequence[str] = tuple(_DYNAMOE_FLAGS)) -> None:
     """The --dynamoe-* flags of a DynaMoEConfig (the fields `names`, default all), defaults
-    taken from the dataclass (read back by `dynamoe_config_from_args`)."""
-    import dataclasses
-
-    from megatron_dynamoe.dynamoe.config import DynaMoEConfig
-
-    defaults = {f.name: f.default for f in dataclasses.fields(DynaMoEConfig) if f.init}
-    for name in names:
-        flag, kwargs = _DYNAMOE_FLAGS[name]
-        default = defaults[name]
-        text = (",".join(map(str, default)) if isinstance(default, tuple) else
-                "all" if default is None and name == "moefied_layers" else default)
-        kwargs = dict(kwargs)  # the table stays as it is for the next parser
-        help_text = kwargs.pop("help", None)
-        group.add_argument(flag, dest=f"dynamoe_{name}", default=default,
-                           help=f"{help_text + '; ' if help_text else ''}default: {text}",
-                           **kwargs)
+    taken from the dataclass and shown in the help (read back by `dynamoe_config_from_args`)."""
+    add_config_arguments(group, DynaMoEConfig, _DYNAMOE_FLAGS, "dynamoe_", names,
+                         default_in_help=True)
 
 
-def dynamoe_config_from_args(args):
+def dynamoe_config_from_args(args) -> DynaMoEConfig:
     """The DynaMoEConfig of `add_dynamoe_config_arguments` flags (validated on construction;
     a bad combination is a ValueError naming the flag)."""
-    from megatron_dynamoe.dynamoe.config import DynaMoEConfig
-
-    return DynaMoEConfig(**{name: getattr(args, f"dynamoe_{name}") for name in _DYNAMOE_FLAGS
-                            if hasattr(args, f"dynamoe_{name}")})
+    return config_from_args(args, DynaMoEConfig, _DYNAMOE_FLAGS, "dynamoe_")
 
 
 def add_parity_arguments(group, sequences: int, tolerance_help: str) -> None:

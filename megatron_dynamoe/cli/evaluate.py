@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     thetas, task_names, baselines = _validate(args)
 
     from megatron_dynamoe.checkpoint.torch_dist import read_info
-    from megatron_dynamoe.checkpoint.outputs import atomic_output_dir, check_output_path
+    from megatron_dynamoe.utils.outputs import atomic_output_dir, check_output_path
     from megatron_dynamoe.cli.common import start_runtime
     from megatron_dynamoe.utils.errors import ToolError
     from megatron_dynamoe.utils.log import log

@@ -8,7 +8,7 @@ the DynaMoE model's with every token at the exported level (the full level = the
 
 --ffn-budget F solves the sensitivity that spends a mean FFN compute fraction F on the
 calibration text (global theta, or one theta per layer with --budget-mode per-layer) and
-writes a DynaMoE checkpoint whose dynamoe.json carries it (`sensitivity`; per-layer thetas in
+writes a DynaMoE checkpoint whose model.json carries it (`sensitivity`; per-layer thetas in
 `extra.layer_sensitivities`); it keeps per-token routing, so it is Megatron-only. Checked:
 a model built from the written metadata reproduces the solved variant's logits.
 
@@ -72,14 +72,15 @@ def main(argv=None) -> int:
         read_info,
         save_checkpoint,
     )
-    from megatron_dynamoe.checkpoint.outputs import check_output_path, tree_size
+    from megatron_dynamoe.utils.outputs import check_output_path, tree_size
     from megatron_dynamoe.cli.common import start_runtime
     from megatron_dynamoe.utils.errors import ToolError
     from megatron_dynamoe.utils.log import log
     from megatron_dynamoe.utils.parity import check_parity, megatron_logits
     from megatron_dynamoe.dynamoe.export import dense_state_dict, exported_architecture
     from megatron_dynamoe.evaluation.loading import resolve_checkpoint_folder
-    from megatron_dynamoe.models.builder import build_gpt_model, set_static_level
+    from megatron_dynamoe.models.builder import build_gpt_model
+    from megatron_dynamoe.dynamoe.control import set_static_level
 
     # A training --save folder stands for its latest complete iteration.
     folder = resolve_checkpoint_folder(args.load)
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
     info = read_info(args.load)
     if info is None or info.dynamoe is None:
         raise ToolError(f"{args.load} is not a DynaMoE checkpoint (no DynaMoE config in its "
-                        f"dynamoe.json): convert dense checkpoints with "
+                        f"model.json): convert dense checkpoints with "
                         f"tools/convert_checkpoint.py")
     arch, dyn = info.architecture, info.dynamoe
     level = args.level if args.level is not None else dyn.num_levels
@@ -187,7 +188,7 @@ def export_budget(args) -> int:
     reference = megatron_logits(model, windows[:2])
     check = _model_from_metadata(written, model.state_dict())
     check_parity(reference, megatron_logits(check, windows[:2]), args.tolerance,
-                 "budget variant rebuilt from its dynamoe.json")
+                 "budget variant rebuilt from its model.json")
     save_checkpoint(model, args.output, written, args.overwrite)
     log(f"wrote {args.output}")
     return 0
@@ -196,7 +197,7 @@ def export_budget(args) -> int:
 def _model_from_metadata(info, state):
     """A DynaMoE model built from `info` alone (sensitivities included), holding `state`."""
     from megatron_dynamoe.models.architectures import transformer_config
-    from megatron_dynamoe.evaluation.budget import apply_checkpoint_sensitivities
+    from megatron_dynamoe.dynamoe.control import apply_checkpoint_sensitivities
     from megatron_dynamoe.models.builder import build_gpt_model
 
     model = build_gpt_model(info.architecture,

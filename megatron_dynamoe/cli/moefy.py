@@ -4,7 +4,7 @@ Ranks every FFN's neurons (calibration activations on real text, or data-free we
 permutes them, cuts them into nested shells, fits the difficulty routers to their labels on
 the calibration text (zero-initialised, i.e. uniform levels, without calibration text or with
 --no-dynamoe-fit-routers), checks that theta = 1 reproduces the dense model's logits, and only
-then writes the DynaMoE checkpoint (torch_dist + dynamoe.json recording the DynaMoE config and
+then writes the DynaMoE checkpoint (torch_dist + model.json recording the DynaMoE config and
 the router fit).
 
 The checkpoint is layout-independent (shells are keyed by importance order, not by EP rank):
@@ -41,7 +41,7 @@ def parse_args(argv=None):
                        epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--load", required=True, help="dense torch_dist checkpoint folder")
     p.add_argument("--model", help="architecture preset, for a plain Megatron-Core checkpoint "
-                                   "without dynamoe.json")
+                                   "without model.json")
     p.add_argument("--output", required=True, help="DynaMoE checkpoint folder to write")
     p.add_argument("--overwrite", action="store_true")
     d = p.add_argument_group("DynaMoE")
@@ -73,14 +73,15 @@ def main(argv=None) -> int:
         resolve_architecture,
         save_checkpoint,
     )
-    from megatron_dynamoe.checkpoint.outputs import check_output_path, tree_size
+    from megatron_dynamoe.utils.outputs import check_output_path, tree_size
     from megatron_dynamoe.cli.common import layout_from_args, start_runtime
     from megatron_dynamoe.utils.errors import ToolError
     from megatron_dynamoe.utils.log import log, progress
     from megatron_dynamoe.utils.parity import check_parity, megatron_logits, model_batches
     from megatron_dynamoe.dynamoe.moefy import calibrate_importance, moefy_state_dict
     from megatron_dynamoe.dynamoe.router_fit import fit_routers as fit_routers_to_labels
-    from megatron_dynamoe.models.builder import build_gpt_model, set_sensitivity
+    from megatron_dynamoe.models.builder import build_gpt_model
+    from megatron_dynamoe.dynamoe.control import set_sensitivity
 
     dyn = dynamoe_config_from_args(args)
     layout = layout_from_args(args)

@@ -41,6 +41,7 @@ from megatron_dynamoe.planning.planner import (
     stage_memory,
 )
 from megatron_dynamoe.planning.search import env_assignments, suggest, train_flags
+from megatron_dynamoe.runtime.parallel import ParallelLayout
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def request_from_args(args) -> PlanRequest:
+    """The PlanRequest the flags describe: the cluster, a `ParallelLayout` (a layout it refuses,
+    such as VPP without PP > 1, is a ToolError `layout refused: ...`), CP, batch, precision."""
     from megatron_dynamoe.models.architectures import get_architecture
 
     if args.num_gpus is None:
@@ -99,15 +102,23 @@ def request_from_args(args) -> PlanRequest:
     elif args.nodes and args.gpus_per_node and args.nodes * args.gpus_per_node != args.num_gpus:
         raise ToolError(f"--num-gpus {args.num_gpus} != --nodes {args.nodes} x --gpus-per-node "
                         f"{args.gpus_per_node}")
+    try:
+        # Not cli.common.layout_from_args: the planner also takes VPP and expert TP.
+        layout = ParallelLayout(
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+            expert_model_parallel_size=args.expert_model_parallel_size,
+            expert_tensor_parallel_size=args.expert_tensor_parallel_size)
+    except ValueError as e:
+        raise ToolError(f"layout refused: {e}") from None
     dyn = None
     if not args.dense:
         dyn = dynamoe_config_from_args(args)
     return PlanRequest(
         model=args.model, arch=get_architecture(args.model), dynamoe=dyn,
-        num_gpus=args.num_gpus, gpus_per_node=args.gpus_per_node,
-        tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
-        vpp=args.virtual_pipeline_model_parallel_size, ep=args.expert_model_parallel_size,
-        etp=args.expert_tensor_parallel_size, cp=args.context_parallel_size,
+        num_gpus=args.num_gpus, gpus_per_node=args.gpus_per_node, layout=layout,
+        cp=args.context_parallel_size,
         micro_batch=args.micro_batch_size, global_batch=args.global_batch_size,
         seq_length=args.seq_length, sequence_parallel=args.sequence_parallel,
         distributed_optimizer=args.use_distributed_optimizer,

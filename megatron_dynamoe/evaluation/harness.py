@@ -30,7 +30,7 @@ from megatron_dynamoe.evaluation.flops import causal_mean_context, relative_forw
 from megatron_dynamoe.evaluation.perplexity import perplexity
 from megatron_dynamoe.evaluation.recorder import FFNComputeRecorder
 from megatron_dynamoe.evaluation.scoring import Encoded, encode_request, score_requests
-from megatron_dynamoe.models.builder import dynamoe_layers
+from megatron_dynamoe.dynamoe.control import dynamoe_layers
 
 
 @dataclass

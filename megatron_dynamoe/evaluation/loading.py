@@ -68,7 +68,7 @@ def load_for_evaluation(path: str, preset: Optional[str] = None,
     load_checkpoint(model, folder, origin=f"the {family} model of {folder}",
                     verify_checksums=verify_checksums)
     if family == "dynamoe":
-        from megatron_dynamoe.evaluation.budget import apply_checkpoint_sensitivities
+        from megatron_dynamoe.dynamoe.control import apply_checkpoint_sensitivities
 
         apply_checkpoint_sensitivities(model, info)
     model.eval()

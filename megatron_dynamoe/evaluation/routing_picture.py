@@ -15,7 +15,8 @@ from typing import List, Tuple
 import torch
 
 from megatron_dynamoe.evaluation.recorder import FFNComputeRecorder
-from megatron_dynamoe.models.builder import causal_attention_mask, dynamoe_layers
+from megatron_dynamoe.models.builder import causal_attention_mask
+from megatron_dynamoe.dynamoe.control import dynamoe_layers
 from megatron_dynamoe.runtime.device import place_batch
 
 # Sequential palette, level 1 (lightest) .. level K (darkest); interpolated for other K.

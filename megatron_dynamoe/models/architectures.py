@@ -254,7 +254,7 @@ def transformer_config(arch: ModelArchitecture, layout: ParallelLayout = Paralle
         dynamoe.validate_for_model(
             arch.ffn_hidden_size, arch.num_layers,
             expert_model_parallel_size=layout.expert_model_parallel_size,
-            expert_tensor_parallel_size=layout.expert_tensor_parallel_size or tp)
+            expert_tensor_parallel_size=layout.expert_tensor_parallel)
         if arch.family != "llama":
             raise ValueError("DynaMoE needs bias-free FFNs: MoEfy a LLaMA-family model "
                              "(GPT-2-family models are supported dense)")

@@ -1,8 +1,9 @@
-"""Build Megatron-Core GPTModels (dense or DynaMoE) and control their DynaMoE layers."""
+"""Build Megatron-Core GPTModels (dense or DynaMoE) as model chunks; `dynamoe.control` sets
+what their DynaMoE layers read at run time."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -11,8 +12,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_dynamoe.models.architectures import ModelArchitecture, transformer_config
-from megatron_dynamoe.dynamoe.config import DynaMoEConfig, check_sensitivity
-from megatron_dynamoe.dynamoe.layer import DynaMoELayer
+from megatron_dynamoe.dynamoe.config import DynaMoEConfig
 from megatron_dynamoe.dynamoe.spec import decoder_block_spec
 from megatron_dynamoe.runtime.device import place_model
 
@@ -134,32 +134,6 @@ def build_model_chunks(provider: ModelProvider, config: TransformerConfig) -> Mo
     if vpp is None:
         return ModelChunks([provider.build(config)])
     return ModelChunks([provider.build(config, vp_stage=i) for i in range(vpp)])
-
-
-def dynamoe_layers(model: torch.nn.Module) -> List[DynaMoELayer]:
-    """Every DynaMoE layer in `model` (or a list of model chunks), in module order."""
-    chunks = model if isinstance(model, (list, tuple)) else [model]
-    return [m for chunk in chunks for m in chunk.modules() if isinstance(m, DynaMoELayer)]
-
-
-def set_sensitivity(model, theta: float) -> None:
-    """Set the sensitivity theta in [0, 1] of every DynaMoE layer (1 = dense compute)."""
-    theta = check_sensitivity(theta)
-    for layer in dynamoe_layers(model):
-        layer.set_sensitivity(theta)
-
-
-def set_static_level(model, level: Optional[int]) -> None:
-    """Put every token of every DynaMoE layer at `level` (1..K): the static nested
-    sub-network of that width. None returns to per-token routing at the sensitivity."""
-    for layer in dynamoe_layers(model):
-        layer.router.set_static_level(level)
-
-
-def set_training_step(model, step: int) -> None:
-    """Tell every DynaMoE layer the training step (drives the label schedule)."""
-    for layer in dynamoe_layers(model):
-        layer.set_step(step)
 
 
 def causal_attention_mask(seq_len: int, device=None) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The model families and how to build each: one registry that the trainer, the evaluation and
 the tools ask, instead of each deciding from a checkpoint's metadata on its own.
 
-A checkpoint's `dynamoe.json` names its family in `extra["model_family"]` (written by every
+A checkpoint's `model.json` names its family in `extra["model_family"]` (written by every
 save). What it holds decides where it can: an `extra["adaptive"]` gating config is the
 adaptive-gating MoE, no DynaMoE config a dense model; the name tells the top-k baseline
 (`model_family`, or the trainer's former `model_provider`, == "topk") from DynaMoE.

@@ -18,12 +18,14 @@ FRAGMENTATION and a fixed RESERVED_GIB for the CUDA context, NCCL buffers and wo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from megatron_dynamoe.models.architectures import ModelArchitecture
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
+from megatron_dynamoe.runtime.parallel import ParallelLayout
 
 GIB = 2 ** 30
 FRAGMENTATION = 0.10   # caching-allocator fragmentation on top of live tensors
@@ -34,18 +36,17 @@ RECOMPUTE_COST = {None: 0.0, "selective": 0.05, "full": 0.33}  # extra compute p
 
 @dataclass(frozen=True)
 class PlanRequest:
-    """A model, a cluster and a layout to check. `vpp`/`etp` None: off / same as TP."""
+    """A model, a cluster and a layout to check. The TP / PP / VPP / EP / expert-TP sizes are
+    `layout` (the `ParallelLayout` that `initialize_parallel` takes; read them as `tp`, `pp`,
+    `vpp`, `ep`, `etp`, with VPP / ETP None: off / same as TP); context parallelism, which
+    `ParallelLayout` does not have, is `cp`."""
 
     model: str
     arch: ModelArchitecture
     dynamoe: Optional[DynaMoEConfig]
     num_gpus: int
     gpus_per_node: Optional[int] = None
-    tp: int = 1
-    pp: int = 1
-    vpp: Optional[int] = None
-    ep: int = 1
-    etp: Optional[int] = None
+    layout: ParallelLayout = ParallelLayout()
     cp: int = 1
     micro_batch: int = 1
     global_batch: int = 8
@@ -62,13 +63,17 @@ class PlanRequest:
     reserved_gib: float = RESERVED_GIB       # per-process memory outside the model's tensors
 
     def __post_init__(self):
-        # Sizes a layout can have (the divisibility rules come later, one message each).
-        counts = dict(num_gpus=self.num_gpus, tp=self.tp, pp=self.pp, ep=self.ep, cp=self.cp,
-                      micro_batch=self.micro_batch, global_batch=self.global_batch,
-                      seq_length=self.seq_length, recompute_num_layers=self.recompute_num_layers,
-                      gpus_per_node=self.gpus_per_node or 1, vpp=self.vpp or 1,
-                      etp=self.etp or 1)
+        if not isinstance(self.layout, ParallelLayout):
+            raise ValueError(f"plan: layout = {self.layout!r} must be a ParallelLayout")
+        # Sizes the request can have (the divisibility rules come later, one message each);
+        # the layout's sizes were checked by ParallelLayout itself.
+        counts = dict(num_gpus=self.num_gpus, cp=self.cp, micro_batch=self.micro_batch,
+                      global_batch=self.global_batch, seq_length=self.seq_length,
+                      recompute_num_layers=self.recompute_num_layers,
+                      gpus_per_node=self.gpus_per_node)
         for name, value in counts.items():
+            if value is None and name == "gpus_per_node":
+                continue  # unknown
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"plan: {name} = {value!r} must be an integer >= 1")
         if not (math.isfinite(self.gpu_memory_gib) and self.gpu_memory_gib > 0):
@@ -80,8 +85,33 @@ class PlanRequest:
                              f"GPU memory {self.gpu_memory_gib})")
 
     @property
+    def tp(self) -> int:
+        return self.layout.tensor_model_parallel_size
+
+    @property
+    def pp(self) -> int:
+        return self.layout.pipeline_model_parallel_size
+
+    @property
+    def vpp(self) -> Optional[int]:
+        return self.layout.virtual_pipeline_model_parallel_size
+
+    @property
+    def ep(self) -> int:
+        return self.layout.expert_model_parallel_size
+
+    @property
+    def etp(self) -> Optional[int]:
+        return self.layout.expert_tensor_parallel_size
+
+    def with_layout(self, **sizes) -> PlanRequest:
+        """This request with some `ParallelLayout` sizes changed, by their field names
+        (`r.with_layout(virtual_pipeline_model_parallel_size=None)`)."""
+        return dataclasses.replace(self, layout=dataclasses.replace(self.layout, **sizes))
+
+    @property
     def expert_tp(self) -> int:
-        return self.tp if self.etp is None else self.etp
+        return self.layout.expert_tensor_parallel
 
     @property
     def sp(self) -> bool:

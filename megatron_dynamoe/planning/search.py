@@ -16,6 +16,7 @@ import itertools
 from typing import List, Optional
 
 from megatron_dynamoe.planning.planner import Plan, PlanRequest, divisibility_problems, plan
+from megatron_dynamoe.runtime.parallel import ParallelLayout
 
 KNOBS = ("tp", "pp", "vpp", "ep", "etp", "micro_batch", "recompute", "distributed_optimizer")
 
@@ -34,9 +35,14 @@ def suggest(r: PlanRequest, max_tp: int = 8) -> Optional[Plan]:
                                                  (None, "selective", "full")):
         vpps = [None] + [v for v in (2, 3, 4, 5, 8, 10) if pp > 1 and (a.num_layers // pp) % v == 0]
         for vpp, etp in itertools.product(vpps, sorted({1, tp})):
-            c = dataclasses.replace(r, tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, micro_batch=mb,
-                                    recompute=rec, recompute_method="uniform",
-                                    recompute_num_layers=1, distributed_optimizer=True,
+            layout = ParallelLayout(tensor_model_parallel_size=tp,
+                                    pipeline_model_parallel_size=pp,
+                                    virtual_pipeline_model_parallel_size=vpp,
+                                    expert_model_parallel_size=ep,
+                                    expert_tensor_parallel_size=etp)
+            c = dataclasses.replace(r, layout=layout, micro_batch=mb, recompute=rec,
+                                    recompute_method="uniform", recompute_num_layers=1,
+                                    distributed_optimizer=True,
                                     sequence_parallel=r.sequence_parallel or tp > 1)
             if divisibility_problems(c):
                 continue
@@ -52,9 +58,11 @@ def suggest(r: PlanRequest, max_tp: int = 8) -> Optional[Plan]:
 
 def env_assignments(r: PlanRequest) -> str:
     """The layout as the SLURM scripts' environment variables."""
-    rec = r.recompute or "none"
-    parts = [f"TP={r.tp}", f"PP={r.pp}", f"VPP={r.vpp or ''}", f"EP={r.ep}",
-             f"ETP={r.expert_tp}", f"MICRO_BATCH={r.micro_batch}", f"RECOMPUTE={rec}"]
+    rec, lay = r.recompute or "none", r.layout
+    parts = [f"TP={lay.tensor_model_parallel_size}", f"PP={lay.pipeline_model_parallel_size}",
+             f"VPP={lay.virtual_pipeline_model_parallel_size or ''}",
+             f"EP={lay.expert_model_parallel_size}", f"ETP={r.expert_tp}",
+             f"MICRO_BATCH={r.micro_batch}", f"RECOMPUTE={rec}"]
     if r.recompute == "full":
         parts += [f"RECOMPUTE_METHOD={r.recompute_method}",
                   f"RECOMPUTE_NUM_LAYERS={r.recompute_num_layers}"]
@@ -63,13 +71,16 @@ def env_assignments(r: PlanRequest) -> str:
 
 def train_flags(r: PlanRequest) -> List[str]:
     """The layout as launch/train.py flags."""
-    flags = ["--tensor-model-parallel-size", str(r.tp), "--pipeline-model-parallel-size",
-             str(r.pp), "--expert-model-parallel-size", str(r.ep),
+    lay = r.layout
+    flags = ["--tensor-model-parallel-size", str(lay.tensor_model_parallel_size),
+             "--pipeline-model-parallel-size", str(lay.pipeline_model_parallel_size),
+             "--expert-model-parallel-size", str(lay.expert_model_parallel_size),
              "--micro-batch-size", str(r.micro_batch)]
-    if r.expert_tp != r.tp:
+    if r.expert_tp != lay.tensor_model_parallel_size:
         flags += ["--expert-tensor-parallel-size", str(r.expert_tp)]
-    if r.vpp:
-        flags += ["--virtual-pipeline-model-parallel-size", str(r.vpp)]
+    if lay.virtual_pipeline_model_parallel_size:
+        flags += ["--virtual-pipeline-model-parallel-size",
+                  str(lay.virtual_pipeline_model_parallel_size)]
     if r.sp:
         flags.append("--sequence-parallel")
     if r.recompute:

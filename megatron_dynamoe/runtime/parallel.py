@@ -35,17 +35,27 @@ class ParallelLayout:
 
     def __post_init__(self):
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                     "expert_model_parallel_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        vpp = self.virtual_pipeline_model_parallel_size
-        if vpp is not None:
-            if vpp < 1:
-                raise ValueError(f"--virtual-pipeline-model-parallel-size must be >= 1, got {vpp}")
-            if self.pipeline_model_parallel_size == 1:
-                raise ValueError("--virtual-pipeline-model-parallel-size needs "
-                                 "--pipeline-model-parallel-size > 1 (the interleaved schedule "
-                                 "splits each pipeline stage into chunks)")
+                     "expert_model_parallel_size", "expert_tensor_parallel_size",
+                     "virtual_pipeline_model_parallel_size"):
+            value = getattr(self, name)
+            optional = name in ("expert_tensor_parallel_size",
+                                "virtual_pipeline_model_parallel_size")
+            if value is None and optional:
+                continue
+            # bool is an int subclass; 2.0 or "2" would reach Megatron's group arithmetic.
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got "
+                                 f"{value!r}")
+        if (self.virtual_pipeline_model_parallel_size is not None
+                and self.pipeline_model_parallel_size == 1):
+            raise ValueError("--virtual-pipeline-model-parallel-size needs "
+                             "--pipeline-model-parallel-size > 1 (the interleaved schedule "
+                             "splits each pipeline stage into chunks)")
+
+    @property
+    def expert_tensor_parallel(self) -> int:
+        """The expert layers' TP size: --expert-tensor-parallel-size, else TP (Megatron)."""
+        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
 
     def data_parallel_size(self, world_size: int) -> int:
         """DP size for `world_size` ranks; raises when TP x PP does not divide the world."""

@@ -7,12 +7,20 @@ Config flows one way: `parse_train_args(argv)` -> `TrainConfig` (validated in
 from __future__ import annotations
 
 import argparse
-import math
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional, Sequence
 
 from megatron_dynamoe.runtime.parallel import ParallelLayout
+from megatron_dynamoe.utils.ranges import (
+    ANY,
+    COUNT,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    UNIT,
+    Interval,
+)
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 
@@ -134,15 +142,13 @@ class TrainConfig:
                              f"{', '.join(TRANSFORMER_IMPLS)}")
         for f in fields(self):
             value = getattr(self, f.name)
-            # One place for every numeric flag: NaN or Inf is never a meaningful setting (an
-            # infinite learning rate trains NaN from the second step).
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"--{f.name.replace('_', '-')} {value}: give a finite number")
-            if f.name in RANGES and value is not None:
-                low, high, text = RANGES[f.name]
-                if not (low(value) and high(value)):
-                    raise ValueError(f"--{f.name.replace('_', '-')} {value} is out of range: "
-                                     f"give a value in {text}")
+            # None is an unset optional flag; bools are switches, not numbers.
+            if value is None or isinstance(value, bool):
+                continue
+            # Floats outside RANGES must still be finite (ranges.ANY).
+            interval = RANGES.get(f.name, ANY if isinstance(value, float) else None)
+            if interval is not None:
+                interval.check(f"--{f.name.replace('_', '-')}", value)
         if self.save_interval is not None and self.save is None:
             raise ValueError("--save-interval needs --save DIR")
         if self.overwrite and self.save is None:
@@ -152,7 +158,7 @@ class TrainConfig:
                              f"{LR_DECAY_STYLES}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
-        from megatron_dynamoe.data.datasets import parse_split
+        from megatron_dynamoe.data.blend import parse_split
 
         if parse_split(self.split)[0] == 0:
             raise ValueError(f"--split {self.split} gives training no documents: give the "
@@ -236,41 +242,29 @@ class TrainConfig:
         return asdict(self)
 
 
-def _range(low=None, high=None, low_open=False, high_open=False):
-    """(low test, high test, '[low, high)' text) of a numeric flag's range."""
-    def above(v):
-        return low is None or (v > low if low_open else v >= low)
-
-    def below(v):
-        return high is None or (v < high if high_open else v <= high)
-
-    text = (f"{'(' if low_open or low is None else '['}{'-inf' if low is None else low}, "
-            f"{'inf' if high is None else high}{')' if high_open or high is None else ']'}")
-    return above, below, text
-
-
-# Every numeric flag's range, in one place (NaN / Inf are refused for all floats before).
-# A flag absent here may take any finite value; None (an unset optional flag) is not checked.
+# Every numeric flag's range, in one place (utils.ranges words the complaints). A flag absent
+# here may take any finite value; None (an unset optional flag) is not checked.
 RANGES = {
-    "distributed_timeout_minutes": _range(0, low_open=True),
-    "tensor_model_parallel_size": _range(1), "pipeline_model_parallel_size": _range(1),
-    "expert_model_parallel_size": _range(1), "expert_tensor_parallel_size": _range(1),
-    "virtual_pipeline_model_parallel_size": _range(1),
-    "micro_batch_size": _range(1), "global_batch_size": _range(1), "seq_length": _range(1),
-    "train_iters": _range(1), "log_interval": _range(1), "save_interval": _range(1),
-    "exit_after_iters": _range(1), "curriculum_window": _range(1),
-    "recompute_num_layers": _range(1), "dynamoe_num_shells": _range(1),
-    "lr": _range(0), "min_lr": _range(0), "lr_warmup_iters": _range(0),
-    "router_lr_mult": _range(0, 1e4, low_open=True),
-    "weight_decay": _range(0), "clip_grad": _range(0),
-    "adam_beta1": _range(0, 1, high_open=True), "adam_beta2": _range(0, 1, high_open=True),
-    "adam_eps": _range(0, low_open=True), "seed": _range(0),
-    "dynamoe_sensitivity_min": _range(0, 1), "dynamoe_sensitivity_max": _range(0, 1),
-    "dynamoe_label_tolerance": _range(0), "dynamoe_label_tolerance_max": _range(0),
-    "dynamoe_label_fraction": _range(0, 1, low_open=True),
-    "dynamoe_router_loss_coeff": _range(0),
-    "dynamoe_distill_weight": _range(0, 1),
-    "dynamoe_distill_temperature": _range(0, low_open=True),
+    "distributed_timeout_minutes": POSITIVE,
+    "tensor_model_parallel_size": COUNT, "pipeline_model_parallel_size": COUNT,
+    "expert_model_parallel_size": COUNT, "expert_tensor_parallel_size": COUNT,
+    "virtual_pipeline_model_parallel_size": COUNT,
+    "micro_batch_size": COUNT, "global_batch_size": COUNT, "seq_length": COUNT,
+    "train_iters": COUNT, "log_interval": COUNT, "save_interval": COUNT,
+    "exit_after_iters": COUNT, "curriculum_window": COUNT,
+    "recompute_num_layers": COUNT, "dynamoe_num_shells": COUNT,
+    "lr": NON_NEGATIVE, "min_lr": NON_NEGATIVE, "lr_warmup_iters": NON_NEGATIVE_INT,
+    "router_lr_mult": Interval(float, 0, 1e4, low_open=True),
+    "weight_decay": NON_NEGATIVE, "clip_grad": NON_NEGATIVE,
+    "adam_beta1": Interval(float, 0, 1, high_open=True),
+    "adam_beta2": Interval(float, 0, 1, high_open=True),
+    "adam_eps": POSITIVE, "seed": NON_NEGATIVE_INT,
+    "dynamoe_sensitivity_min": UNIT, "dynamoe_sensitivity_max": UNIT,
+    "dynamoe_label_tolerance": NON_NEGATIVE, "dynamoe_label_tolerance_max": NON_NEGATIVE,
+    "dynamoe_label_fraction": Interval(float, 0, 1, low_open=True),
+    "dynamoe_router_loss_coeff": NON_NEGATIVE,
+    "dynamoe_distill_weight": UNIT,
+    "dynamoe_distill_temperature": POSITIVE,
 }
 
 

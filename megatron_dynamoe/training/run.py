@@ -40,7 +40,7 @@ def resolve_model(cfg):
         if cfg.model is None:
             from megatron_dynamoe.utils.errors import ToolError
 
-            raise ToolError("the checkpoint has no dynamoe.json (plain Megatron-Core): pass "
+            raise ToolError("the checkpoint has no model.json (plain Megatron-Core): pass "
                             "--model PRESET to name its architecture")
         dyn = None if cfg.dense else DynaMoEConfig(num_shells=cfg.dynamoe_num_shells)
         info = CheckpointInfo(get_architecture(cfg.model), dyn, {})
@@ -58,12 +58,9 @@ def resolve_model(cfg):
 def batch_source(cfg, arch, dp_size: int):
     """BatchSource over Megatron GPT datasets built from --data-path with --tokenizer."""
     from megatron_dynamoe.utils.errors import ToolError
-    from megatron_dynamoe.data.datasets import (
-        HFTokenizerAdapter,
-        build_gpt_datasets,
-        collate_samples,
-        default_cache_path,
-    )
+    from megatron_dynamoe.data.datasets import build_gpt_datasets, default_cache_path
+    from megatron_dynamoe.data.sampling import collate_samples
+    from megatron_dynamoe.data.tokenizer import HFTokenizerAdapter
     from megatron_dynamoe.checkpoint.hf import load_tokenizer
 
     if not cfg.data_path:

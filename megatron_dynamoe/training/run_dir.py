@@ -33,7 +33,7 @@ def claim_save_dir(save: str, load: Optional[str], overwrite: bool
     """(open lock file to keep, None) when this run may write to `save`, or (None or the lock,
     a one-line reason) when it may not. With `overwrite`, another run's checkpoints in `save`
     are deleted first."""
-    from megatron_dynamoe.checkpoint.outputs import describe_os_error
+    from megatron_dynamoe.utils.outputs import describe_os_error
 
     if os.path.exists(save) and not os.path.isdir(save):
         return None, f"--save {save} is a file, not a folder: choose a folder for checkpoints"

@@ -2,7 +2,7 @@
 
 Layout of a `--save` folder:
 
-    SAVE/iter_0000020/            torch_dist (model + optimizer shards, common state) + dynamoe.json
+    SAVE/iter_0000020/            torch_dist (model + optimizer shards, common state) + model.json
     SAVE/latest_checkpointed_iteration.txt    "20", rewritten atomically after the folder
 
 Each iteration folder is written through `checkpointing.save_checkpoint` (temporary sibling,
@@ -15,7 +15,7 @@ A training checkpoint resumes at another data-parallel size (as Megatron-LM's): 
 is stored once per model-parallel position, with the data-parallel ranks as replicas, and the
 distributed optimizer's state 'dp_reshardable'. That optimizer format is tied to the TP / PP /
 EP / expert-TP / VPP sizes it was written at (recorded in the checkpoint's `training` state and
-dynamoe.json): at other sizes the trainer refuses it with one line (`--pretrained-checkpoint`
+model.json): at other sizes the trainer refuses it with one line (`--pretrained-checkpoint`
 starts from its weights). A checkpoint whose optimizer state is in model space (saved
 'fully_reshardable', or by the non-distributed optimizer) also resumes at other TP / PP / VPP
 sizes (not EP); at other model-parallel sizes its RNG state is dropped for the seeded one, as
@@ -252,7 +252,7 @@ def save_training_state(save_dir: str, iteration: int, model, optimizer, schedul
     """Write SAVE/iter_N (all ranks call) and then point `latest` at it; returns the folder.
     `optimizer_sharding` is the distributed optimizer's format (default OPTIMIZER_SHARDING;
     'fully_reshardable' lets the checkpoint resume at other TP / PP / VPP sizes too)."""
-    # The layout goes into the common `training` state and dynamoe.json (readable without
+    # The layout goes into the common `training` state and model.json (readable without
     # unpickling anything), so that a resume at another layout is refused up front.
     extra = dict(iteration=iteration, consumed_samples=consumed_samples,
                  layout=current_layout())
@@ -268,7 +268,7 @@ def save_training_state(save_dir: str, iteration: int, model, optimizer, schedul
     save_checkpoint(state, folder, CheckpointInfo(info.architecture, info.dynamoe,
                                                   {**info.extra, **extra}), overwrite=True)
     if dist.get_rank() == 0:
-        from megatron_dynamoe.checkpoint.outputs import atomic_file
+        from megatron_dynamoe.utils.outputs import atomic_file
 
         with atomic_file(os.path.join(save_dir, LATEST_FILE)) as tmp, open(tmp, "w") as f:
             f.write(f"{iteration}\n")

@@ -3,9 +3,15 @@
 Megatron's own pieces do the work: `get_forward_backward_func` schedules (pipeline
 parallelism with micro-batches), `DistributedDataParallel` + the distributed optimizer
 (`get_megatron_optimizer`), `OptimizerParamScheduler` (warm-up and decay), gradient clipping,
-`finalize_model_grads` (DP / sequence-parallel / embedding reductions). This module wires
-them to a DynaMoE model, samples the sensitivity for each iteration, saves resumable
-checkpoints (every `--save-interval` iterations and on SIGTERM / SIGUSR1) and logs.
+`finalize_model_grads` (DP / sequence-parallel / embedding reductions).
+
+`Trainer` wires them to a DynaMoE model, in the shape of torchtitan's trainer: constructing
+it does the start-up work (model, DDP, optimizer, scheduler, resume or pretrained weights,
+the distillation teacher); `train_step()` does one iteration (samples the sensitivity,
+forward / backward, optimizer step) and returns a `StepResult`, without logging or saving;
+`run()` is the loop around it that logs, saves resumable checkpoints (every
+`--save-interval` iterations, at the end and on SIGTERM / SIGUSR1) and returns a
+`TrainResult`. `train(...)` is `Trainer(...).run()`.
 
 Data comes from a `BatchSource`: `source(consumed_samples, micro_batch_size)` returns this
 data-parallel rank's next micro-batch (tokens, labels, loss_mask, position_ids,
@@ -117,7 +123,7 @@ class _MicroBatches:
 
     def __init__(self, source: BatchSource, start: int, micro_batch_size: int, count: int,
                  dp_rank: int, dp_size: int, teacher_logits: Optional[list] = None):
-        from megatron_dynamoe.data.datasets import micro_batch_starts
+        from megatron_dynamoe.data.sampling import micro_batch_starts
 
         self._positions = micro_batch_starts(start, micro_batch_size, count, dp_rank, dp_size)
         self._source, self._mbs = source, micro_batch_size
@@ -267,168 +273,259 @@ def build_training_model(cfg: TrainConfig, provider):
     return config, build_model_chunks(provider, config)
 
 
+@dataclass
+class StepResult:
+    """What one `Trainer.train_step` did: the iteration it completed (1-based, as logged),
+    its LM loss and distillation KL (DP-averaged; None off the last pipeline stage, and the
+    KL None without distillation), the gradient norm, whether the optimizer stepped (`ok`;
+    False when it skipped the update), the sensitivity drawn, and the wall-clock seconds."""
+
+    iteration: int
+    loss: Optional[float]
+    distill_kl: Optional[float]
+    grad_norm: Optional[float]
+    ok: bool
+    theta: float
+    seconds: float
+
+    @property
+    def skipped(self) -> bool:
+        return not self.ok
+
+
+class Trainer:
+    """One training run, in the shape of torchtitan's Trainer: construction sets it up,
+    `train_step()` does one iteration, `run()` loops to --train-iters with logging, saving
+    and preemption handling.
+
+    Construction is collective (every rank of the layout constructs its Trainer) and does
+    all the start-up work: it clears Megatron's MoE state, builds this rank's model chunks,
+    their DDP wrappers, Megatron's optimizer and scheduler, hooks them into the model's
+    TransformerConfig, resumes from the latest checkpoint in --load (or loads the weights of
+    --pretrained-checkpoint), checks --save's free space and builds the distillation
+    teacher. The arguments are `train()`'s. `iteration` and `consumed_samples` are where
+    the next step starts (the resumed position after construction)."""
+
+    def __init__(self, cfg: TrainConfig, model_info, source: BatchSource, logger=None,
+                 on_iteration: Optional[Callable[[int], None]] = None,
+                 provider=None, preemption_flag=None):
+        from megatron.core import parallel_state
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+        )
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron_dynamoe.checkpoint.torch_dist import load_checkpoint
+        from megatron_dynamoe.models.builder import ModelProvider
+        from megatron_dynamoe.training.state import latest_checkpoint, load_training_state
+
+        if provider is None:
+            provider = ModelProvider(model_info.architecture, model_info.dynamoe)
+        self.cfg, self.model_info, self.source, self.provider = cfg, model_info, source, provider
+        self.logger, self.on_iteration, self.preemption_flag = (logger, on_iteration,
+                                                                preemption_flag)
+        reset_megatron_moe_state()
+        self.config, self.model = build_training_model(cfg, provider)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.use_distributed_optimizer,
+            check_for_nan_in_grad=cfg.check_for_nan_in_loss_and_grad)
+        # Megatron buckets only the first chunk's gradients for overlap; later chunks reduce
+        # at the end of the step (the same choice as Megatron's training loop).
+        self.ddps = [DistributedDataParallel(self.config, ddp_config, module=chunk,
+                                             disable_bucketing=i > 0)
+                     for i, chunk in enumerate(self.model)]
+        optimizer_config = OptimizerConfig(
+            optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+            adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
+            clip_grad=cfg.clip_grad, bf16=cfg.bf16, params_dtype=self.config.params_dtype,
+            use_distributed_optimizer=cfg.use_distributed_optimizer)
+        self.optimizer = get_megatron_optimizer(
+            optimizer_config, self.ddps,
+            config_overrides=optimizer_overrides(cfg, optimizer_config))
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.config.no_sync_func = ([d.no_sync for d in self.ddps] if len(self.ddps) > 1
+                                    else self.ddps[0].no_sync)
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.grad_scale_func = self.optimizer.scale_loss
+
+        self.iteration, self.consumed_samples = 0, 0
+        resume = latest_checkpoint(cfg.load) if cfg.load else None
+        if resume is not None:
+            self.iteration, self.consumed_samples = load_training_state(
+                resume[1], self.model, self.optimizer, self.scheduler,
+                verify_checksums=cfg.verify_checksums)
+            if logger:
+                logger.text(f"resumed from {resume[1]} at iteration {self.iteration}")
+        elif cfg.pretrained_checkpoint or cfg.load:
+            # A model checkpoint (not a training one): weights only, fresh optimizer.
+            load_checkpoint(self.model, cfg.pretrained_checkpoint or cfg.load,
+                            verify_checksums=cfg.verify_checksums)
+            self.optimizer.reload_model_params()
+        if cfg.save:
+            check_checkpoint_space(cfg.save, self.model, self.optimizer,
+                                   cfg.use_distributed_optimizer)
+        self.teacher = (build_teacher(cfg, model_info, self.config)
+                        if cfg.dynamoe_distill_teacher else None)
+        self.forward_step = (functools.partial(_distill_forward_step,
+                                               cfg.dynamoe_distill_weight,
+                                               cfg.dynamoe_distill_temperature)
+                             if self.teacher else _forward_step)
+
+        self._dp_rank = parallel_state.get_data_parallel_rank()
+        self._dp_size = parallel_state.get_data_parallel_world_size()
+        self.num_microbatches = cfg.num_microbatches(self._dp_size)
+        self._forward_backward = get_forward_backward_func()
+
+    def _micro_batches(self, start: int, teacher_logits=None) -> list:
+        # One iterator per model chunk (the interleaved schedule pulls from each).
+        return [_MicroBatches(self.source, start, self.cfg.micro_batch_size,
+                              self.num_microbatches, self._dp_rank, self._dp_size,
+                              teacher_logits) for _ in self.model]
+
+    def train_step(self) -> StepResult:
+        """Do one iteration at `iteration` (collective over the whole layout): draw its
+        sensitivity, run the teacher (with distillation), forward and backward over its
+        micro-batches with Megatron's schedule, step the optimizer (and the scheduler when
+        the step was not skipped), advance `iteration` and `consumed_samples` and return
+        the DP-averaged loss. No logging and no saving; raises TrainingDiverged on a
+        non-finite gradient, before the optimizer touches the weights."""
+        from megatron_dynamoe.dynamoe.control import set_sensitivity, set_training_step
+
+        cfg = self.cfg
+        tic = time.time()
+        theta = sample_sensitivity(cfg, self.iteration)
+        set_sensitivity(self.model, theta)
+        set_training_step(self.model, self.iteration)
+        teacher_logits = None
+        if self.teacher is not None:
+            teacher_logits = self.teacher.logits_for(
+                functools.partial(self._micro_batches, self.consumed_samples),
+                self.num_microbatches, cfg.seq_length, cfg.micro_batch_size)
+        for ddp in self.ddps:
+            ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        iterators = self._micro_batches(self.consumed_samples, teacher_logits)
+        try:
+            reports = self._forward_backward(
+                forward_step_func=self.forward_step,
+                data_iterator=iterators if len(iterators) > 1 else iterators[0],
+                model=self.ddps, num_microbatches=self.num_microbatches,
+                seq_length=cfg.seq_length, micro_batch_size=cfg.micro_batch_size,
+                forward_only=False)
+        except RuntimeError as e:
+            # Megatron's gradient check (check_for_nan_in_grad) runs on every rank before
+            # the reduction, so every rank with a non-finite gradient stops here, before the
+            # optimizer touches the weights.
+            if "found NaN" in str(e) or "found Inf" in str(e):
+                raise TrainingDiverged(self.iteration + 1, cfg, str(e)) from e
+            raise
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        self.iteration += 1
+        self.consumed_samples += cfg.global_batch_size
+        loss = _dp_mean_loss(reports)
+        distill_kl = (_dp_mean_loss(reports, "distill kl")
+                      if self.teacher is not None and reports else None)
+        return StepResult(iteration=self.iteration, loss=loss, distill_kl=distill_kl,
+                          grad_norm=grad_norm, ok=ok, theta=theta, seconds=time.time() - tic)
+
+    def save(self) -> str:
+        """Write a resumable training checkpoint of the current iteration to --save
+        (collective) and return its folder."""
+        from megatron_dynamoe.models.registry import with_family
+        from megatron_dynamoe.training.state import save_training_state
+
+        cfg = self.cfg
+        info = with_family(self.model_info, self.provider.family)
+        folder = save_training_state(
+            cfg.save, self.iteration, self.model, self.optimizer, self.scheduler,
+            self.consumed_samples, info,
+            optimizer_sharding=("fully_reshardable" if cfg.dist_ckpt_optim_fully_reshardable
+                                else None))
+        if self.logger:
+            self.logger.text(f"saved {folder}")
+        return folder
+
+    def maybe_save(self, force: bool = False) -> Optional[str]:
+        """Save (see `save`) when --save is set and the current iteration is due: a multiple
+        of --save-interval, the last iteration (--train-iters), or `force` (the run is
+        about to stop). Returns the folder written, or None."""
+        cfg = self.cfg
+        interval_save = cfg.save_interval and self.iteration % cfg.save_interval == 0
+        if cfg.save and (interval_save or force or self.iteration == cfg.train_iters):
+            return self.save()
+        return None
+
+    def run(self) -> TrainResult:
+        """Train from `iteration` to --train-iters: `train_step` after `train_step`, each
+        logged and reported to `on_iteration`, saving at the interval, at the end and when
+        stopping early. A preemption signal (agreed over ranks after each iteration) saves
+        and stops; one received during start-up stops before the first iteration with
+        nothing saved; --exit-after-iters counts the iterations of this call. Megatron's MoE
+        state is cleared on the way out, also on an error."""
+        from megatron_dynamoe.training import preemption
+
+        cfg, logger = self.cfg, self.logger
+        result = TrainResult(iteration=self.iteration, consumed_samples=self.consumed_samples)
+        stop = (self.preemption_flag if self.preemption_flag is not None
+                else preemption.PreemptionFlag())
+        started_iter = self.iteration
+        try:
+            with stop.installed():
+                if stop.agreed():
+                    # Signalled during start-up: nothing was trained since the last
+                    # checkpoint, so there is nothing to save; the requeued job starts where
+                    # this one did.
+                    if logger:
+                        logger.text("preemption signal received during start-up: exiting "
+                                    "before the first iteration (no checkpoint written)")
+                    result.stopped_by_signal = True
+                while self.iteration < cfg.train_iters and not result.stopped_by_signal:
+                    step = self.train_step()
+                    if step.loss is not None:
+                        result.losses[step.iteration] = step.loss
+                    if step.distill_kl is not None:
+                        result.distill_kl[step.iteration] = step.distill_kl
+                    if logger:
+                        logger.iteration(
+                            step.iteration, cfg, loss=step.loss, theta=step.theta,
+                            grad_norm=step.grad_norm,
+                            lr=self.scheduler.get_lr(self.optimizer.param_groups[0]),
+                            seconds=step.seconds, model=self.model, skipped=step.skipped,
+                            scalars=functools.partial(self.provider.scalars, self.model),
+                            distill_kl=step.distill_kl)
+                    if self.on_iteration:
+                        self.on_iteration(step.iteration)
+                    stop_now = stop.agreed()  # collective: every rank, every iteration
+                    exit_now = bool(cfg.exit_after_iters
+                                    and self.iteration - started_iter >= cfg.exit_after_iters)
+                    self.maybe_save(force=stop_now or exit_now)
+                    if stop_now or exit_now:
+                        result.stopped_by_signal = stop_now
+                        break
+        finally:
+            reset_megatron_moe_state()
+        result.iteration, result.consumed_samples = self.iteration, self.consumed_samples
+        result.model = self.model
+        result.trained_iterations = self.iteration - started_iter
+        return result
+
+
 def train(cfg: TrainConfig, model_info, source: BatchSource, logger=None,
           on_iteration: Optional[Callable[[int], None]] = None,
           provider=None, preemption_flag=None) -> TrainResult:
-    """Run (or resume) training. `model_info` is a CheckpointInfo describing the model
-    (architecture + DynaMoE config); `provider` (a `model_builder.ModelProvider`, default:
-    the DynaMoE / dense model of `model_info`) builds it. Parallel groups must be
-    initialised for `cfg.layout`. `preemption_flag` (a `preemption.PreemptionFlag` the
-    caller installed before its own start-up work) lets a signal received while the model
-    and data load end the run before its first iteration, with no checkpoint written;
-    without one, the trainer installs its own for the loop."""
-    from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron_dynamoe.checkpoint.torch_dist import load_checkpoint
-    from megatron_dynamoe.models.builder import (
-        ModelProvider,
-        set_sensitivity,
-        set_training_step,
-    )
-    from megatron_dynamoe.models.registry import with_family
-    from megatron_dynamoe.training import preemption
-    from megatron_dynamoe.training.state import (
-        latest_checkpoint,
-        load_training_state,
-        save_training_state,
-    )
-
-    if provider is None:
-        provider = ModelProvider(model_info.architecture, model_info.dynamoe)
-    reset_megatron_moe_state()
-    config, model = build_training_model(cfg, provider)
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.use_distributed_optimizer,
-        check_for_nan_in_grad=cfg.check_for_nan_in_loss_and_grad)
-    # Megatron buckets only the first chunk's gradients for overlap; later chunks reduce
-    # at the end of the step (the same choice as Megatron's training loop).
-    ddps = [DistributedDataParallel(config, ddp_config, module=chunk,
-                                    disable_bucketing=i > 0)
-            for i, chunk in enumerate(model)]
-    optimizer_config = OptimizerConfig(
-        optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
-        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
-        clip_grad=cfg.clip_grad, bf16=cfg.bf16, params_dtype=config.params_dtype,
-        use_distributed_optimizer=cfg.use_distributed_optimizer)
-    optimizer = get_megatron_optimizer(optimizer_config, ddps,
-                                       config_overrides=optimizer_overrides(cfg,
-                                                                            optimizer_config))
-    scheduler = build_scheduler(cfg, optimizer)
-    config.no_sync_func = ([d.no_sync for d in ddps] if len(ddps) > 1 else ddps[0].no_sync)
-    config.finalize_model_grads_func = finalize_model_grads
-    config.grad_scale_func = optimizer.scale_loss
-
-    iteration, consumed = 0, 0
-    resume = latest_checkpoint(cfg.load) if cfg.load else None
-    if resume is not None:
-        iteration, consumed = load_training_state(resume[1], model, optimizer, scheduler,
-                                                  verify_checksums=cfg.verify_checksums)
-        if logger:
-            logger.text(f"resumed from {resume[1]} at iteration {iteration}")
-    elif cfg.pretrained_checkpoint or cfg.load:
-        # A model checkpoint (not a training one): weights only, fresh optimizer.
-        load_checkpoint(model, cfg.pretrained_checkpoint or cfg.load,
-                        verify_checksums=cfg.verify_checksums)
-        optimizer.reload_model_params()
-    if cfg.save:
-        check_checkpoint_space(cfg.save, model, optimizer, cfg.use_distributed_optimizer)
-    teacher = build_teacher(cfg, model_info, config) if cfg.dynamoe_distill_teacher else None
-    forward_step = (functools.partial(_distill_forward_step, cfg.dynamoe_distill_weight,
-                                      cfg.dynamoe_distill_temperature)
-                    if teacher else _forward_step)
-
-    dp_rank = parallel_state.get_data_parallel_rank()
-    dp_size = parallel_state.get_data_parallel_world_size()
-    num_micro = cfg.num_microbatches(dp_size)
-    forward_backward = get_forward_backward_func()
-    result = TrainResult(iteration=iteration, consumed_samples=consumed)
-    stop = preemption_flag if preemption_flag is not None else preemption.PreemptionFlag()
-    started_iter = iteration
-
-    def micro_batches(start: int, teacher_logits=None) -> list:
-        # One iterator per model chunk (the interleaved schedule pulls from each).
-        return [_MicroBatches(source, start, cfg.micro_batch_size, num_micro, dp_rank, dp_size,
-                              teacher_logits) for _ in model]
-
-    try:
-        with stop.installed():
-            if stop.agreed():
-                # Signalled during start-up: nothing was trained since the last checkpoint,
-                # so there is nothing to save; the requeued job starts where this one did.
-                if logger:
-                    logger.text("preemption signal received during start-up: exiting before "
-                                "the first iteration (no checkpoint written)")
-                result.stopped_by_signal = True
-            while iteration < cfg.train_iters and not result.stopped_by_signal:
-                tic = time.time()
-                theta = sample_sensitivity(cfg, iteration)
-                set_sensitivity(model, theta)
-                set_training_step(model, iteration)
-                teacher_logits = None
-                if teacher is not None:
-                    teacher_logits = teacher.logits_for(
-                        functools.partial(micro_batches, consumed), num_micro, cfg.seq_length,
-                        cfg.micro_batch_size)
-                for ddp in ddps:
-                    ddp.zero_grad_buffer()
-                optimizer.zero_grad()
-                iterators = micro_batches(consumed, teacher_logits)
-                try:
-                    reports = forward_backward(
-                        forward_step_func=forward_step,
-                        data_iterator=iterators if len(iterators) > 1 else iterators[0],
-                        model=ddps, num_microbatches=num_micro, seq_length=cfg.seq_length,
-                        micro_batch_size=cfg.micro_batch_size, forward_only=False)
-                except RuntimeError as e:
-                    # Megatron's gradient check (check_for_nan_in_grad) runs on every rank
-                    # before the reduction, so every rank with a non-finite gradient stops
-                    # here, before the optimizer touches the weights.
-                    if "found NaN" in str(e) or "found Inf" in str(e):
-                        raise TrainingDiverged(iteration + 1, cfg, str(e)) from e
-                    raise
-                ok, grad_norm, _ = optimizer.step()
-                if ok:
-                    scheduler.step(increment=1)
-                iteration += 1
-                consumed += cfg.global_batch_size
-                loss = _dp_mean_loss(reports)
-                if loss is not None:
-                    result.losses[iteration] = loss
-                if teacher is not None and reports:
-                    result.distill_kl[iteration] = _dp_mean_loss(reports, "distill kl")
-                if logger:
-                    logger.iteration(iteration, cfg, loss=loss, theta=theta, grad_norm=grad_norm,
-                                     lr=scheduler.get_lr(optimizer.param_groups[0]),
-                                     seconds=time.time() - tic, model=model,
-                                     skipped=not ok,
-                                     scalars=functools.partial(provider.scalars, model),
-                                     distill_kl=result.distill_kl.get(iteration))
-                if on_iteration:
-                    on_iteration(iteration)
-                stop_now = stop.agreed()
-                exit_now = bool(cfg.exit_after_iters
-                                and iteration - started_iter >= cfg.exit_after_iters)
-                interval_save = cfg.save_interval and iteration % cfg.save_interval == 0
-                if cfg.save and (interval_save or stop_now or exit_now
-                                 or iteration == cfg.train_iters):
-                    info = with_family(model_info, provider.family)
-                    folder = save_training_state(
-                        cfg.save, iteration, model, optimizer, scheduler, consumed, info,
-                        optimizer_sharding=("fully_reshardable"
-                                            if cfg.dist_ckpt_optim_fully_reshardable else None))
-                    if logger:
-                        logger.text(f"saved {folder}")
-                if stop_now or exit_now:
-                    result.stopped_by_signal = stop_now
-                    break
-    finally:
-        reset_megatron_moe_state()
-    result.iteration, result.consumed_samples, result.model = iteration, consumed, model
-    result.trained_iterations = iteration - started_iter
-    return result
+    """Run (or resume) training: `Trainer(...).run()`. `model_info` is a CheckpointInfo
+    describing the model (architecture + DynaMoE config); `provider` (a
+    `model_builder.ModelProvider`, default: the DynaMoE / dense model of `model_info`)
+    builds it. Parallel groups must be initialised for `cfg.layout`. `preemption_flag` (a
+    `preemption.PreemptionFlag` the caller installed before its own start-up work) lets a
+    signal received while the model and data load end the run before its first iteration,
+    with no checkpoint written; without one, the trainer installs its own for the loop."""
+    return Trainer(cfg, model_info, source, logger=logger, on_iteration=on_iteration,
+                   provider=provider, preemption_flag=preemption_flag).run()
 
 
 def _dp_mean_loss(reports: List[dict], key: str = "lm loss") -> Optional[float]:

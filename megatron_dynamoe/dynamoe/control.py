@@ -1,0 +1,58 @@
+"""Run-time control of a built DynaMoE model: find its DynaMoE layers and set what they read
+at each forward (the sensitivity theta, globally or per layer; a static nested level; the
+training step that drives the label schedule). Every function takes a model or a list of
+model chunks and touches only DynaMoE layers, so it is a no-op on a dense model.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from megatron_dynamoe.dynamoe.config import check_sensitivity
+from megatron_dynamoe.dynamoe.layer import DynaMoELayer
+
+
+def dynamoe_layers(model: torch.nn.Module) -> List[DynaMoELayer]:
+    """Every DynaMoE layer in `model` (or a list of model chunks), in module order."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    return [m for chunk in chunks for m in chunk.modules() if isinstance(m, DynaMoELayer)]
+
+
+def set_sensitivity(model, theta: float) -> None:
+    """Set the sensitivity theta in [0, 1] of every DynaMoE layer (1 = dense compute)."""
+    theta = check_sensitivity(theta)
+    for layer in dynamoe_layers(model):
+        layer.set_sensitivity(theta)
+
+
+def set_static_level(model, level: Optional[int]) -> None:
+    """Put every token of every DynaMoE layer at `level` (1..K): the static nested
+    sub-network of that width. None returns to per-token routing at the sensitivity."""
+    for layer in dynamoe_layers(model):
+        layer.router.set_static_level(level)
+
+
+def set_training_step(model, step: int) -> None:
+    """Tell every DynaMoE layer the training step (drives the label schedule)."""
+    for layer in dynamoe_layers(model):
+        layer.set_step(step)
+
+
+def set_layer_sensitivities(model, thetas: Sequence[float]) -> None:
+    """Set one theta per DynaMoE layer, in module order."""
+    layers = dynamoe_layers(model)
+    if len(thetas) != len(layers):
+        raise ValueError(f"{len(thetas)} sensitivities for {len(layers)} DynaMoE layers")
+    for layer, theta in zip(layers, thetas):
+        layer.set_sensitivity(float(theta))
+
+
+def apply_checkpoint_sensitivities(model, info) -> None:
+    """Put a freshly built DynaMoE model at the sensitivity its checkpoint records: the
+    per-layer thetas of a per-layer budget export (`extra.layer_sensitivities`), else the
+    DynaMoEConfig's global `sensitivity` (the layers are built with it already)."""
+    thetas = (info.extra or {}).get("layer_sensitivities")
+    if thetas:
+        set_layer_sensitivities(model, thetas)
