@@ -31,7 +31,7 @@ from megatron.core.transformer.spec_utils import build_module
 
 from megatron_dynamoe.models.architectures import ModelArchitecture, transformer_config
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
-from megatron_dynamoe.dynamoe.spec import dense_layer_spec, dynamoe_layer_spec
+from megatron_dynamoe.models.spec import dense_layer_spec, dynamoe_layer_spec
 from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
 
 

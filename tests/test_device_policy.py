@@ -180,7 +180,7 @@ def test_each_tool_builds_its_model_and_batches_on_the_target(name, tiny_checkpo
     from megatron.core.models.gpt import GPTModel
 
     from megatron_dynamoe.checkpoint import torch_dist as checkpointing
-    from megatron_dynamoe.evaluation import loading
+    from megatron_dynamoe.checkpoint import loading
 
     dense, dynamoe = tiny_checkpoints
     script, flags = TOOL_RUNS[name]

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from megatron_dynamoe.checkpoint.torch_dist import CheckpointError
+from megatron_dynamoe.checkpoint import save_folder
 from megatron_dynamoe.training import state as training_state
 from tests.multiproc import run_processes
 from tests.test_training import INFO, _layout_worker, initial_weights  # noqa: F401 (fixture)
@@ -122,9 +123,9 @@ def _train(out, world, weights, layout=None, patch=None, **extra):
 def _resume_folder(folder, save_dir) -> str:
     """A --save folder whose latest checkpoint is `save_dir`'s iteration SAVED_AT: the run
     that wrote it, as if it had stopped there."""
-    name = os.path.basename(training_state.iteration_folder(save_dir, SAVED_AT))
+    name = os.path.basename(save_folder.iteration_folder(save_dir, SAVED_AT))
     shutil.copytree(os.path.join(save_dir, name), os.path.join(folder, name))
-    with open(os.path.join(folder, training_state.LATEST_FILE), "w") as f:
+    with open(os.path.join(folder, save_folder.LATEST_FILE), "w") as f:
         f.write(f"{SAVED_AT}\n")
     return str(folder)
 
@@ -265,14 +266,14 @@ def test_resume_at_another_data_parallel_size(saved_dp, resumed_dp, request, tmp
                   patch=f"save_again:{again}")
     _assert_curve(rest, losses)
 
-    step = os.path.basename(training_state.iteration_folder(save, SAVED_AT))
+    step = os.path.basename(save_folder.iteration_folder(save, SAVED_AT))
     written, loaded = (_stored_tensors(os.path.join(d, step)) for d in (save, again))
     held = _held_elements(again, resumed_dp, written)
     assert written.keys() == loaded.keys() and any(k.endswith(".exp_avg_sq") for k in held)
     for key, value in written.items():
         assert torch.equal(loaded[key][held[key]], value[held[key]]), key
 
-    final = os.path.basename(training_state.iteration_folder(save, ITERS))
+    final = os.path.basename(save_folder.iteration_folder(save, ITERS))
     reference, resumed = (_stored_tensors(os.path.join(d, final)) for d in (save, resume))
     for key, value in reference.items():
         value, found = value[held[key]], resumed[key][held[key]]
@@ -286,7 +287,7 @@ def test_per_rank_rng_checkpoint_resumes_at_its_world_size_only(tmp_path, dp2_ru
     save = str(tmp_path / "old")
     _train(tmp_path / "first", 2, initial_weights, save=save, exit_after_iters=SAVED_AT,
            patch="old_format")
-    folder = training_state.iteration_folder(save, SAVED_AT)
+    folder = save_folder.iteration_folder(save, SAVED_AT)
     from torch.distributed.checkpoint import FileSystemReader
 
     keys = FileSystemReader(folder).read_metadata().state_dict_metadata
@@ -304,7 +305,7 @@ def test_other_tensor_parallel_size_is_refused_for_dp_reshardable(tmp_path, dp2_
                                                                   initial_weights):
     _, save = dp2_run
     resume = _resume_folder(tmp_path / "resume", save)
-    folder = training_state.iteration_folder(resume, SAVED_AT)
+    folder = save_folder.iteration_folder(resume, SAVED_AT)
     error = _train(tmp_path / "tp2", 2, initial_weights, layout=TP2, load=resume, save=resume)
     assert error == (f"{folder!r} was written at TP=1 PP=1; resuming at TP=2 is not supported "
                      f"(its optimizer state is saved dp_reshardable): resume at TP=1 PP=1, or "

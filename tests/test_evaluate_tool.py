@@ -98,7 +98,7 @@ def test_export_ffn_budget(checkpoints, tmp_path):
     assert len(thetas) == ARCH.num_layers and info.extra["ffn_budget"] == 0.6
     assert abs(info.extra["budget"]["achieved"] - 0.6) <= 0.005
     # The checkpoint, loaded through the evaluation loader, is the solved variant.
-    from megatron_dynamoe.evaluation.loading import load_for_evaluation
+    from megatron_dynamoe.checkpoint.loading import load_for_evaluation
 
     loaded = load_for_evaluation(str(out))
     reference = build_gpt_model(ARCH, transformer_config(ARCH, dynamoe=DYN), DYN)

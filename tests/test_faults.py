@@ -269,7 +269,7 @@ def test_divergence_stops_before_the_step_and_keeps_the_last_good_checkpoint(sot
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
     assert sorted(p.name for p in save.iterdir() if p.name.startswith("iter_")) == \
         ["iter_0000001"]
-    from megatron_dynamoe.evaluation.loading import load_for_evaluation
+    from megatron_dynamoe.checkpoint.loading import load_for_evaluation
 
     model = load_for_evaluation(str(save)).model  # the --save folder's latest checkpoint
     assert all(torch.isfinite(p).all() for p in model.parameters())

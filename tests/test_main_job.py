@@ -2,16 +2,26 @@
 
 The miniature (`--quick`: 2 fine-tuning iterations, 2 documents per task) converts the shipped
 SmolLM2, MoEfies, fine-tunes DynaMoE and the top-k baseline under torchrun and evaluates:
-minutes on 2 cores, hence `slow`.
+minutes on 2 cores, hence `slow`. Its table is compared with the checked-in
+tests/assets/main-job/quick-cpu.json.
 """
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.tool_runner import REPO
+
+GOLDEN = os.path.join(REPO, "tests", "assets", "main-job", "quick-cpu.json")
+# Per-row numbers of the --quick table compared with the recorded ones: (key, relative, absolute)
+# tolerance. CPU runs repeat bit for bit on one machine; the margins leave room for another
+# CPU's reduction order, far below what the fine-tuning moves (perplexity ~1e-1 relative).
+COMPARED = (("perplexity", 1e-3, 0.0), ("ffn_fraction", 0.0, 1e-3),
+            ("relative_flops", 0.0, 1e-3), ("mean_accuracy", 0.0, 1e-6))
 
 
 def _main_job(*args, timeout=3600):
@@ -48,3 +58,32 @@ def test_quick_main_job_end_to_end(tmp_path):
         "fine-tune top-k", "evaluate"]
     rows = json.loads((out / "results" / "results.json").read_text())["rows"]
     assert {r["family"] for r in rows} == {"dense", "dynamoe", "static", "topk"}
+    _compare_with_golden(rows)
+
+
+def _row_key(row: dict) -> str:
+    return f"{row['family']}/{row['setting']}"
+
+
+def _compare_with_golden(rows: list) -> None:
+    """The --quick table against tests/assets/main-job/quick-cpu.json (as torchtitan's
+    checked-in loss curves): the same rows, each number within COMPARED's tolerance.
+    DYNAMOE_RECORD_GOLDEN=1 rewrites the file (then review the diff)."""
+    found = {_row_key(r): {key: r[key] for key, _, _ in COMPARED} for r in rows}
+    if os.environ.get("DYNAMOE_RECORD_GOLDEN"):
+        os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)
+        with open(GOLDEN, "w") as f:
+            json.dump({"recorded_with": f"torch {torch.__version__}, CPU, "
+                                        f"python -m megatron_dynamoe.cli.demo --quick",
+                       "rows": found}, f, indent=2)
+        return
+    with open(GOLDEN) as f:
+        golden = json.load(f)["rows"]
+    assert sorted(found) == sorted(golden)
+    for name, numbers in golden.items():
+        for key, relative, absolute in COMPARED:
+            want, got = numbers[key], found[name][key]
+            if want is None or got is None:
+                assert want is got, (name, key, got, want)
+                continue
+            assert abs(got - want) <= relative * abs(want) + absolute, (name, key, got, want)

@@ -16,7 +16,7 @@ import torch
 from megatron_dynamoe.models.architectures import PRESETS, transformer_config
 from megatron_dynamoe.checkpoint.torch_dist import load_checkpoint, read_info
 from megatron_dynamoe.utils.parity import megatron_logits
-from megatron_dynamoe.dynamoe.export import dense_state_dict, exported_architecture
+from megatron_dynamoe.models.export import dense_state_dict, exported_architecture
 from megatron_dynamoe.models.builder import build_gpt_model
 from megatron_dynamoe.dynamoe.control import set_sensitivity, set_static_level
 from tests.builders import build_dense

@@ -19,7 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_dynamoe.adaptive.config import AdaptiveGatingConfig
 from megatron_dynamoe.adaptive.router import AdaptiveRouter
-from megatron_dynamoe.dynamoe.spec import (
+from megatron_dynamoe.models.spec import (
     moe_layer_spec,
     stage_block_spec,
     uses_transformer_engine,

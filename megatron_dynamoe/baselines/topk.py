@@ -38,7 +38,7 @@ from megatron_dynamoe.models.architectures import ModelArchitecture
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
 from megatron_dynamoe.dynamoe.layer import DynaMoELayer
 from megatron_dynamoe.dynamoe.shells import shell_placement
-from megatron_dynamoe.dynamoe.spec import decoder_block_spec
+from megatron_dynamoe.models.spec import decoder_block_spec
 from megatron_dynamoe.models.builder import ModelProvider, build_gpt_model
 from megatron_dynamoe.dynamoe.control import dynamoe_layers, set_sensitivity, set_static_level
 

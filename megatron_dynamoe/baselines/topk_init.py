@@ -28,7 +28,7 @@ def write_topk_init(load: str, output: str, overwrite: bool = False,
         topk_overrides,
         topk_state_from_dynamoe,
     )
-    from megatron_dynamoe.evaluation.loading import load_for_evaluation
+    from megatron_dynamoe.checkpoint.loading import load_for_evaluation
     from megatron_dynamoe.dynamoe.control import set_sensitivity, set_static_level
     from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
 

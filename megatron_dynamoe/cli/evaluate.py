@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     from megatron_dynamoe.utils.log import log
     from megatron_dynamoe.evaluation import budget, harness, report
     from megatron_dynamoe.baselines.topk import Variant
-    from megatron_dynamoe.evaluation.loading import (
+    from megatron_dynamoe.checkpoint.loading import (
         load_for_evaluation,
         model_family,
         resolve_checkpoint_folder,

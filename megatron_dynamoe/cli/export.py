@@ -77,8 +77,8 @@ def main(argv=None) -> int:
     from megatron_dynamoe.utils.errors import ToolError
     from megatron_dynamoe.utils.log import log
     from megatron_dynamoe.utils.parity import check_parity, megatron_logits
-    from megatron_dynamoe.dynamoe.export import dense_state_dict, exported_architecture
-    from megatron_dynamoe.evaluation.loading import resolve_checkpoint_folder
+    from megatron_dynamoe.models.export import dense_state_dict, exported_architecture
+    from megatron_dynamoe.checkpoint.loading import resolve_checkpoint_folder
     from megatron_dynamoe.models.builder import build_gpt_model
     from megatron_dynamoe.dynamoe.control import set_static_level
 
@@ -153,7 +153,7 @@ def export_budget(args) -> int:
     from megatron_dynamoe.utils.log import log
     from megatron_dynamoe.utils.parity import check_parity, megatron_logits
     from megatron_dynamoe.evaluation import budget
-    from megatron_dynamoe.evaluation.loading import load_for_evaluation
+    from megatron_dynamoe.checkpoint.loading import load_for_evaluation
 
     if args.level is not None:
         raise ToolError("--level and --ffn-budget exclude each other: a level is a static "

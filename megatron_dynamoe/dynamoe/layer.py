@@ -349,7 +349,7 @@ class DynaMoELayer(MoELayer):
             if reference is None or reference.shape[0] != groups.shape[0]:
                 raise RuntimeError(
                     "residual-relative labels need the residual stream: build the layer "
-                    "through megatron_dynamoe.dynamoe.spec (DynaMoETransformerLayer), or set "
+                    "through megatron_dynamoe.models.spec (DynaMoETransformerLayer), or set "
                     "label_reference='ffn'")
         return routing.label_targets(errors, reference, cfg.label_tolerance,
                                      cfg.label_tolerance_max)

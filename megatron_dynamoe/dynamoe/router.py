@@ -46,7 +46,7 @@ class DifficultyRouter(Router):
                  dynamoe_config: Optional[DynaMoEConfig] = None):
         if dynamoe_config is None:
             raise ValueError("DifficultyRouter needs a DynaMoEConfig (build it through "
-                             "megatron_dynamoe.dynamoe.spec, which binds it)")
+                             "megatron_dynamoe.models.spec, which binds it)")
         self.dynamoe_config = dynamoe_config
         super().__init__(config=config, pg_collection=pg_collection)
         if config.num_moe_experts != dynamoe_config.num_shells:

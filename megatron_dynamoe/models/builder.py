@@ -13,7 +13,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_dynamoe.models.architectures import ModelArchitecture, transformer_config
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
-from megatron_dynamoe.dynamoe.spec import decoder_block_spec
+from megatron_dynamoe.models.spec import decoder_block_spec
 from megatron_dynamoe.runtime.device import place_model
 
 

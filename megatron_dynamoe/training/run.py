@@ -23,7 +23,7 @@ def resolve_model(cfg):
     from megatron_dynamoe.models.architectures import get_architecture
     from megatron_dynamoe.checkpoint.torch_dist import CheckpointInfo, read_info
     from megatron_dynamoe.dynamoe.config import DynaMoEConfig
-    from megatron_dynamoe.training.state import latest_checkpoint
+    from megatron_dynamoe.checkpoint.save_folder import latest_checkpoint
 
     # The trainer's order: --load's latest training checkpoint, else --pretrained-checkpoint,
     # else --load as a model checkpoint. So one command serves the first start (empty --load
@@ -129,7 +129,7 @@ def claim_save_folder(cfg):
     from megatron_dynamoe.utils.errors import ToolError
     from megatron_dynamoe.runtime.device import any_rank
     from megatron_dynamoe.training.run_dir import claim_save_dir
-    from megatron_dynamoe.training.state import LATEST_FILE
+    from megatron_dynamoe.checkpoint.save_folder import LATEST_FILE
 
     lock, error, created = None, None, False
     if cfg.save and dist.get_rank() == 0:

@@ -18,7 +18,7 @@ import shutil
 import socket
 from typing import IO, Optional, Tuple
 
-from megatron_dynamoe.training.state import LATEST_FILE, latest_checkpoint
+from megatron_dynamoe.checkpoint.save_folder import LATEST_FILE, latest_checkpoint
 
 LOCK_FILE = ".dynamoe-run.lock"
 

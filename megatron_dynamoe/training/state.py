@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import random
 import re
 from typing import Optional, Tuple
@@ -35,17 +34,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_dynamoe.checkpoint.save_folder import iteration_folder, write_latest_pointer
 from megatron_dynamoe.checkpoint.torch_dist import (
     CheckpointError,
     CheckpointInfo,
-    check_loadable,
     read_info,
     remove_stale_temporaries,
     save_checkpoint,
     verify_checkpoint_files,
 )
 
-LATEST_FILE = "latest_checkpointed_iteration.txt"
 RNG_KEY = "rng_state"
 # How the distributed optimizer's state is saved (Megatron's `distrib_optim_sharding_type`).
 # 'dp_reshardable' (Megatron-LM's default) writes each rank's buffer shards in parallel and
@@ -62,26 +60,6 @@ _TP, _PP, _EP, _ETP, _VPP = (
     "tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
     "expert_tensor_parallel_size", "virtual_pipeline_model_parallel_size")
 FIXED_SIZES = ((_TP, "TP"), (_PP, "PP"), (_EP, "EP"), (_ETP, "ETP"), (_VPP, "VPP"))
-
-
-def iteration_folder(save_dir: str, iteration: int) -> str:
-    """SAVE/iter_0000020 for iteration 20."""
-    return os.path.join(save_dir, f"iter_{iteration:07d}")
-
-
-def latest_checkpoint(save_dir: str) -> Optional[Tuple[int, str]]:
-    """(iteration, folder) of the latest complete checkpoint in `save_dir`, or None."""
-    pointer = os.path.join(save_dir, LATEST_FILE)
-    if not os.path.exists(pointer):
-        return None
-    with open(pointer) as f:
-        text = f.read().strip()
-    if not text.isdigit():
-        raise CheckpointError(f"{pointer} is corrupt ({text!r}); it should hold an iteration "
-                              f"number: fix or delete it")
-    folder = iteration_folder(save_dir, int(text))
-    check_loadable(folder)
-    return int(text), folder
 
 
 def current_layout() -> dict:
@@ -268,10 +246,7 @@ def save_training_state(save_dir: str, iteration: int, model, optimizer, schedul
     save_checkpoint(state, folder, CheckpointInfo(info.architecture, info.dynamoe,
                                                   {**info.extra, **extra}), overwrite=True)
     if dist.get_rank() == 0:
-        from megatron_dynamoe.utils.outputs import atomic_file
-
-        with atomic_file(os.path.join(save_dir, LATEST_FILE)) as tmp, open(tmp, "w") as f:
-            f.write(f"{iteration}\n")
+        write_latest_pointer(save_dir, iteration)
     dist.barrier()
     return folder
 

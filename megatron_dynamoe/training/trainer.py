@@ -319,7 +319,8 @@ class Trainer:
         from megatron.core.pipeline_parallel import get_forward_backward_func
         from megatron_dynamoe.checkpoint.torch_dist import load_checkpoint
         from megatron_dynamoe.models.builder import ModelProvider
-        from megatron_dynamoe.training.state import latest_checkpoint, load_training_state
+        from megatron_dynamoe.checkpoint.save_folder import latest_checkpoint
+        from megatron_dynamoe.training.state import load_training_state
 
         if provider is None:
             provider = ModelProvider(model_info.architecture, model_info.dynamoe)

@@ -32,7 +32,7 @@ class LoadedModel:
 
 def resolve_checkpoint_folder(path: str) -> str:
     """`path` itself, or the latest complete iteration of a training `--save` folder."""
-    from megatron_dynamoe.training.state import latest_checkpoint
+    from megatron_dynamoe.checkpoint.save_folder import latest_checkpoint
 
     if os.path.isdir(path):
         latest = latest_checkpoint(path)
