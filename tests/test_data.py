@@ -482,3 +482,21 @@ def test_two_ranks_build_once_and_read_their_shares(corpus, tmp_path):
     got = torch.cat([torch.cat([r0, r1]) for r0, r1 in zip(*ranks)])
     assert torch.equal(got, want)
     assert len(os.listdir(tmp_path / "cache")) == 1
+
+
+def test_data_path_words_quoted_or_not(tmp_path):
+    """--data-path as separate words or as one quoted string (a job script's variable) reads
+    the same blend; an existing prefix whose name holds a space stays one path."""
+    from megatron_dynamoe.data.blend import parse_blend
+
+    blend = (["a", "b"], [0.7, 0.3])
+    assert parse_blend(["0.7", "a", "0.3", "b"]) == blend
+    assert parse_blend(["0.7 a 0.3 b"]) == parse_blend("0.7 a 0.3 b") == blend
+    assert parse_blend(["0.7 a", "0.3 b.bin"]) == blend
+    assert parse_blend(["a b"]) == (["a", "b"], None)
+    spaced = str(tmp_path / "my data")
+    open(spaced + ".bin", "wb").close()
+    assert parse_blend([spaced]) == ([spaced], None)
+    assert parse_blend(["0.5", spaced, "0.5", "b"]) == ([spaced, "b"], [0.5, 0.5])
+    with pytest.raises(DataError, match="bad data blend '0.7 a 0.3'"):
+        parse_blend(["0.7 a 0.3"])

@@ -35,9 +35,12 @@ def parse_blend(data_path: Union[str, os.PathLike, Sequence[str]]
     """Megatron's --data-path: "W1 PREFIX1 W2 PREFIX2 ..." (a string or its words) or
     "PREFIX1 PREFIX2 ..." (blended by size). Returns (prefixes, weights normalised to sum 1, or
     None). A trailing .bin / .idx on a prefix is dropped. Raises DataError for anything else."""
-    if isinstance(data_path, os.PathLike):
-        data_path = [os.fspath(data_path)]
-    words = data_path.split() if isinstance(data_path, str) else [os.fspath(w) for w in data_path]
+    if isinstance(data_path, (str, os.PathLike)):
+        data_path = [data_path]
+    # A quoted blend (`--data-path "0.7 A 0.3 B"`, as a job script's variable passes it) is
+    # its words; an existing prefix whose name holds a space stays one word.
+    words = [word for item in map(os.fspath, data_path)
+             for word in ([item] if _is_prefix(item) else item.split())]
     if not words:
         raise DataError("no data path given: pass 'PREFIX' or 'W1 PREFIX1 W2 PREFIX2 ...'")
     numbers = [_number(w) for w in words]
@@ -54,6 +57,12 @@ def parse_blend(data_path: Union[str, os.PathLike, Sequence[str]]
     prefixes = [_strip_suffix(w) for w in words[1::2]]
     total = sum(weights)
     return prefixes, [w / total for w in weights]
+
+
+def _is_prefix(text: str) -> bool:
+    """Whether `text` names an existing indexed dataset (PREFIX.bin / .idx, or either file)."""
+    prefix = _strip_suffix(text)
+    return os.path.exists(prefix + ".bin") or os.path.exists(prefix + ".idx")
 
 
 def parse_split(split: str) -> List[float]:
