@@ -211,7 +211,7 @@ def test_transformer_engine_is_never_chosen_because_it_imports(monkeypatch):
     from megatron.core.models.gpt import gpt_layer_specs
 
     from megatron_dynamoe.models.architectures import transformer_config
-    from megatron_dynamoe.dynamoe import spec
+    from megatron_dynamoe.models import spec
     from megatron_dynamoe.runtime import transformer_impl
 
     arch, dyn = _tiny()
@@ -328,7 +328,7 @@ def test_te_moe_layers_file_their_pre_mlp_norm_under_the_local_key(monkeypatch):
     # builder is replaced by the local one minus that mapping, which is what TE's spec has.)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from megatron_dynamoe.dynamoe import spec
+    from megatron_dynamoe.models import spec
 
     def te_like(**kwargs):
         layer = get_gpt_layer_local_spec(**kwargs)

@@ -8,7 +8,10 @@
 - the FLOPs formula against hand arithmetic;
 - the budget solver hits its target within 2 points on held-out text (not the calibration
   text), globally and per layer;
-- reports (matched-compute interpolation, monotonicity) and the routing picture.
+- perplexity on another text (--ood-text) equals a float64 computation on the same windows
+  and leaves the in-domain numbers (perplexity, FFN compute) as they were;
+- reports (matched-compute interpolation against the trained static baseline when present,
+  else the untrained one; other texts' columns; monotonicity) and the routing picture.
 """
 
 import gzip
@@ -24,7 +27,7 @@ from megatron_dynamoe.utils.parity import megatron_logits
 from megatron_dynamoe.data.corpora import load_texts
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
 from megatron_dynamoe.baselines import topk as baselines
-from megatron_dynamoe.evaluation import budget, report, routing_picture, scoring
+from megatron_dynamoe.evaluation import budget, harness, report, routing_picture, scoring
 from megatron_dynamoe.evaluation import tasks as task_lib
 from megatron_dynamoe.evaluation.flops import forward_flops_per_token, relative_forward_flops
 from megatron_dynamoe.evaluation.recorder import FFNComputeRecorder
@@ -275,6 +278,94 @@ def test_report_matched_compute_and_monotone(tmp_path):
     result = report.write_report(str(tmp_path), rows, ["piqa"], dict(command="test"))
     assert json.loads((tmp_path / "results.json").read_text())["monotone"] == result["monotone"]
     assert "| DynaMoE (per-token levels) |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "quality_vs_compute.png").stat().st_size > 10_000
+
+
+def _float64_perplexity(model, windows):
+    """exp(mean NLL) of `windows` computed from the logits in float64 (independent of
+    evaluation.perplexity's float32 cross-entropy)."""
+    logp = torch.log_softmax(megatron_logits(model, windows).double()[:, :-1], dim=-1)
+    return math.exp(-logp.gather(-1, windows[:, 1:, None]).mean().item())
+
+
+def test_ood_perplexity_on_the_same_windows(models):
+    _, dynamoe = models
+    held_out = torch.randint(0, ARCH.vocab_size, (3, 24),
+                             generator=torch.Generator().manual_seed(1))
+    poems = _byte_windows(["Shall I compare thee to a summer's day? " * 4], 24, 3)
+    plain = harness.prepare_data(ByteTokenizer(), [], None, held_out)
+    data = harness.prepare_data(ByteTokenizer(), [], None, held_out, {"poems": poems})
+    assert data.units == plain.units + 3
+    for variant in (baselines.Variant("dynamoe", theta=0.5),
+                    baselines.Variant("static", level=2)):
+        kwargs = dict(max_length=64, batch_size=2)
+        row = harness.evaluate_variant(dynamoe, variant, data, ARCH, **kwargs)
+        before = harness.evaluate_variant(dynamoe, variant, plain, ARCH, **kwargs)
+        baselines.apply_variant(dynamoe, variant)
+        assert row["perplexity_ood"]["poems"] == pytest.approx(
+            _float64_perplexity(dynamoe, poems), rel=1e-6)
+        # Other texts only add keys: the in-domain numbers are those of a run without them.
+        for key in ("perplexity", "ffn_fraction", "layer_ffn_fraction", "relative_flops",
+                    "tokens"):
+            assert row[key] == before[key], key
+        assert before["perplexity_ood"] == {} and set(row["ffn_fraction_ood"]) == {"poems"}
+    assert row["ffn_fraction_ood"]["poems"] == pytest.approx(0.5)  # static level 2 of 4
+    with pytest.raises(ValueError, match="must match"):
+        harness.prepare_data(ByteTokenizer(), [], None, held_out, {"poems": poems[:2]})
+    set_sensitivity(dynamoe, 1.0)
+    set_static_level(dynamoe, None)
+
+
+def _levels(family, ppls, accs, ood=None):
+    rows = []
+    for level, (ppl, acc) in enumerate(zip(ppls, accs), 1):
+        extra = {} if ood is None else dict(perplexity_ood={"poems": ood[level - 1]},
+                                            ffn_fraction_ood={"poems": level / 4})
+        rows.append(_row(family, level / 4, ppl, acc, setting=f"level {level}", **extra))
+    return rows
+
+
+def _ood(ppl, fraction):
+    return dict(perplexity_ood={"poems": ppl}, ffn_fraction_ood={"poems": fraction})
+
+
+def test_report_compares_with_the_trained_static_baseline(tmp_path):
+    rows = [_row("dense", 1.0, 10.0, 0.60, **_ood(40.0, 1.0)),
+            *_levels("static", [30.0, 20.0, 14.0], [0.40, 0.50, 0.55], [90.0, 70.0, 50.0]),
+            _row("dynamoe", 1.0, 10.2, 0.60, setting="theta=1.000", **_ood(41.0, 1.0)),
+            _row("dynamoe", 0.6, 13.0, 0.58, setting="theta=0.500", **_ood(60.0, 0.7))]
+    untrained = report.compare_at_matched_compute(rows)
+    assert {it["static_family"] for it in untrained} == {"static"}
+    assert report.static_baseline(rows) == "static"
+    assert "not trained as such" in report.comparison_title(untrained)
+    trained = _levels("static-trained", [24.0, 16.0, 12.0, 10.5], [0.45, 0.53, 0.57, 0.59],
+                      [80.0, 60.0, 45.0, 41.0])
+    items = report.compare_at_matched_compute(rows + trained)
+    assert report.static_baseline(rows + trained) == "static-trained"
+    mid = next(it for it in items if it["setting"] == "theta=0.500")
+    assert mid["static_family"] == "static-trained"
+    # 0.6 lies between the trained levels 2 (0.5) and 3 (0.75): 0.4 of the way.
+    log_static = math.log(16.0) + (math.log(12.0) - math.log(16.0)) * 0.4
+    assert mid["static_perplexity"] == pytest.approx(math.exp(log_static))
+    assert mid["static_accuracy_drop"] == pytest.approx(0.60 - (0.53 + 0.04 * 0.4))
+    # On the other text: DynaMoE spent 0.7 there; static-trained interpolated at 0.7.
+    log_ood = math.log(60.0) + (math.log(45.0) - math.log(60.0)) * 0.8
+    assert mid["ood"]["poems"]["ffn_fraction"] == 0.7
+    assert mid["ood"]["poems"]["static_perplexity_vs_dense"] == pytest.approx(
+        math.exp(log_ood) / 40.0)
+    assert mid["ood"]["poems"]["perplexity_vs_dense"] == pytest.approx(60.0 / 40.0)
+    # The trained baseline's curve ends at its own level 4, not at the DynaMoE theta = 1 row.
+    full = next(it for it in items if it["setting"] == "theta=1.000")
+    assert full["static_perplexity"] == pytest.approx(10.5)
+    result = report.write_report(str(tmp_path), rows + trained, ["piqa"], dict(command="t"))
+    assert result["matched_compute_baseline"] == "static-trained"
+    dense_row = next(r for r in result["rows"] if r["family"] == "dense")
+    assert dense_row["perplexity_ood_vs_dense"] == {"poems": 1.0}
+    text = (tmp_path / "results.md").read_text()
+    assert "trained static sub-network (its own fine-tune" in text
+    assert "| poems ppl | poems ppl / dense | poems FFN compute |" in text
+    assert "| trained static ppl / dense |" in text and "poems: trained static ppl" in text
+    assert "| static sub-network, trained (static-sampled) | level 2 | 0.500 |" in text
     assert (tmp_path / "quality_vs_compute.png").stat().st_size > 10_000
 
 

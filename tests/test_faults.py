@@ -60,6 +60,11 @@ BAD_INPUT = {
                       "--tensor-model-parallel-size 0 is out of range"),
     "train-seed-negative": (TRAIN, _T + " --seed -1", "--seed -1 is out of range"),
     "train-negative-lr": (TRAIN, _T + " --lr=-1e-4", "--lr -0.0001 is out of range"),
+    "train-static-sampled-dense": (TRAIN, _T + " --dynamoe-routing static-sampled --dense",
+                                   "--dynamoe-routing static-sampled trains a DynaMoE model"),
+    "train-static-target-zero": (TRAIN, _T + " --dynamoe-routing static-sampled "
+                                 "--dynamoe-static-target-fraction 0",
+                                 "--dynamoe-static-target-fraction 0.0 is out of range"),
     "train-unknown-flag": (TRAIN, _T + " --learning-rate 1e-4",
                            "unrecognized arguments: --learning-rate"),
     "train-lr-not-a-number": (TRAIN, _T + " --lr fast", "argument --lr: invalid float value"),

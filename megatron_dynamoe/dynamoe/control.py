@@ -1,11 +1,13 @@
 """Run-time control of a built DynaMoE model: find its DynaMoE layers and set what they read
 at each forward (the sensitivity theta, globally or per layer; a static nested level; the
-training step that drives the label schedule). Every function takes a model or a list of
-model chunks and touches only DynaMoE layers, so it is a no-op on a dense model.
+training step and the label fraction that drive the label schedule). Every function takes a
+model or a list of model chunks and touches only DynaMoE layers, so it is a no-op on a dense
+model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import List, Optional, Sequence
 
 import torch
@@ -38,6 +40,15 @@ def set_training_step(model, step: int) -> None:
     """Tell every DynaMoE layer the training step (drives the label schedule)."""
     for layer in dynamoe_layers(model):
         layer.set_step(step)
+
+
+def set_label_fraction(model, fraction: float) -> None:
+    """Set the fraction of training steps on which every DynaMoE layer computes difficulty
+    labels and its router loss (0.0: never, the router is not trained). Each layer gets its
+    own copy of its DynaMoEConfig, so the config a checkpoint records keeps its value."""
+    for layer in dynamoe_layers(model):
+        layer.dynamoe_config = dataclasses.replace(layer.dynamoe_config,
+                                                   label_fraction=float(fraction))
 
 
 def set_layer_sensitivities(model, thetas: Sequence[float]) -> None:

@@ -5,9 +5,14 @@ puts a model at a variant's setting and returns one result row (a dict, JSON-abl
 
     family, setting, theta, level, k, budget   what was evaluated
     perplexity                                 held-out text perplexity
+    perplexity_ood                             {name: perplexity} on each other text
+                                               (--ood-text), same window count and length
+    ffn_fraction_ood                           {name: mean FFN compute on that text}
     tasks                                      {task: {acc, acc_norm | perplexity, primary, n}}
     mean_accuracy                              mean of the tasks' primary metrics
     ffn_fraction                               mean FFN compute over every evaluated token
+                                               of the held-out text and the tasks (the other
+                                               texts' tokens are not counted)
     ffn_fraction_text, ffn_fraction_tasks      the same over the text / the task tokens
     layer_ffn_fraction                         per decoder layer, every evaluated token
     relative_flops                             forward FLOPs per token / dense (flops.py), at
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -40,22 +45,30 @@ class EvalData:
     windows: torch.Tensor                      # [n, s] held-out text
     docs: Dict[str, List[task_lib.Doc]]        # task -> documents
     requests: Dict[str, List[Encoded]]         # task -> one request per (doc, choice)
+    ood_windows: Dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [n, s]
 
     @property
     def units(self) -> int:
         """Work items of one variant: windows + requests (the progress bar's total)."""
-        return self.windows.shape[0] + sum(len(r) for r in self.requests.values())
+        return (self.windows.shape[0] + sum(len(r) for r in self.requests.values())
+                + sum(w.shape[0] for w in self.ood_windows.values()))
 
 
 def prepare_data(tokenizer, task_names: Sequence[str], limit: Optional[int],
-                 windows: torch.Tensor) -> EvalData:
-    """Load and tokenise the tasks (first `limit` documents each) next to `windows`."""
+                 windows: torch.Tensor,
+                 ood_windows: Optional[Dict[str, torch.Tensor]] = None) -> EvalData:
+    """Load and tokenise the tasks (first `limit` documents each) next to `windows` (the
+    held-out text) and `ood_windows` (other texts by name, perplexity only)."""
     docs, requests = {}, {}
     for name in task_names:
         docs[name] = task_lib.load_task(name, limit)
         requests[name] = [encode_request(tokenizer, d.context, c)
                           for d in docs[name] for c in d.choices]
-    return EvalData(windows, docs, requests)
+    for name, extra in (ood_windows or {}).items():
+        if extra.shape != windows.shape:
+            raise ValueError(f"the {name} windows are {tuple(extra.shape)}, the held-out "
+                             f"text's {tuple(windows.shape)}: they must match")
+    return EvalData(windows, docs, requests, dict(ood_windows or {}))
 
 
 def _progress_bar(total: int, desc: str):
@@ -79,8 +92,11 @@ def routed_layers(model) -> int:
 
 
 def evaluate_variant(model, variant: Variant, data: EvalData, arch, *, max_length: int,
-                     tokens_per_batch: int = 2048, batch_size: int = 4) -> dict:
-    """Evaluate `model` at `variant`'s setting on `data`; one result row (module docstring)."""
+                     tokens_per_batch: int = 2048, batch_size: int = 4,
+                     family: Optional[str] = None) -> dict:
+    """Evaluate `model` at `variant`'s setting on `data`; one result row (module docstring).
+    `family` names the row's family when it is not the variant's (e.g. 'static-trained': a
+    static variant of the checkpoint fine-tuned with static-sampled routing)."""
     started = time.time()
     apply_variant(model, variant)
     bar = _progress_bar(data.units, f"{variant.family} {variant.setting}")
@@ -100,16 +116,25 @@ def evaluate_variant(model, variant: Variant, data: EvalData, arch, *, max_lengt
                     per_doc.append([(s.loglik, s.greedy) for s in chunk])
                     cursor += len(doc.choices)
                 task_results[name] = task_lib.task_metrics(task_lib.TASKS[name], docs, per_doc)
+        # Other texts last, each with its own recorder: they add columns, never change the
+        # in-domain numbers (ffn_fraction stays the held-out text + tasks).
+        ood_ppl, ood_ffn = {}, {}
+        for name, windows in data.ood_windows.items():
+            with FFNComputeRecorder(model) as ood_rec:
+                ood_ppl[name] = perplexity(model, windows, batch_size, recorder=ood_rec,
+                                           progress=bar.update).perplexity
+            ood_ffn[name] = ood_rec.mean_fraction()
     finally:
         bar.close()
     tokens = text_rec.tokens + task_rec.tokens
     sums = text_rec.fraction_sums + task_rec.fraction_sums
     layer_fractions = (sums / tokens).tolist()
     row = dict(
-        family=variant.family, setting=variant.setting, theta=variant.theta,
+        family=family or variant.family, setting=variant.setting, theta=variant.theta,
         level=variant.level, k=variant.k, budget=variant.budget,
         layer_thetas=list(variant.layer_thetas) if variant.layer_thetas else None,
-        perplexity=ppl.perplexity, tasks=task_results,
+        perplexity=ppl.perplexity, perplexity_ood=ood_ppl, ffn_fraction_ood=ood_ffn,
+        tasks=task_results,
         mean_accuracy=(sum(r["primary"] for r in task_results.values()) / len(task_results)
                        if task_results else None),
         ffn_fraction=sum(layer_fractions) / len(layer_fractions),

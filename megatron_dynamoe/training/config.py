@@ -23,6 +23,11 @@ from megatron_dynamoe.utils.ranges import (
 )
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
+# --dynamoe-routing: 'learned' routes each token by the difficulty router at a sampled
+# sensitivity; 'static-sampled' (the Flextron-style baseline) puts every token of an
+# iteration at one level drawn for that iteration.
+DYNAMOE_ROUTINGS = ("learned", "static-sampled")
+STATIC_SAMPLED = "static-sampled"
 
 
 @dataclass
@@ -113,6 +118,12 @@ class TrainConfig:
     dynamoe_label_tolerance_max: Optional[float] = None
     dynamoe_label_fraction: Optional[float] = None
     dynamoe_router_loss_coeff: Optional[float] = None
+    # 'static-sampled': the Flextron-style baseline (docs/training.md): each iteration draws
+    # one level for all its tokens, from the maximum-entropy level distribution whose mean FFN
+    # fraction is --dynamoe-static-target-fraction (None: what the theta range spends with an
+    # untrained router); the routers are frozen and compute no labels.
+    dynamoe_routing: str = "learned"
+    dynamoe_static_target_fraction: Optional[float] = None
     # Distillation from the frozen dense model (a dense checkpoint of the same architecture):
     # loss = (1 - w) * LM loss + w * T^2 * KL(teacher_T || student_T) per token.
     dynamoe_distill_teacher: Optional[str] = None
@@ -180,6 +191,16 @@ class TrainConfig:
             raise ValueError("--curriculum-mode must be 'window' or 'global'")
         if self.curriculum_window is not None and self.curriculum_scores is None:
             raise ValueError("--curriculum-window needs --curriculum-scores FILE")
+        if self.dynamoe_routing not in DYNAMOE_ROUTINGS:
+            raise ValueError(f"--dynamoe-routing {self.dynamoe_routing!r}: choose one of "
+                             f"{', '.join(DYNAMOE_ROUTINGS)}")
+        if self.dynamoe_routing == STATIC_SAMPLED and self.dense:
+            raise ValueError("--dynamoe-routing static-sampled trains a DynaMoE model at "
+                             "sampled nested levels: drop --dense")
+        if (self.dynamoe_static_target_fraction is not None
+                and self.dynamoe_routing != STATIC_SAMPLED):
+            raise ValueError("--dynamoe-static-target-fraction needs --dynamoe-routing "
+                             "static-sampled")
         if self.dense and self.dynamoe_distill_teacher:
             raise ValueError("--dynamoe-distill-teacher distils a dense teacher into a DynaMoE "
                              "student: drop --dense")
@@ -263,6 +284,8 @@ RANGES = {
     "dynamoe_label_tolerance": NON_NEGATIVE, "dynamoe_label_tolerance_max": NON_NEGATIVE,
     "dynamoe_label_fraction": Interval(float, 0, 1, low_open=True),
     "dynamoe_router_loss_coeff": NON_NEGATIVE,
+    # The model's level-1 fraction is the lower end; checked when the model is known.
+    "dynamoe_static_target_fraction": Interval(float, 0, 1, low_open=True),
     "dynamoe_distill_weight": UNIT,
     "dynamoe_distill_temperature": POSITIVE,
 }

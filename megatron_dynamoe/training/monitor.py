@@ -75,22 +75,24 @@ class TrainingMonitor:
         return self._holders_of[1]
 
     def iteration(self, iteration: int, cfg: TrainConfig, *, loss, theta, grad_norm, lr,
-                  seconds, model, skipped=False, scalars=None, distill_kl=None) -> None:
+                  seconds, model, skipped=False, scalars=None, distill_kl=None,
+                  level=None) -> None:
         """Log iteration `iteration`; `scalars` is a callable returning the model family's
         extra TensorBoard scalars (tag -> value), called only when TensorBoard is written.
+        `level` is a static-sampled run's level of the iteration (shown instead of theta).
         Called once per iteration on every rank: it also resets the statistics windows."""
         holders = self._holders(model)
         try:
             if self.enabled:
                 self._log(iteration, cfg, loss=loss, theta=theta, grad_norm=grad_norm, lr=lr,
                           seconds=seconds, skipped=skipped, scalars=scalars,
-                          distill_kl=distill_kl, holders=holders)
+                          distill_kl=distill_kl, holders=holders, level=level)
         finally:
             for holder in holders:
                 holder.stat_sums.reset()
 
     def _log(self, iteration: int, cfg: TrainConfig, *, loss, theta, grad_norm, lr, seconds,
-             skipped, scalars, distill_kl, holders) -> None:
+             skipped, scalars, distill_kl, holders, level=None) -> None:
         from megatron_dynamoe.dynamoe.layer import DynaMoELayer, read_stat_sums
 
         if self.first_iteration is None:
@@ -118,8 +120,12 @@ class TrainingMonitor:
             # The provider's statistics are gathered only where they are written.
             for tag, value in (scalars() if scalars else {}).items():
                 w.add_scalar(tag, value, iteration)
-            if layers:
+            if layers and level is not None:
+                # Static-sampled: the level every token ran at (theta routes nothing).
+                w.add_scalar("dynamoe/static-level", level, iteration)
+            elif layers:
                 w.add_scalar("dynamoe/sensitivity", theta, iteration)
+            if layers:
                 w.add_scalar("dynamoe/ffn-compute-fraction", ffn, iteration)
             w.add_scalar("memory/max-rss-gb",
                          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, iteration)
@@ -133,8 +139,10 @@ class TrainingMonitor:
             print(f" iteration {iteration:8d}/{cfg.train_iters:8d} | lm loss: {loss_text} | "
                   f"lr: {lr:.3E} | grad norm: {gn} | "
                   + (f"distill kl: {distill_kl:.4E} | " if distill_kl is not None else "")
-                  # theta and FFN compute mean something only for DynaMoE layers.
-                  + (f"theta: {theta:.3f} | FFN compute: {ffn:.3f} | " if layers else "")
+                  # theta (or a static-sampled run's level) and FFN compute mean something
+                  # only for DynaMoE layers.
+                  + ((f"level: {level} | " if level is not None else f"theta: {theta:.3f} | ")
+                     + f"FFN compute: {ffn:.3f} | " if layers else "")
                   + f"tokens/s: {tokens_per_s:.1f} | "
                   f"ETA: {eta:.0f} s" + (" | skipped" if skipped else ""),
                   file=self.stream, flush=True)

@@ -13,6 +13,11 @@ forward / backward, optimizer step) and returns a `StepResult`, without logging 
 `--save-interval` iterations, at the end and on SIGTERM / SIGUSR1) and returns a
 `TrainResult`. `train(...)` is `Trainer(...).run()`.
 
+`--dynamoe-routing static-sampled` trains the Flextron-style baseline on the same data,
+schedule and distillation: each iteration puts every token at one nested level drawn for it
+(`dynamoe.static_sampling`); the routers are frozen (no gradients, no optimizer state, so
+DDP never waits for them) and compute no labels, and saves record the routing in model.json.
+
 Data comes from a `BatchSource`: `source(consumed_samples, micro_batch_size)` returns this
 data-parallel rank's next micro-batch (tokens, labels, loss_mask, position_ids,
 attention_mask) as a pure function of the global sample position, which is what makes
@@ -25,15 +30,21 @@ import functools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from megatron_dynamoe.runtime.device import place_batch
-from megatron_dynamoe.training.config import TrainConfig
+from megatron_dynamoe.training.config import STATIC_SAMPLED, TrainConfig
 
 BatchSource = Callable[[int, int], Dict[str, torch.Tensor]]
+
+# model.json `extra` of a static-sampled run's saves: the routing it was trained with, its
+# target FFN fraction and level probabilities. A learned run's saves carry none of them.
+ROUTING_KEY = "training_routing"
+STATIC_TARGET_KEY = "static_target_fraction"
+STATIC_PROBS_KEY = "static_level_probs"
 
 
 class TrainingDiverged(RuntimeError):
@@ -76,6 +87,56 @@ def sample_sensitivity(cfg: TrainConfig, iteration: int) -> float:
     u = torch.rand((), generator=g, dtype=torch.float64).item()
     return cfg.dynamoe_sensitivity_min + u * (cfg.dynamoe_sensitivity_max
                                               - cfg.dynamoe_sensitivity_min)
+
+
+def static_sampling_plan(cfg: TrainConfig, dynamoe_config) -> Tuple[float, List[float]]:
+    """(target FFN fraction, [K] level probabilities) of a static-sampled run of a model with
+    `dynamoe_config`: --dynamoe-static-target-fraction (checked against the model's level
+    range [f_1, 1]), or by default the fraction the run's theta range spends with an
+    untrained router (`static_sampling.uniform_router_fraction`); the probabilities are the
+    maximum-entropy distribution over the levels with that mean."""
+    from megatron_dynamoe.dynamoe import static_sampling
+    from megatron_dynamoe.utils.ranges import Interval
+
+    fractions = dynamoe_config.level_fractions
+    target = cfg.dynamoe_static_target_fraction
+    if target is None:
+        target = static_sampling.uniform_router_fraction(
+            fractions, cfg.dynamoe_sensitivity_min, cfg.dynamoe_sensitivity_max)
+    else:
+        problem = Interval(float, fractions[0], 1.0).message(
+            f"--dynamoe-static-target-fraction {target}", target)
+        if problem:
+            raise ValueError(f"{problem} (this model's level FFN fractions are "
+                             f"{', '.join(f'{f:g}' for f in fractions)})")
+    return target, static_sampling.max_entropy_level_probs(fractions, target)
+
+
+def _freeze_routers(model) -> None:
+    """Static-sampled runs: the routers decide nothing, so they compute no labels (no router
+    loss, no full-FFN label pass) and their parameters are frozen before DDP and the
+    optimizer are built: no gradient buckets wait for them, no weight decay or Adam state
+    moves them, and they are saved unchanged."""
+    from megatron_dynamoe.dynamoe.control import dynamoe_layers, set_label_fraction
+
+    set_label_fraction(model, 0.0)
+    for layer in dynamoe_layers(model):
+        for param in layer.router.parameters():
+            param.requires_grad_(False)
+
+
+def _check_resumed_routing(cfg: TrainConfig, folder: str) -> None:
+    """Refuse to resume a training checkpoint with another --dynamoe-routing (its optimizer
+    holds another set of parameters, and the run would change method half-way)."""
+    from megatron_dynamoe.checkpoint.torch_dist import read_info
+
+    info = read_info(folder)
+    saved = ((info.extra or {}).get(ROUTING_KEY, "learned") if info is not None
+             else "learned")
+    if saved != cfg.dynamoe_routing:
+        raise ValueError(f"--dynamoe-routing {cfg.dynamoe_routing}: --load {cfg.load} resumes "
+                         f"a {saved} run ({folder}); resume it with --dynamoe-routing {saved}, "
+                         f"or start the new run in another --save")
 
 
 def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
@@ -278,7 +339,9 @@ class StepResult:
     """What one `Trainer.train_step` did: the iteration it completed (1-based, as logged),
     its LM loss and distillation KL (DP-averaged; None off the last pipeline stage, and the
     KL None without distillation), the gradient norm, whether the optimizer stepped (`ok`;
-    False when it skipped the update), the sensitivity drawn, and the wall-clock seconds."""
+    False when it skipped the update), the sensitivity drawn, and the wall-clock seconds.
+    Static-sampled runs also give the `level` every token ran at (1..K; theta is drawn as in
+    a learned run but unused); None for learned runs."""
 
     iteration: int
     loss: Optional[float]
@@ -287,6 +350,7 @@ class StepResult:
     ok: bool
     theta: float
     seconds: float
+    level: Optional[int] = None
 
     @property
     def skipped(self) -> bool:
@@ -327,8 +391,20 @@ class Trainer:
         self.cfg, self.model_info, self.source, self.provider = cfg, model_info, source, provider
         self.logger, self.on_iteration, self.preemption_flag = (logger, on_iteration,
                                                                 preemption_flag)
+        resume = latest_checkpoint(cfg.load) if cfg.load else None
+        # (target FFN fraction, level probabilities) of a static-sampled run, else None.
+        self.static_plan: Optional[Tuple[float, List[float]]] = None
+        if cfg.dynamoe_routing == STATIC_SAMPLED:
+            if provider.family != "dynamoe":
+                raise ValueError(f"--dynamoe-routing static-sampled needs a DynaMoE model, "
+                                 f"not a {provider.family} one")
+            self.static_plan = static_sampling_plan(cfg, model_info.dynamoe)
+        if resume is not None:
+            _check_resumed_routing(cfg, resume[1])
         reset_megatron_moe_state()
         self.config, self.model = build_training_model(cfg, provider)
+        if self.static_plan is not None:
+            _freeze_routers(self.model)  # before DDP and the optimizer collect parameters
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.use_distributed_optimizer,
             check_for_nan_in_grad=cfg.check_for_nan_in_loss_and_grad)
@@ -352,7 +428,6 @@ class Trainer:
         self.config.grad_scale_func = self.optimizer.scale_loss
 
         self.iteration, self.consumed_samples = 0, 0
-        resume = latest_checkpoint(cfg.load) if cfg.load else None
         if resume is not None:
             self.iteration, self.consumed_samples = load_training_state(
                 resume[1], self.model, self.optimizer, self.scheduler,
@@ -369,6 +444,11 @@ class Trainer:
                                    cfg.use_distributed_optimizer)
         self.teacher = (build_teacher(cfg, model_info, self.config)
                         if cfg.dynamoe_distill_teacher else None)
+        if logger and self.static_plan is not None:
+            target, probs = self.static_plan
+            logger.text(f"static-sampled routing: one level per iteration, probabilities "
+                        f"{', '.join(f'{p:.3f}' for p in probs)} for levels 1..{len(probs)}, "
+                        f"target FFN compute {target:.3f}; routers frozen")
         self.forward_step = (functools.partial(_distill_forward_step,
                                                cfg.dynamoe_distill_weight,
                                                cfg.dynamoe_distill_temperature)
@@ -387,17 +467,28 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         """Do one iteration at `iteration` (collective over the whole layout): draw its
-        sensitivity, run the teacher (with distillation), forward and backward over its
+        sensitivity (and, static-sampled, the level of all its tokens), run the teacher
+        (with distillation), forward and backward over its
         micro-batches with Megatron's schedule, step the optimizer (and the scheduler when
         the step was not skipped), advance `iteration` and `consumed_samples` and return
         the DP-averaged loss. No logging and no saving; raises TrainingDiverged on a
         non-finite gradient, before the optimizer touches the weights."""
-        from megatron_dynamoe.dynamoe.control import set_sensitivity, set_training_step
+        from megatron_dynamoe.dynamoe.control import (
+            set_sensitivity,
+            set_static_level,
+            set_training_step,
+        )
+        from megatron_dynamoe.dynamoe.static_sampling import static_level
 
         cfg = self.cfg
         tic = time.time()
         theta = sample_sensitivity(cfg, self.iteration)
         set_sensitivity(self.model, theta)
+        level = None
+        if self.static_plan is not None:
+            # Before the teacher's forward too: it has no DynaMoE layers, so nothing changes.
+            level = static_level(self.static_plan[1], cfg.seed, self.iteration)
+            set_static_level(self.model, level)
         set_training_step(self.model, self.iteration)
         teacher_logits = None
         if self.teacher is not None:
@@ -431,7 +522,8 @@ class Trainer:
         distill_kl = (_dp_mean_loss(reports, "distill kl")
                       if self.teacher is not None and reports else None)
         return StepResult(iteration=self.iteration, loss=loss, distill_kl=distill_kl,
-                          grad_norm=grad_norm, ok=ok, theta=theta, seconds=time.time() - tic)
+                          grad_norm=grad_norm, ok=ok, theta=theta, seconds=time.time() - tic,
+                          level=level)
 
     def save(self) -> str:
         """Write a resumable training checkpoint of the current iteration to --save
@@ -440,7 +532,7 @@ class Trainer:
         from megatron_dynamoe.training.state import save_training_state
 
         cfg = self.cfg
-        info = with_family(self.model_info, self.provider.family)
+        info = self._routing_info(with_family(self.model_info, self.provider.family))
         folder = save_training_state(
             cfg.save, self.iteration, self.model, self.optimizer, self.scheduler,
             self.consumed_samples, info,
@@ -449,6 +541,20 @@ class Trainer:
         if self.logger:
             self.logger.text(f"saved {folder}")
         return folder
+
+    def _routing_info(self, info):
+        """`info` whose `extra` records how this run routed: static-sampled runs add
+        ROUTING_KEY, STATIC_TARGET_KEY and STATIC_PROBS_KEY; a learned run drops them (its
+        initial checkpoint may have been a static-sampled run's)."""
+        import dataclasses
+
+        keys = (ROUTING_KEY, STATIC_TARGET_KEY, STATIC_PROBS_KEY)
+        extra = {k: v for k, v in (info.extra or {}).items() if k not in keys}
+        if self.static_plan is not None:
+            target, probs = self.static_plan
+            extra.update({ROUTING_KEY: STATIC_SAMPLED, STATIC_TARGET_KEY: target,
+                          STATIC_PROBS_KEY: list(probs)})
+        return dataclasses.replace(info, extra=extra)
 
     def maybe_save(self, force: bool = False) -> Optional[str]:
         """Save (see `save`) when --save is set and the current iteration is due: a multiple
@@ -497,7 +603,7 @@ class Trainer:
                             lr=self.scheduler.get_lr(self.optimizer.param_groups[0]),
                             seconds=step.seconds, model=self.model, skipped=step.skipped,
                             scalars=functools.partial(self.provider.scalars, self.model),
-                            distill_kl=step.distill_kl)
+                            distill_kl=step.distill_kl, level=step.level)
                     if self.on_iteration:
                         self.on_iteration(step.iteration)
                     stop_now = stop.agreed()  # collective: every rank, every iteration
