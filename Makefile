@@ -4,8 +4,9 @@
 #   make install-full       # run every install step even if the check says up to date
 #   make install-gpu        # next to a CUDA torch (NGC PyTorch container): never touches torch
 #   make check-install      # only the up-to-date check of `make install` (exit 0: up to date)
-#   make test               # install, then pytest with the default selection (not slow)
-#   make test-all           # install, then every test, slow ones included
+#   make test               # install (+ the lm-eval extra), then pytest's default selection
+#   make test-all           # install (+ the lm-eval extra), then every test, slow ones included
+#   make install-lm-eval    # install, then the optional lm-eval extra (docs/lm-eval.md)
 #   make bench              # install, then bench/bench_layer.py
 #   make main               # install, then the demo
 #   make install PYTHON=/path/to/venv/bin/python    # another interpreter / venv
@@ -141,7 +142,8 @@ else:
 endef
 export INSTALL_PY
 
-.PHONY: install install-full install-gpu check-install apt-deps test test-all bench main
+.PHONY: install install-full install-gpu install-lm-eval check-install apt-deps test test-all \
+  bench main
 
 install: $(INSTALL_DEPS)
 	@if $(INSTALL_UP_TO_DATE); then \
@@ -193,10 +195,28 @@ apt-deps:
 	  echo "warning: no apt-get; install Open MPI (libmpi + mpirun) for mpi4py yourself" >&2; \
 	fi
 
-test: install
+# The optional lm-eval extra (setup.py's extras_require["lm-eval"], same pin), which
+# tests/test_lm_eval_adapter.py needs: installed once (about 40 pure-Python packages, ~25 s),
+# with torch and numpy held at their installed versions; a re-run only checks the version.
+LM_EVAL_PIN := lm-eval==0.4.13
+LM_EVAL_CONSTRAINT := $(INSTALL_STATE)/lm-eval-constraint.txt
+
+install-lm-eval: install
+	@if $(PYTHON) -c "import sys, importlib.metadata as m; \
+	  sys.exit('lm-eval==' + m.version('lm-eval') != '$(LM_EVAL_PIN)')" 2>/dev/null; then \
+	  :; \
+	else \
+	  mkdir -p $(INSTALL_STATE) && \
+	  { $(PYTHON) -c "$$INSTALL_PY" pin && $(PYTHON) -c "from importlib.metadata import \
+	    version; print('numpy==' + version('numpy'))"; } > $(LM_EVAL_CONSTRAINT) && \
+	  echo "$(PIP) install $(PIP_FLAGS) -c $(LM_EVAL_CONSTRAINT) $(LM_EVAL_PIN)" && \
+	  $(PIP) install $(PIP_FLAGS) -c $(LM_EVAL_CONSTRAINT) $(LM_EVAL_PIN); \
+	fi
+
+test: install-lm-eval
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
-test-all: install
+test-all: install-lm-eval
 	$(PYTHON) -m pytest -m "" $(PYTEST_ARGS)
 
 bench: install

@@ -38,6 +38,11 @@ setup(
         "psutil",  # megatron.core.dist_checkpointing needs it; megatron-core does not declare it
         "numpy",
     ],
+    # Optional: the lm-evaluation-harness model `dynamoe` (megatron_dynamoe/evaluation/
+    # lm_eval_adapter.py, docs/lm-eval.md). Same pin as the Makefile's LM_EVAL_PIN.
+    extras_require={
+        "lm-eval": ["lm-eval==0.4.13"],
+    },
     # One command per tool (megatron_dynamoe/cli/); tools/*.py and launch/train.py are thin
     # wrappers of the same entry points for Megatron-style `python tools/X.py` use.
     entry_points={

@@ -99,8 +99,8 @@ def score_requests(model, requests: Sequence[Encoded], *, max_length: int,
     """Score encoded requests with `model` (a TP = PP = 1 GPTModel, put in eval mode).
 
     Args:
-        requests: (context ids, continuation ids) pairs; continuations must be non-empty and
-            at most `max_length` tokens.
+        requests: (context ids, continuation ids) pairs; contexts must be non-empty,
+            continuations non-empty and at most `max_length` tokens.
         max_length: model input length limit; longer inputs lose their oldest tokens.
         recorder: optional `FFNComputeRecorder` installed on `model`; each batch's valid
             tokens are committed to it.
@@ -115,6 +115,10 @@ def score_requests(model, requests: Sequence[Encoded], *, max_length: int,
     for context, continuation in requests:
         if not continuation:
             raise ValueError("a request has an empty continuation")
+        if not context:
+            # Its first token would be "predicted" from the last position (index -1 wraps).
+            raise ValueError("a request has an empty context: start it with the BOS / EOS "
+                             "token, as lm-eval's Hugging Face model does")
         if len(continuation) > max_length:
             raise ValueError(f"a continuation of {len(continuation)} tokens exceeds "
                              f"--seq-length {max_length}")
