@@ -11,12 +11,15 @@ Runs the same commands a user runs, one process each, into one output folder:
    speeches are left out: they are the evaluation text);
 4. fine-tune DynaMoE briefly with the trainer (launch/train.py) under torchrun (--nproc
    processes, data parallel over gloo), sensitivity sampled per iteration, TensorBoard logs;
-5. the top-k baseline (Megatron's TopKRouter over the same shells) from the same MoEfied
-   weights, fine-tuned with the same data, iterations and schedule;
+5. the trained static baseline (`--dynamoe-routing static-sampled`: each iteration one nested
+   level for every token) and the top-k baseline (Megatron's TopKRouter over the same
+   shells), both from the same MoEfied weights, fine-tuned with the same data, iterations
+   and schedule;
 6. tools/evaluate.py: the fine-tuned DynaMoE at an FFN budget and several sensitivities,
-   the dense model, the static nested sub-networks and the top-k router, on held-out
-   perplexity (the left-out speeches), perplexity on text of another kind (Shakespeare's
-   plays, OOD_TEXT) and zero-shot tasks (small --limit), plus the routing picture.
+   the dense model, the static nested sub-networks (untrained and trained) and the top-k
+   router, on held-out perplexity (the left-out speeches), perplexity on text of another
+   kind (Shakespeare's plays, OOD_TEXT) and zero-shot tasks (small --limit), plus the
+   routing picture.
 
 Output folder: results/ (results.md, results.json, quality_vs_compute.png, routing.png,
 routing.html), tensorboard/, ckpt/, data/, logs/ (each step's output), main_job.json
@@ -57,6 +60,9 @@ def parse_args(argv=None):
     t.add_argument("--distill", action="store_true",
                    help="distil from the frozen dense model (--dynamoe-distill-teacher)")
     t.add_argument("--no-topk", action="store_true", help="skip the top-k baseline")
+    t.add_argument("--no-static-baseline", action="store_true",
+                   help="skip the trained static baseline (--dynamoe-routing static-sampled: "
+                        "each iteration one nested level for every token)")
     e = p.add_argument_group("evaluation")
     e.add_argument("--sensitivities", default="0.8,0.5,0.3")
     e.add_argument("--ffn-budget", default="0.6")
@@ -166,6 +172,18 @@ def main(argv=None) -> int:
                 "--title", f"SmolLM2-135M DynaMoE, {args.train_iters} fine-tuning iterations"]
     if args.ffn_budget:
         evaluate += ["--ffn-budget", args.ffn_budget]
+    baselines = ["dense", "static"]
+    if not args.no_static_baseline:
+        # The Flextron-style baseline: the same weights, data, schedule and distillation,
+        # every token at one level drawn per iteration (docs/training.md).
+        job.run("fine-tune static", torchrun + [
+            "-m", "megatron_dynamoe.cli.train", "--pretrained-checkpoint",
+            f"{ckpt}/smollm2-dynamoe", "--save", f"{ckpt}/static-ft",
+            "--tensorboard-dir", os.path.join(out, "tensorboard", "static"),
+            "--dynamoe-routing", "static-sampled",
+            "--dynamoe-sensitivity-min", str(args.sensitivity_min), *distill, *common])
+        evaluate += ["--static-load", f"{ckpt}/static-ft"]
+        baselines.append("static-trained")
     if not args.no_topk:
         job.run("top-k init", [py, "-m", "megatron_dynamoe.cli.topk", "init",
                                "--load", f"{ckpt}/smollm2-dynamoe", "--output",
@@ -174,8 +192,9 @@ def main(argv=None) -> int:
             "-m", "megatron_dynamoe.cli.topk", "train",
             "--pretrained-checkpoint", f"{ckpt}/smollm2-topk", "--save", f"{ckpt}/topk-ft",
             "--tensorboard-dir", os.path.join(out, "tensorboard", "topk"), *common])
-        evaluate += ["--topk-load", f"{ckpt}/topk-ft", "--baselines", "dense,static,topk"]
-    job.run("evaluate", evaluate)
+        evaluate += ["--topk-load", f"{ckpt}/topk-ft"]
+        baselines.append("topk")
+    job.run("evaluate", evaluate + ["--baselines", ",".join(baselines)])
     total = time.time() - job.started
     with open(os.path.join(out, "main_job.json"), "w") as f:
         json.dump(dict(arguments=vars(args), steps=job.steps, seconds=round(total, 1)), f,
