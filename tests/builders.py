@@ -42,6 +42,22 @@ def moefied_state(dense, dyn: DynaMoEConfig, router_seed=None):
     return state
 
 
+def tiny_smollm2_pair(dyn: DynaMoEConfig, seed: int = 11, router_seed: int = 4):
+    """(dense model, DynaMoE state dict, router generator) of the tiny SmolLM2-vocabulary
+    LLaMA the tool tests evaluate: the DynaMoE state MoEfied from the dense model with small
+    random routers (0.1 x N(0, 1), so that tokens land on different levels at theta < 1); the
+    generator continues after the routers, for callers that derive more weights."""
+    arch = get_architecture("tiny-smollm2")
+    torch.manual_seed(seed)
+    dense = build_gpt_model(arch, transformer_config(arch))
+    state = moefy_state_dict(dense.state_dict(), dyn, gated=True)
+    gen = torch.Generator().manual_seed(router_seed)
+    for key in state:
+        if key.endswith("router.weight"):
+            state[key] = 0.1 * torch.randn(state[key].shape, generator=gen)
+    return dense, state, gen
+
+
 def batch(batch_size: int = 2, seq_len: int = 16, seed: int = 0):
     """Random tokens / positions / causal mask / labels for the tiny vocabulary."""
     gen = torch.Generator().manual_seed(seed)

@@ -23,9 +23,9 @@ import torch
 from megatron_dynamoe.models.architectures import get_architecture, transformer_config
 from megatron_dynamoe.checkpoint.torch_dist import CheckpointInfo, read_info, save_checkpoint
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
-from megatron_dynamoe.dynamoe.moefy import moefy_state_dict
 from megatron_dynamoe.baselines.topk_init import write_topk_init
 from megatron_dynamoe.models.builder import build_gpt_model
+from tests.builders import tiny_smollm2_pair
 from tests.tool_runner import run_tool_here
 
 pytestmark = pytest.mark.usefixtures("single_rank")
@@ -36,14 +36,8 @@ DYN = DynaMoEConfig(num_shells=4)
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_ckpts")
-    torch.manual_seed(11)
-    dense = build_gpt_model(ARCH, transformer_config(ARCH))
+    dense, state, gen = tiny_smollm2_pair(DYN)
     save_checkpoint(dense, str(root / "dense"), CheckpointInfo(ARCH, None, {}))
-    state = moefy_state_dict(dense.state_dict(), DYN, gated=True)
-    gen = torch.Generator().manual_seed(4)
-    for key in state:
-        if key.endswith("router.weight"):
-            state[key] = 0.1 * torch.randn(state[key].shape, generator=gen)
     model = build_gpt_model(ARCH, transformer_config(ARCH, dynamoe=DYN), DYN)
     model.load_state_dict(state)
     save_checkpoint(model, str(root / "dynamoe"), CheckpointInfo(ARCH, DYN, {}))

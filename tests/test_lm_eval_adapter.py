@@ -42,7 +42,6 @@ from megatron_dynamoe.checkpoint.torch_dist import CheckpointInfo, save_checkpoi
 from megatron_dynamoe.data.corpora import load_texts  # noqa: E402
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig  # noqa: E402
 from megatron_dynamoe.dynamoe.control import dynamoe_layers  # noqa: E402
-from megatron_dynamoe.dynamoe.moefy import moefy_state_dict  # noqa: E402
 from megatron_dynamoe.evaluation import lm_eval_adapter  # noqa: E402
 from megatron_dynamoe.evaluation import tasks as task_lib  # noqa: E402
 from megatron_dynamoe.evaluation.perplexity import perplexity  # noqa: E402
@@ -51,6 +50,7 @@ from megatron_dynamoe.evaluation.scoring import encode_request, score_requests  
 from megatron_dynamoe.models.architectures import get_architecture, transformer_config  # noqa
 from megatron_dynamoe.models.builder import build_gpt_model  # noqa: E402
 from megatron_dynamoe.utils.parity import megatron_logits  # noqa: E402
+from tests.builders import tiny_smollm2_pair  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCH = get_architecture("tiny-smollm2")
@@ -64,13 +64,7 @@ TOLERANCE = 1e-6
 def checkpoint(single_rank, tmp_path_factory):
     """A DynaMoE checkpoint whose routers put tokens on different levels at theta < 1."""
     path = tmp_path_factory.mktemp("lm_eval") / "dynamoe"
-    torch.manual_seed(11)
-    dense = build_gpt_model(ARCH, transformer_config(ARCH))
-    state = moefy_state_dict(dense.state_dict(), DYN, gated=True)
-    gen = torch.Generator().manual_seed(4)
-    for key in state:
-        if key.endswith("router.weight"):
-            state[key] = 0.1 * torch.randn(state[key].shape, generator=gen)
+    _, state, _ = tiny_smollm2_pair(DYN)
     model = build_gpt_model(ARCH, transformer_config(ARCH, dynamoe=DYN), DYN)
     model.load_state_dict(state)
     save_checkpoint(model, str(path), CheckpointInfo(ARCH, DYN, {}))

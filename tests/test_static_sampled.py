@@ -2,7 +2,6 @@
 the level sampler meets its compute target, every token of an iteration runs at the drawn
 level, the routers stay untouched, checkpoints record the routing, bad input is refused."""
 
-import dataclasses
 import io
 import os
 
@@ -11,15 +10,12 @@ import torch
 
 from megatron_dynamoe.checkpoint.torch_dist import CheckpointInfo
 from megatron_dynamoe.dynamoe import static_sampling
-from megatron_dynamoe.dynamoe.config import DynaMoEConfig
-from megatron_dynamoe.models.architectures import get_architecture
 from megatron_dynamoe.training.config import TrainConfig, parse_train_args
 from tests.builders import synthetic_source
+# The tiny 4-layer model and starting weights of test_training (INFO's label_fraction 0.5: a
+# learned run would compute labels; a static-sampled one must not).
+from tests.test_training import ARCH4, INFO, initial_weights  # noqa: F401 (fixture)
 
-ARCH4 = dataclasses.replace(get_architecture("tiny-llama"), num_layers=4)
-# label_fraction 0.5: a learned run would compute labels; a static-sampled one must not.
-INFO = CheckpointInfo(ARCH4, DynaMoEConfig(label_fraction=0.5, label_tolerance=0.01,
-                                           label_tolerance_max=0.08), {})
 FRACTIONS = INFO.dynamoe.level_fractions  # 0.25, 0.5, 0.75, 1.0
 BASE = dict(model="tiny-llama", micro_batch_size=2, global_batch_size=8, seq_length=32,
             lr=3e-3, lr_warmup_iters=2, log_interval=100, dynamoe_sensitivity_min=0.3,
@@ -159,31 +155,6 @@ def test_learned_runs_draw_no_level():
     assert trainer.static_plan is None and trainer.train_step().level is None
     assert all(p.requires_grad for layer in dynamoe_layers(trainer.model)
                for p in layer.router.parameters())
-
-
-@pytest.fixture(scope="module")
-def initial_weights(tmp_path_factory, single_rank):
-    """A dense 4-layer tiny LLaMA and the DynaMoE model MoEfied from it with random routers
-    (random, so that "unchanged" means something). Returns (dynamoe folder, dense folder)."""
-    from megatron_dynamoe.checkpoint.torch_dist import save_checkpoint
-    from megatron_dynamoe.dynamoe.moefy import moefy_state_dict
-    from megatron_dynamoe.models.architectures import transformer_config
-    from megatron_dynamoe.models.builder import build_gpt_model
-
-    root = tmp_path_factory.mktemp("init")
-    torch.manual_seed(3)
-    dense = build_gpt_model(ARCH4, transformer_config(ARCH4))
-    save_checkpoint(dense, str(root / "dense"), CheckpointInfo(ARCH4, None, {}))
-    dyn = INFO.dynamoe
-    model = build_gpt_model(ARCH4, transformer_config(ARCH4, dynamoe=dyn), dyn)
-    state = moefy_state_dict(dense.state_dict(), dyn, gated=ARCH4.gated)
-    gen = torch.Generator().manual_seed(4)
-    for key in state:
-        if key.endswith("router.weight"):
-            state[key] = torch.randn(state[key].shape, generator=gen)
-    model.load_state_dict(state)
-    save_checkpoint(model, str(root / "dynamoe"), INFO)
-    return str(root / "dynamoe"), str(root / "dense")
 
 
 def _load_dynamoe(folder):

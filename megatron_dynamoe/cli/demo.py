@@ -56,6 +56,9 @@ def parse_args(argv=None):
     t.add_argument("--global-batch-size", type=int, default=4)
     t.add_argument("--seq-length", type=int, default=256)
     t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--micro-batch-size", type=int, default=None,
+                   help="default: --global-batch-size / --nproc (no gradient accumulation)")
+    t.add_argument("--bf16", action="store_true", help="train in bf16 (Megatron's --bf16)")
     t.add_argument("--sensitivity-min", type=float, default=0.3)
     t.add_argument("--distill", action="store_true",
                    help="distil from the frozen dense model (--dynamoe-distill-teacher)")
@@ -149,12 +152,13 @@ def main(argv=None) -> int:
     job.run("preprocess", [py, "-m", "megatron_dynamoe.cli.preprocess_data", "--input",
                            TRAIN_TEXT, "--tokenizer", "smollm2", "--output-prefix", data,
                            "--limit", str(train_docs)])
-    micro = max(1, args.global_batch_size // args.nproc)
+    micro = args.micro_batch_size or max(1, args.global_batch_size // args.nproc)
     common = ["--tokenizer", "smollm2", "--data-path", data, "--micro-batch-size", str(micro),
               "--global-batch-size", str(args.global_batch_size), "--seq-length",
               str(args.seq_length), "--train-iters", str(args.train_iters), "--lr", str(args.lr),
               "--lr-warmup-iters", str(max(1, args.train_iters // 10)), "--log-interval", "1",
-              "--data-cache-path", os.path.join(out, "data", "cache")]
+              "--data-cache-path", os.path.join(out, "data", "cache"),
+              *(["--bf16"] if args.bf16 else [])]
     torchrun = [py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                 str(args.nproc)]
     distill = (["--dynamoe-distill-teacher", f"{ckpt}/smollm2"] if args.distill else [])
