@@ -89,7 +89,10 @@ def uninterrupted_losses(sotu_prefix, tmp_path_factory):
     return expected
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+# SIGUSR1 is what SLURM sends before the time limit; SIGTERM (the same handler; scancel,
+# torchrun) runs with the slow tests.
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, marks=pytest.mark.slow),
+                                 signal.SIGUSR1])
 def test_group_signal_after_a_periodic_save_saves_and_resumes(sotu_prefix, uninterrupted_losses,
                                                               tmp_path, sig):
     expected = uninterrupted_losses

@@ -315,6 +315,7 @@ STATIC_LAYOUTS = {
 }
 
 
+@pytest.mark.slow  # ~30 s; the learned runs' layouts are compared in the default tests
 @pytest.mark.multiproc
 def test_layouts_match_one_process(initial_weights, tmp_path):
     """Frozen routers under DDP / the distributed optimizer at TP / PP / EP = 2 (every rank
