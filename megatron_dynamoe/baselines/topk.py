@@ -189,6 +189,13 @@ class Variant:
     budget: Optional[float] = None  # dynamoe: the --ffn-budget that chose theta
     layer_thetas: Optional[Tuple[float, ...]] = None  # dynamoe: per-layer budget solution
 
+    @classmethod
+    def for_budget(cls, target: float, solution, per_layer: bool) -> "Variant":
+        """The DynaMoE variant of an FFN-budget `solution` (`evaluation.budget.solve_budget`
+        for `target`): its global theta, and its per-layer thetas when solved per layer."""
+        return cls("dynamoe", theta=solution.theta, budget=target,
+                   layer_thetas=tuple(solution.sensitivities) if per_layer else None)
+
     @property
     def setting(self) -> str:
         """Human-readable setting, e.g. 'theta=0.50', 'level 2/4', 'k=2'."""

@@ -305,10 +305,8 @@ def main(argv=None) -> int:
                 log(f"budget {target:.3f} ({args.budget_mode}): theta {solution.theta:.4f}, "
                     f"calibration FFN {solution.achieved:.4f} in {solution.forwards} "
                     f"forwards{note}")
-                per_layer = args.budget_mode == "per-layer"
-                run(main_model.model, Variant(
-                    "dynamoe", theta=solution.theta, budget=target,
-                    layer_thetas=tuple(solution.sensitivities) if per_layer else None))
+                run(main_model.model, Variant.for_budget(
+                    target, solution, per_layer=args.budget_mode == "per-layer"))
             for theta in thetas:
                 run(main_model.model, Variant("dynamoe", theta=theta))
             if "static" in baselines:

@@ -222,9 +222,7 @@ class DynaMoELM(LM):
         self.budget_solution = solution
         log(f"budget {target:.3f} ({mode}): theta {solution.theta:.4f}, calibration FFN "
             f"{solution.achieved:.4f} in {solution.forwards} forwards")
-        per_layer = mode == "per-layer"
-        return Variant("dynamoe", theta=solution.theta, budget=target,
-                       layer_thetas=tuple(solution.sensitivities) if per_layer else None)
+        return Variant.for_budget(target, solution, per_layer=mode == "per-layer")
 
     @property
     def setting(self) -> str:
