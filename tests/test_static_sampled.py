@@ -208,6 +208,12 @@ def test_checkpoint_records_the_routing_keeps_the_routers_and_resumes(initial_we
                                          "static-sampled run"):
         _trainer(load=str(tmp_path / "half"), save=str(tmp_path / "half"), model=None,
                  dynamoe_routing="learned")
+    # ... and only with the levels drawn for the same target (explicit, or from theta range).
+    for other in (dict(dynamoe_static_target_fraction=0.5), dict(dynamoe_sensitivity_min=0.5)):
+        with pytest.raises(ValueError, match=f"target FFN fraction of {target:g} .* "
+                                             f"--dynamoe-static-target-fraction {target:g}"):
+            _trainer(load=str(tmp_path / "half"), save=str(tmp_path / "half"), model=None,
+                     **other)
 
     # A learned run started from the static checkpoint does not inherit its routing keys.
     _run(model=None, pretrained_checkpoint=str(tmp_path / "full" / "iter_0000004"),

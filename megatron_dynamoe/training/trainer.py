@@ -125,18 +125,29 @@ def _freeze_routers(model) -> None:
             param.requires_grad_(False)
 
 
-def _check_resumed_routing(cfg: TrainConfig, folder: str) -> None:
+def _check_resumed_routing(cfg: TrainConfig, folder: str,
+                           static_plan: Optional[Tuple[float, List[float]]]) -> None:
     """Refuse to resume a training checkpoint with another --dynamoe-routing (its optimizer
-    holds another set of parameters, and the run would change method half-way)."""
+    holds another set of parameters, and the run would change method half-way), or a
+    static-sampled one with another target FFN fraction (`static_plan`'s: the levels drawn
+    from the resume on would follow another distribution than those before it)."""
     from megatron_dynamoe.checkpoint.torch_dist import read_info
 
     info = read_info(folder)
-    saved = ((info.extra or {}).get(ROUTING_KEY, "learned") if info is not None
-             else "learned")
+    extra = (info.extra or {}) if info is not None else {}
+    saved = extra.get(ROUTING_KEY, "learned")
     if saved != cfg.dynamoe_routing:
         raise ValueError(f"--dynamoe-routing {cfg.dynamoe_routing}: --load {cfg.load} resumes "
                          f"a {saved} run ({folder}); resume it with --dynamoe-routing {saved}, "
                          f"or start the new run in another --save")
+    saved_target = extra.get(STATIC_TARGET_KEY)
+    if static_plan is not None and saved_target is not None \
+            and abs(saved_target - static_plan[0]) > 1e-9:
+        raise ValueError(f"--load {cfg.load} resumes a static-sampled run whose levels were "
+                         f"drawn for a target FFN fraction of {saved_target:g} ({folder}), this "
+                         f"run's is {static_plan[0]:g}: resume it with "
+                         f"--dynamoe-static-target-fraction {saved_target:g} (and its theta "
+                         f"range), or start the new run in another --save")
 
 
 def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
@@ -400,7 +411,7 @@ class Trainer:
                                  f"not a {provider.family} one")
             self.static_plan = static_sampling_plan(cfg, model_info.dynamoe)
         if resume is not None:
-            _check_resumed_routing(cfg, resume[1])
+            _check_resumed_routing(cfg, resume[1], self.static_plan)
         reset_megatron_moe_state()
         self.config, self.model = build_training_model(cfg, provider)
         if self.static_plan is not None:
