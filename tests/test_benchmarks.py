@@ -45,11 +45,14 @@ RUNS = {
                    ["--quick", "--label-fraction", "0.5", "--json", "{out}"]),
     "upcycle": ("bench/bench_upcycle.py", ["--quick", "--json", "{out}"]),
     "adaptive": ("bench/bench_adaptive.py", ["--quick", "--json", "{out}"]),
+    # The fine-tuning recipe study: one variant (a fine-tune and an evaluation, real tools).
+    "recipe_study": ("bench/recipe_study.py", ["--quick", "--variants", "base",
+                                               "--output-dir", "{out}.d", "--json", "{out}"]),
     "gpu_reference": ("bench/check_gpu.py", ["--reference", "{out}"]),
     "gpu_without_device": ("bench/check_gpu.py", []),
 }
 QUICK_SCRIPTS = ("bench/bench_layer.py", "bench/bench_train_step.py", "bench/bench_upcycle.py",
-                 "bench/bench_adaptive.py")
+                 "bench/bench_adaptive.py", "bench/recipe_study.py")
 
 
 class Run(NamedTuple):
@@ -69,6 +72,7 @@ TEST_RUN = {
     "test_bench_train_step_quick": "train_step",
     "test_bench_upcycle_quick": "upcycle",
     "test_bench_adaptive_quick": "adaptive",
+    "test_recipe_study_quick": "recipe_study",
     "test_check_gpu_without_a_device_says_so_in_one_line": "gpu_without_device",
     "test_check_gpu_cpu_reference": "gpu_reference",
 }
@@ -268,6 +272,31 @@ def test_bench_adaptive_quick(runs):
     for g in gatings:
         for c in ("no", "yes"):
             assert f"| {g} | {c} |" in run.stdout, run.stdout
+
+
+def test_recipe_study_quick(runs):
+    run = runs.result("recipe_study")
+    _ok(run)
+    study = run.json()
+    assert [r["variant"] for r in study["rows"]] == ["base"]
+    row = study["rows"][0]
+    _finite(row, ("train_seconds", "eval_seconds", "perplexity", "dense_perplexity",
+                  "perplexity_ood", "dense_perplexity_ood", "lambada_perplexity"))
+    # The ratios are the model's perplexity over the dense model's, on each text.
+    assert row["perplexity_vs_dense"] == pytest.approx(row["perplexity"]
+                                                       / row["dense_perplexity"], rel=1e-12)
+    assert row["perplexity_ood_vs_dense"] == pytest.approx(
+        row["perplexity_ood"] / row["dense_perplexity_ood"], rel=1e-12)
+    # The main job's recipe: distillation from the dense checkpoint, the main job's theta.
+    assert "--dynamoe-distill-teacher" in row["train_command"]
+    from megatron_dynamoe.cli.demo import parse_args as main_job_args
+
+    theta_min = main_job_args([]).sensitivity_min
+    assert f"--dynamoe-sensitivity-min {theta_min}" in row["train_command"], row
+    # Measured at the budget on the held-out text (the budget solved on calibration text).
+    budget = float(default("bench/recipe_study.py", "ffn_budget"))
+    assert 0.0 < row["ffn_fraction"] <= 1.0 and abs(row["ffn_fraction"] - budget) < 0.1, row
+    assert "| base |" in run.stdout, run.stdout
 
 
 def test_check_gpu_without_a_device_says_so_in_one_line(runs):

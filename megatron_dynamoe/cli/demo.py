@@ -10,11 +10,12 @@ Runs the same commands a user runs, one process each, into one output folder:
 3. preprocess the speeches into a Megatron indexed dataset (the last --held-out-docs
    speeches are left out: they are the evaluation text);
 4. fine-tune DynaMoE briefly with the trainer (launch/train.py) under torchrun (--nproc
-   processes, data parallel over gloo), sensitivity sampled per iteration, TensorBoard logs;
+   processes, data parallel over gloo), sensitivity sampled per iteration, distilled from
+   the frozen dense model (--no-distill: LM loss only), TensorBoard logs;
 5. the trained static baseline (`--dynamoe-routing static-sampled`: each iteration one nested
    level for every token) and the top-k baseline (Megatron's TopKRouter over the same
-   shells), both from the same MoEfied weights, fine-tuned with the same data, iterations
-   and schedule;
+   shells), both from the same MoEfied weights, fine-tuned with the same data, iterations,
+   schedule and distillation;
 6. tools/evaluate.py: the fine-tuned DynaMoE at an FFN budget and several sensitivities,
    the dense model, the static nested sub-networks (untrained and trained) and the top-k
    router, on held-out perplexity (the left-out speeches), perplexity on text of another
@@ -60,8 +61,9 @@ def parse_args(argv=None):
                    help="default: --global-batch-size / --nproc (no gradient accumulation)")
     t.add_argument("--bf16", action="store_true", help="train in bf16 (Megatron's --bf16)")
     t.add_argument("--sensitivity-min", type=float, default=0.3)
-    t.add_argument("--distill", action="store_true",
-                   help="distil from the frozen dense model (--dynamoe-distill-teacher)")
+    t.add_argument("--distill", action=argparse.BooleanOptionalAction, default=True,
+                   help="distil from the frozen dense model (--dynamoe-distill-teacher; "
+                        "default on: docs/recipe-study.md)")
     t.add_argument("--no-topk", action="store_true", help="skip the top-k baseline")
     t.add_argument("--no-static-baseline", action="store_true",
                    help="skip the trained static baseline (--dynamoe-routing static-sampled: "
@@ -79,6 +81,36 @@ def parse_args(argv=None):
         args.train_iters, args.limit, args.eval_sequences = 2, 2, 1
         args.calibration_sequences, args.sensitivities, args.global_batch_size = 2, "0.5", 2
     return args
+
+
+def fine_tune_flags(args, data_prefix: str, cache: str) -> List[str]:
+    """launch/train.py flags every fine-tune of the job shares (DynaMoE, trained static and
+    top-k): data, batch, length, iterations and schedule."""
+    micro = args.micro_batch_size or max(1, args.global_batch_size // args.nproc)
+    return ["--tokenizer", "smollm2", "--data-path", data_prefix, "--micro-batch-size",
+            str(micro), "--global-batch-size", str(args.global_batch_size), "--seq-length",
+            str(args.seq_length), "--train-iters", str(args.train_iters), "--lr", str(args.lr),
+            "--lr-warmup-iters", str(max(1, args.train_iters // 10)), "--log-interval", "1",
+            "--data-cache-path", cache, *(["--bf16"] if args.bf16 else [])]
+
+
+def distill_flags(args, teacher: str) -> List[str]:
+    """Distillation from `teacher` (the dense checkpoint) unless --no-distill: every
+    fine-tune of the job (DynaMoE and both trained baselines) gets the same loss."""
+    return ["--dynamoe-distill-teacher", teacher] if args.distill else []
+
+
+def recipe_flags(args, teacher: str) -> List[str]:
+    """The DynaMoE recipe's launch/train.py flags (the DynaMoE and trained static fine-tunes):
+    the theta range and distillation (`distill_flags`)."""
+    return ["--dynamoe-sensitivity-min", str(args.sensitivity_min),
+            *distill_flags(args, teacher)]
+
+
+def torchrun_command(nproc: int) -> List[str]:
+    """`python -m torch.distributed.run` on this node with `nproc` processes."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+            str(nproc)]
 
 
 class Job:
@@ -152,21 +184,14 @@ def main(argv=None) -> int:
     job.run("preprocess", [py, "-m", "megatron_dynamoe.cli.preprocess_data", "--input",
                            TRAIN_TEXT, "--tokenizer", "smollm2", "--output-prefix", data,
                            "--limit", str(train_docs)])
-    micro = args.micro_batch_size or max(1, args.global_batch_size // args.nproc)
-    common = ["--tokenizer", "smollm2", "--data-path", data, "--micro-batch-size", str(micro),
-              "--global-batch-size", str(args.global_batch_size), "--seq-length",
-              str(args.seq_length), "--train-iters", str(args.train_iters), "--lr", str(args.lr),
-              "--lr-warmup-iters", str(max(1, args.train_iters // 10)), "--log-interval", "1",
-              "--data-cache-path", os.path.join(out, "data", "cache"),
-              *(["--bf16"] if args.bf16 else [])]
-    torchrun = [py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                str(args.nproc)]
-    distill = (["--dynamoe-distill-teacher", f"{ckpt}/smollm2"] if args.distill else [])
+    common = fine_tune_flags(args, data, os.path.join(out, "data", "cache"))
+    torchrun = torchrun_command(args.nproc)
+    recipe = recipe_flags(args, f"{ckpt}/smollm2")
     job.run("fine-tune dynamoe", torchrun + [
         "-m", "megatron_dynamoe.cli.train", "--pretrained-checkpoint", f"{ckpt}/smollm2-dynamoe",
         "--save", f"{ckpt}/dynamoe-ft",
         "--tensorboard-dir", os.path.join(out, "tensorboard", "dynamoe"),
-        "--dynamoe-sensitivity-min", str(args.sensitivity_min), *distill, *common])
+        *recipe, *common])
     evaluate = [py, "-m", "megatron_dynamoe.cli.evaluate", "--load", f"{ckpt}/dynamoe-ft",
                 "--dense-load", f"{ckpt}/smollm2", "--tokenizer", "smollm2", "--output-dir",
                 os.path.join(out, "results"), "--sensitivities", args.sensitivities,
@@ -184,8 +209,7 @@ def main(argv=None) -> int:
             "-m", "megatron_dynamoe.cli.train", "--pretrained-checkpoint",
             f"{ckpt}/smollm2-dynamoe", "--save", f"{ckpt}/static-ft",
             "--tensorboard-dir", os.path.join(out, "tensorboard", "static"),
-            "--dynamoe-routing", "static-sampled",
-            "--dynamoe-sensitivity-min", str(args.sensitivity_min), *distill, *common])
+            "--dynamoe-routing", "static-sampled", *recipe, *common])
         evaluate += ["--static-load", f"{ckpt}/static-ft"]
         baselines.append("static-trained")
     if not args.no_topk:
@@ -195,7 +219,8 @@ def main(argv=None) -> int:
         job.run("fine-tune top-k", torchrun + [
             "-m", "megatron_dynamoe.cli.topk", "train",
             "--pretrained-checkpoint", f"{ckpt}/smollm2-topk", "--save", f"{ckpt}/topk-ft",
-            "--tensorboard-dir", os.path.join(out, "tensorboard", "topk"), *common])
+            "--tensorboard-dir", os.path.join(out, "tensorboard", "topk"),
+            *distill_flags(args, f"{ckpt}/smollm2"), *common])
         evaluate += ["--topk-load", f"{ckpt}/topk-ft"]
         baselines.append("topk")
     job.run("evaluate", evaluate + ["--baselines", ",".join(baselines)])
