@@ -141,7 +141,12 @@ def add_runtime_arguments(parser) -> None:
     """--device and --transformer-impl: where the tool runs and which layer implementation
     Megatron-Core builds (read by `start_runtime`)."""
     from megatron_dynamoe.runtime.device import DEVICE_CHOICES
-    from megatron_dynamoe.runtime.transformer_impl import DEFAULT, TRANSFORMER_IMPLS
+    from megatron_dynamoe.runtime.transformer_impl import (
+        ATTENTION_BACKENDS,
+        DEFAULT,
+        DEFAULT_ATTENTION,
+        TRANSFORMER_IMPLS,
+    )
 
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
@@ -150,6 +155,11 @@ def add_runtime_arguments(parser) -> None:
     group.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default=DEFAULT,
                        help="Megatron-Core layer implementation (default local; "
                             "transformer_engine needs TE installed); recorded in checkpoints")
+    group.add_argument("--attention-backend", choices=ATTENTION_BACKENDS,
+                       default=DEFAULT_ATTENTION,
+                       help="core attention of the local implementation: sdpa (default; "
+                            "PyTorch's flash / memory-efficient kernels) or local (Megatron's "
+                            "DotProductAttention)")
     group.add_argument("--no-verify-checksums", dest="verify_checksums",
                        action="store_false",
                        help="load checkpoints without checking their files against the "
@@ -174,8 +184,10 @@ def start_runtime(args, layout: Optional[ParallelLayout] = None, seed: int = 123
                         "with --transformer-impl local (its checkpoint loads into "
                         "transformer_engine training, same sharded keys)")
     transformer_impl.select(args.transformer_impl)
+    transformer_impl.select_attention(args.attention_backend)
     groups = initialize_parallel(layout or ParallelLayout(), seed=seed, device=args.device)
-    log(f"running on {current().describe()}, transformer-impl {args.transformer_impl}")
+    log(f"running on {current().describe()}, transformer-impl {args.transformer_impl}, "
+        f"attention {transformer_impl.attention_backend()}")
     return groups
 
 

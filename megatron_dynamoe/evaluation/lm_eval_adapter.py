@@ -27,7 +27,8 @@ Model arguments (`--model_args key=value,...`):
     tokens_per_batch  tokens per forward, padding included (default 2048)
     device            lm-eval's --device: cpu, or cuda / cuda:0 (its default: the GPU
                       when torch sees one, else the CPU)
-    transformer_impl  local | transformer_engine; verify_checksums (default true)
+    transformer_impl  local | transformer_engine; attention_backend sdpa | local;
+                      verify_checksums (default true)
 
 Requests are scored by `evaluation.scoring` (the code path of tools/evaluate.py):
 `loglikelihood` gives each (context, continuation) its summed log-probability and greedy
@@ -81,7 +82,7 @@ def _device_choice(device) -> str:
     return "cpu"
 
 
-def _start_world(device: str, transformer_impl: str) -> None:
+def _start_world(device: str, transformer_impl: str, attention_backend: str) -> None:
     """torch.distributed + Megatron groups at TP = PP = EP = 1 on `device` (a `--device`
     choice), started here unless a caller already did; refuses several processes."""
     import torch.distributed as dist
@@ -92,6 +93,7 @@ def _start_world(device: str, transformer_impl: str) -> None:
 
     if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
         impl.select(transformer_impl)
+        impl.select_attention(attention_backend)
         initialize_parallel(ParallelLayout(), device=device)
     if dist.get_world_size() != 1:
         raise ValueError(f"the dynamoe lm-eval model runs in one process, this world has "
@@ -114,7 +116,8 @@ class DynaMoELM(LM):
                  calibration_sequences: int = BUDGET_DEFAULTS["calibration_sequences"],
                  calibration_seq_length: int = BUDGET_DEFAULTS["calibration_seq_length"],
                  max_length: Optional[int] = None, tokens_per_batch: int = 2048,
-                 device=None, transformer_impl: str = "local", verify_checksums: bool = True,
+                 device=None, transformer_impl: str = "local",
+                 attention_backend: str = "sdpa", verify_checksums: bool = True,
                  batch_size=None, max_batch_size=None, **unused):
         super().__init__()
         from megatron_dynamoe.checkpoint.hf import load_tokenizer
@@ -136,7 +139,7 @@ class DynaMoELM(LM):
         del batch_size, max_batch_size
         setting = self._check_setting(pretrained, theta=theta, ffn_budget=ffn_budget,
                                       level=level, k=k)
-        _start_world(_device_choice(device), transformer_impl)
+        _start_world(_device_choice(device), transformer_impl, attention_backend)
         self.tokenizer = load_tokenizer(str(tokenizer), gguf_file)
         loaded = load_for_evaluation(str(pretrained), preset, verify_checksums=verify_checksums)
         self.model, self.info, self.family = loaded.model, loaded.info, loaded.family

@@ -34,6 +34,8 @@ from megatron_dynamoe.dynamoe.experts import ShellExperts
 from megatron_dynamoe.dynamoe.layer import DynaMoELayer
 from megatron_dynamoe.dynamoe.router import DifficultyRouter
 from megatron_dynamoe.models.norms import SequenceParallelTorchNorm
+from megatron_dynamoe.models.sdpa_attention import SDPAttention
+from megatron_dynamoe.runtime import transformer_impl as runtime_impl
 
 
 class _KnownMLPFilter(logging.Filter):
@@ -76,9 +78,20 @@ def _is_replaceable_norm(module) -> bool:
     return module is WrappedTorchNorm or module is gpt_layer_specs.LNImpl
 
 
-def _swap_torch_norms(spec: ModuleSpec, norm) -> ModuleSpec:
-    """Replace Megatron's local-spec norm (WrappedTorchNorm, or Apex's FusedLayerNorm where
-    Apex imports) in a layer spec: input, pre-MLP, q/k norms."""
+def _core_attention():
+    """The local implementation's core attention (`--attention-backend`)."""
+    if runtime_impl.attention_backend() == "sdpa":
+        return SDPAttention
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    return DotProductAttention
+
+
+def _local_modules(spec: ModuleSpec, norm) -> ModuleSpec:
+    """Our modules in a local layer spec: the norm replacing Megatron's local-spec norm
+    (WrappedTorchNorm, or Apex's FusedLayerNorm where Apex imports: input, pre-MLP, q/k
+    norms) and the selected core attention."""
+    spec.submodules.self_attention.submodules.core_attention = _core_attention()
     sub = spec.submodules
     for name in ("input_layernorm", "pre_mlp_layernorm"):
         if _is_replaceable_norm(getattr(sub, name)):
@@ -96,7 +109,7 @@ def dense_layer_spec(normalization: str, use_te: bool, qk_layernorm: bool = Fals
     if use_te:
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     spec = get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
-    return _swap_torch_norms(spec, _norm_class(False))
+    return _local_modules(spec, _norm_class(False))
 
 
 class DynaMoETransformerLayer(TransformerLayer):
@@ -149,7 +162,7 @@ def moe_layer_spec(num_experts: int, mlp_spec: Callable[[ModuleSpec], ModuleSpec
         keys.setdefault("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_")
         spec.submodules.sharded_state_dict_keys_map = keys
     else:
-        spec = _swap_torch_norms(spec, _norm_class(False))
+        spec = _local_modules(spec, _norm_class(False))
     spec.submodules.mlp = mlp_spec(spec.submodules.mlp)
     return spec
 

@@ -9,14 +9,23 @@ checkpoints record it (`CheckpointInfo.extra['transformer_impl']`).
 
 Apex never changes what `local` builds: our specs use torch norms (Apex's FusedLayerNorm
 asserts LayerNorm-only and would crash every RMSNorm model).
+
+The local implementation's core attention is chosen the same way (`--attention-backend`):
+`sdpa` (default; `models.sdpa_attention`, PyTorch's flash / memory-efficient kernels) or
+`local` (Megatron's `DotProductAttention`, which materialises the s x s scores). Neither has
+parameters, so the choice is not recorded in checkpoints; transformer_engine always uses TE's
+attention.
 """
 
 from __future__ import annotations
 
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 DEFAULT = "local"
+ATTENTION_BACKENDS = ("sdpa", "local")
+DEFAULT_ATTENTION = "sdpa"
 
 _SELECTED = DEFAULT
+_ATTENTION = DEFAULT_ATTENTION
 
 
 def transformer_engine_available() -> bool:
@@ -51,3 +60,19 @@ def select(name: str) -> str:
 def current() -> str:
     """The implementation models of this process are built with (default `local`)."""
     return _SELECTED
+
+
+def select_attention(name: str) -> str:
+    """Make `name` (sdpa | local) this process's core attention for the local implementation;
+    ValueError (one line) for another name."""
+    global _ATTENTION
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"--attention-backend {name!r}: choose one of "
+                         f"{', '.join(ATTENTION_BACKENDS)}")
+    _ATTENTION = name
+    return _ATTENTION
+
+
+def attention_backend() -> str:
+    """The core attention local-implementation models of this process are built with."""
+    return _ATTENTION

@@ -49,6 +49,9 @@ class TrainConfig:
     # collective of the default process group (a hung rank fails the job after this long).
     device: str = "auto"
     transformer_impl: str = "local"
+    # The local implementation's core attention: 'sdpa' (PyTorch's flash / memory-efficient
+    # kernels) or 'local' (Megatron's DotProductAttention, s x s scores in memory).
+    attention_backend: str = "sdpa"
     distributed_timeout_minutes: float = 10.0
     # Check every checkpoint file against the checksums.json manifest written with it before
     # loading (--no-verify-checksums skips the hashing; sizes are always checked).
@@ -144,13 +147,19 @@ class TrainConfig:
             raise ValueError("nothing to train: pass --load CHECKPOINT, "
                              "--pretrained-checkpoint CHECKPOINT or --model PRESET")
         from megatron_dynamoe.runtime.device import DEVICE_CHOICES
-        from megatron_dynamoe.runtime.transformer_impl import TRANSFORMER_IMPLS
+        from megatron_dynamoe.runtime.transformer_impl import (
+            ATTENTION_BACKENDS,
+            TRANSFORMER_IMPLS,
+        )
 
         if self.device not in DEVICE_CHOICES:
             raise ValueError(f"--device {self.device!r}: choose one of {', '.join(DEVICE_CHOICES)}")
         if self.transformer_impl not in TRANSFORMER_IMPLS:
             raise ValueError(f"--transformer-impl {self.transformer_impl!r}: choose one of "
                              f"{', '.join(TRANSFORMER_IMPLS)}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"--attention-backend {self.attention_backend!r}: choose one of "
+                             f"{', '.join(ATTENTION_BACKENDS)}")
         for f in fields(self):
             value = getattr(self, f.name)
             # None is an unset optional flag; bools are switches, not numbers.

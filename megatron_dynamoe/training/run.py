@@ -75,9 +75,15 @@ def batch_source(cfg, arch, dp_size: int):
                         f"vocabulary is {arch.vocab_size}: use the model's own tokenizer")
     # Index cache: next to the checkpoints, or in the user's own cache folder.
     cache = cfg.data_cache_path or default_cache_path(cfg.save)
+    # Only Megatron's DotProductAttention reads a causal mask from the batch (it cannot make
+    # one off CUDA); SDPA and TE attention are causal by the layer's mask type, and SDPA takes
+    # its flash kernel only without a mask (Megatron-LM's --no-create-attention-mask-in-
+    # dataloader).
+    make_mask = cfg.transformer_impl == "local" and cfg.attention_backend == "local"
     datasets = build_gpt_datasets(cfg.data_path, tokenizer, seq_length=cfg.seq_length,
                                   num_samples=(cfg.train_iters * cfg.global_batch_size, 0, 0),
-                                  cache_path=cache, split=cfg.split, seed=cfg.seed)
+                                  cache_path=cache, split=cfg.split, seed=cfg.seed,
+                                  create_attention_mask=make_mask)
     train_set = datasets.train
     if cfg.curriculum_scores:
         return curriculum_batch_source(cfg, train_set)
@@ -179,6 +185,7 @@ def _train(cfg, preempted, provider_for) -> int:
     from megatron_dynamoe.runtime.parallel import destroy_parallel, initialize_parallel
 
     transformer_impl.select(cfg.transformer_impl)
+    transformer_impl.select_attention(cfg.attention_backend)
     info = resolve_model(cfg)
     provider = provider_for(info)
     # Refuse a layout that does not fit the model before starting any process group.
@@ -244,7 +251,8 @@ def _run(cfg, info, provider, preempted) -> int:
                  f"{info.architecture.family} model: TP={cfg.tensor_model_parallel_size} "
                  f"PP={cfg.pipeline_model_parallel_size} EP={cfg.expert_model_parallel_size} "
                  f"DP={parallel_state.get_data_parallel_world_size()} | "
-                 f"{current().describe()} | transformer-impl {cfg.transformer_impl}")
+                 f"{current().describe()} | transformer-impl {cfg.transformer_impl} | "
+                 f"attention {cfg.attention_backend}")
     finished = collections.deque([None], maxlen=1)  # the last iteration this rank completed
     try:
         result = train(cfg, info, source, logger=monitor, provider=provider,
