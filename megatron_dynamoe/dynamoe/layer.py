@@ -293,6 +293,7 @@ class DynaMoELayer(MoELayer):
                 self._residual_norms = None
         else:
             output = self._dispatch_to_shells(hidden_states, decision.probs, decision.routing_map)
+            output = self._keep_router_in_graph(output, decision.logits)
         self._record_routing_stats(decision, count)
         return output, None
 
@@ -365,7 +366,7 @@ class DynaMoELayer(MoELayer):
         mean_ce = ce_sum / (tokens * tp_share)
         self.last_stats["router_loss"] = (ce_sum / tokens).detach()
         if coeff == 0.0:
-            return output, ce_sum.detach()
+            return self._keep_router_in_graph(output, logits), ce_sum.detach()
         side_loss = coeff * mean_ce
         if self.config.calculate_per_token_loss:
             # Megatron divides every gradient by the token count later; undo it here.
@@ -374,6 +375,17 @@ class DynaMoELayer(MoELayer):
                                    self.config.num_layers, reduce_group=self.attn_tp_group
                                    if self.config.sequence_parallel else None)
         return MoEAuxLossAutoScaler.apply(output, side_loss), ce_sum.detach()
+
+    def _keep_router_in_graph(self, output: torch.Tensor, logits: torch.Tensor):
+        """`output` carrying a zero-weight side loss on the router's logits [T, K] when the
+        router trains and this forward has no router loss, so that every trainable parameter
+        gets a gradient (zero) on every step: Megatron's DDP with --overlap-grad-reduce
+        starts a bucket's reduction when all of its parameters have one, and asserts at the
+        end of the step when one never came."""
+        if not (self.training and torch.is_grad_enabled()
+                and any(p.requires_grad for p in self.router.parameters())):
+            return output
+        return MoEAuxLossAutoScaler.apply(output, logits.sum() * 0.0)
 
     def _record_routing_stats(self, decision: LevelDecision, count: bool = True) -> None:
         """Per-forward statistics on the device (no bincount, .item() or data-dependent

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import typing
 from dataclasses import asdict, dataclass, field, fields
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from megatron_dynamoe.runtime.parallel import ParallelLayout
 from megatron_dynamoe.utils.ranges import (
@@ -69,6 +69,14 @@ class TrainConfig:
     sequence_parallel: bool = False
     moe_token_dispatcher_type: str = "alltoall"
     use_distributed_optimizer: bool = True
+    # Megatron's DDP overlap: gradient reduce-scatter / all-reduce per bucket as the backward
+    # produces it, parameter all-gather per bucket in the next forward (distributed optimizer
+    # only). None (the default): on when the run is on GPUs, off on the CPU; --no-X forces
+    # off. --ddp-bucket-size: parameters per bucket (Megatron's default with overlap:
+    # max(40M, 1M x DP)).
+    overlap_grad_reduce: Optional[bool] = None
+    overlap_param_gather: Optional[bool] = None
+    ddp_bucket_size: Optional[int] = None
     # Megatron-LM's --check-for-nan-in-loss-and-grad: every bucket's gradient norm is checked
     # before the data-parallel reduction; NaN / Inf stops the run before the optimizer step
     # (the last checkpoint stays the last good one).
@@ -196,6 +204,13 @@ class TrainConfig:
         if self.moe_token_dispatcher_type not in ("alltoall", "allgather"):
             raise ValueError("--moe-token-dispatcher-type must be 'alltoall' or 'allgather'")
         self._check_recompute()
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ValueError("--overlap-param-gather gathers the distributed optimizer's "
+                             "parameter shards: drop --no-use-distributed-optimizer, or the "
+                             "flag")
+        if self.overlap_param_gather and self.overlap_grad_reduce is False:
+            raise ValueError("--overlap-param-gather needs --overlap-grad-reduce (as in "
+                             "Megatron-LM): drop --no-overlap-grad-reduce")
         if self.curriculum_mode not in ("window", "global"):
             raise ValueError("--curriculum-mode must be 'window' or 'global'")
         if self.curriculum_window is not None and self.curriculum_scores is None:
@@ -247,6 +262,14 @@ class TrainConfig:
                     recompute_method=self.recompute_method,
                     recompute_num_layers=self.recompute_num_layers)
 
+    def ddp_overlap(self, on_gpu: bool) -> Tuple[bool, bool]:
+        """(overlap_grad_reduce, overlap_param_gather) of this run: the flags, or where unset
+        on for a GPU run (the parameter gather only with the distributed optimizer)."""
+        grad = on_gpu if self.overlap_grad_reduce is None else self.overlap_grad_reduce
+        param = ((on_gpu and grad and self.use_distributed_optimizer)
+                 if self.overlap_param_gather is None else self.overlap_param_gather)
+        return grad or param, param
+
     @property
     def layout(self) -> ParallelLayout:
         """The parallel layout of the run."""
@@ -282,7 +305,7 @@ RANGES = {
     "micro_batch_size": COUNT, "global_batch_size": COUNT, "seq_length": COUNT,
     "train_iters": COUNT, "log_interval": COUNT, "save_interval": COUNT,
     "exit_after_iters": COUNT, "curriculum_window": COUNT,
-    "recompute_num_layers": COUNT, "dynamoe_num_shells": COUNT,
+    "recompute_num_layers": COUNT, "dynamoe_num_shells": COUNT, "ddp_bucket_size": COUNT,
     "lr": NON_NEGATIVE, "min_lr": NON_NEGATIVE, "lr_warmup_iters": NON_NEGATIVE_INT,
     "router_lr_mult": Interval(float, 0, 1e4, low_open=True),
     "weight_decay": NON_NEGATIVE, "clip_grad": NON_NEGATIVE,
@@ -322,8 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         kind = _flag_type(hints[f.name])
         if kind is bool:
-            # On-by-default switches also get --no-X (e.g. --no-use-distributed-optimizer).
-            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            # On-by-default and unset-by-default (None: decided by the run) switches also get
+            # --no-X (e.g. --no-use-distributed-optimizer, --no-overlap-grad-reduce).
+            action = (argparse.BooleanOptionalAction if f.default or f.default is None
+                      else "store_true")
             p.add_argument(flag, action=action, default=f.default)
         elif f.name == "data_path":
             p.add_argument(flag, nargs="+", default=[])

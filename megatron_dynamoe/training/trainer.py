@@ -345,6 +345,12 @@ def build_training_model(cfg: TrainConfig, provider):
     return config, build_model_chunks(provider, config)
 
 
+def _per_chunk(functions: list):
+    """Megatron's config hooks (no_sync_func, grad_sync_func): one per model chunk, or the
+    function itself with one chunk."""
+    return functions if len(functions) > 1 else functions[0]
+
+
 @dataclass
 class StepResult:
     """What one `Trainer.train_step` did: the iteration it completed (1-based, as logged),
@@ -416,9 +422,18 @@ class Trainer:
         self.config, self.model = build_training_model(cfg, provider)
         if self.static_plan is not None:
             _freeze_routers(self.model)  # before DDP and the optimizer collect parameters
+        from megatron_dynamoe.runtime.device import current as current_device
+
+        self.overlap_grad_reduce, self.overlap_param_gather = cfg.ddp_overlap(
+            current_device().is_cuda)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.use_distributed_optimizer,
-            check_for_nan_in_grad=cfg.check_for_nan_in_loss_and_grad)
+            check_for_nan_in_grad=cfg.check_for_nan_in_loss_and_grad,
+            overlap_grad_reduce=self.overlap_grad_reduce,
+            overlap_param_gather=self.overlap_param_gather, bucket_size=cfg.ddp_bucket_size,
+            # With pipelining the schedule dispatches each chunk's parameter gather in step
+            # with its first forward (Megatron-LM's --align-param-gather).
+            align_param_gather=self.overlap_param_gather and cfg.pipeline_model_parallel_size > 1)
         # Megatron buckets only the first chunk's gradients for overlap; later chunks reduce
         # at the end of the step (the same choice as Megatron's training loop).
         self.ddps = [DistributedDataParallel(self.config, ddp_config, module=chunk,
@@ -433,8 +448,13 @@ class Trainer:
             optimizer_config, self.ddps,
             config_overrides=optimizer_overrides(cfg, optimizer_config))
         self.scheduler = build_scheduler(cfg, self.optimizer)
-        self.config.no_sync_func = ([d.no_sync for d in self.ddps] if len(self.ddps) > 1
-                                    else self.ddps[0].no_sync)
+        self.config.no_sync_func = _per_chunk([d.no_sync for d in self.ddps])
+        if self.overlap_grad_reduce:
+            # Megatron-LM's training loop: the pipeline schedules start each chunk's gradient
+            # reduction when its last micro-batch's backward is done.
+            self.config.grad_sync_func = _per_chunk([d.start_grad_sync for d in self.ddps])
+        if self.overlap_param_gather and cfg.pipeline_model_parallel_size > 1:
+            self.config.param_sync_func = _per_chunk([d.start_param_sync for d in self.ddps])
         self.config.finalize_model_grads_func = finalize_model_grads
         self.config.grad_scale_func = self.optimizer.scale_loss
 
@@ -536,6 +556,16 @@ class Trainer:
                           grad_norm=grad_norm, ok=ok, theta=theta, seconds=time.time() - tic,
                           level=level)
 
+    def sync_params(self) -> None:
+        """Bring every rank's model parameters up to date now (collective). With
+        --overlap-param-gather the optimizer updates only this rank's shard and the other
+        shards arrive during the next forward; a checkpoint, an evaluation or the caller of
+        `run` needs them all (Megatron-LM disables the forward pre-hook around its saves)."""
+        if self.overlap_param_gather:
+            for ddp in self.ddps:
+                ddp.disable_forward_pre_hook()  # all-gathers every bucket synchronously
+                ddp.enable_forward_pre_hook()
+
     def save(self) -> str:
         """Write a resumable training checkpoint of the current iteration to --save
         (collective) and return its folder."""
@@ -543,6 +573,7 @@ class Trainer:
         from megatron_dynamoe.training.state import save_training_state
 
         cfg = self.cfg
+        self.sync_params()
         info = self._routing_info(with_family(self.model_info, self.provider.family))
         folder = save_training_state(
             cfg.save, self.iteration, self.model, self.optimizer, self.scheduler,
@@ -626,6 +657,7 @@ class Trainer:
                         break
         finally:
             reset_megatron_moe_state()
+        self.sync_params()
         result.iteration, result.consumed_samples = self.iteration, self.consumed_samples
         result.model = self.model
         result.trained_iterations = self.iteration - started_iter
