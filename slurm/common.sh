@@ -307,14 +307,18 @@ dyn_defaults_70b() {
   MICRO_BATCH=${MICRO_BATCH:-1}
   GLOBAL_BATCH=${GLOBAL_BATCH:-128}
   SEQ_LEN=${SEQ_LEN:-4096}
-  RECOMPUTE=${RECOMPUTE:-selective}
+  # The default sdpa attention keeps no s x s tensors, so selective recomputation (of core
+  # attention) would cost time and save nothing; with ATTENTION_BACKEND=local use selective.
+  RECOMPUTE=${RECOMPUTE:-none}
   RECOMPUTE_METHOD=${RECOMPUTE_METHOD:-uniform}
   RECOMPUTE_NUM_LAYERS=${RECOMPUTE_NUM_LAYERS:-1}
-  # GPU memory the planner fits into (nominal GB of the card; GPU_MEMORY_GIB overrides).
+  # GPU memory the planner fits into (nvidia-smi's total, as planning.GPU_MEMORY_GIB;
+  # GPU_MEMORY_GIB overrides).
   GPU_TYPE=${GPU_TYPE:-h100}
   case "$GPU_TYPE" in
-    a100 | h100) GPU_MEMORY_GIB=${GPU_MEMORY_GIB:-80} ;;
-    h200) GPU_MEMORY_GIB=${GPU_MEMORY_GIB:-141} ;;
+    a100) GPU_MEMORY_GIB=${GPU_MEMORY_GIB:-80} ;;
+    h100) GPU_MEMORY_GIB=${GPU_MEMORY_GIB:-79.6} ;;
+    h200) GPU_MEMORY_GIB=${GPU_MEMORY_GIB:-140.4} ;;
     *) dyn_die "GPU_TYPE=$GPU_TYPE: choose a100, h100 or h200 (or set GPU_MEMORY_GIB)" ;;
   esac
   # The project's image (docker/README.md); CONTAINER_IMAGE= (empty) runs without a container.

@@ -15,7 +15,8 @@
 # Every size is an environment variable (defaults in slurm/common.sh: dyn_defaults_70b):
 # TP PP VPP EP ETP NUM_SHELLS MICRO_BATCH GLOBAL_BATCH SEQ_LEN RECOMPUTE, GPU_TYPE=h100|h200
 # (or GPU_MEMORY_GIB), and TRAIN_ITERS LR MIN_LR WARMUP_ITERS SAVE_INTERVAL SENS_MIN SENS_MAX
-# LABEL_FRACTION DIST_TIMEOUT_MINUTES TRANSFORMER_IMPL; more nodes: sbatch --nodes=16. The
+# LABEL_FRACTION DIST_TIMEOUT_MINUTES TRANSFORMER_IMPL ATTENTION_BACKEND KEEP_LAST_N
+# DISTILL_TEACHER; more nodes: sbatch --nodes=16. The
 # layout planner (tools/plan_layout.py) runs first and a layout that does not divide or does
 # not fit GPU_MEMORY_GIB ends the job before srun, printing one that fits. Outputs in RUN_DIR
 # (default runs/moefy_70b-$MODEL): checkpoints/ (torch_dist, --save == --load, so a requeued or
@@ -71,7 +72,9 @@ SENS_MIN=${SENS_MIN:-0.3}                      # sensitivities sampled per itera
 SENS_MAX=${SENS_MAX:-1.0}
 LABEL_FRACTION=${LABEL_FRACTION:-0.25}         # iterations that compute difficulty labels
 EXIT_AFTER_ITERS=${EXIT_AFTER_ITERS:-}
-FLASH_ATTENTION=${FLASH_ATTENTION:-0}          # 1: the planner assumes TE/FlashAttention
+ATTENTION_BACKEND=${ATTENTION_BACKEND:-sdpa}   # sdpa (flash kernels) | local (s x s scores)
+KEEP_LAST_N=${KEEP_LAST_N:-3}                  # checkpoints kept (~1 TB each); older deleted
+DISTILL_TEACHER=${DISTILL_TEACHER:-}           # the dense checkpoint to distil from (optional)
 # Collective timeout: a ~1 TB checkpoint save or load on a busy file system can keep ranks
 # waiting at a barrier well past Megatron's 10-minute default.
 DIST_TIMEOUT_MINUTES=${DIST_TIMEOUT_MINUTES:-30}
@@ -103,7 +106,8 @@ plan_args=(--model "$MODEL" --dynamoe-num-shells "$NUM_SHELLS" --nodes "$NODES"
            --gpus-per-node "$GPUS_PER_NODE" "${DYN_LAYOUT[@]}"
            --global-batch-size "$GLOBAL_BATCH" --seq-length "$SEQ_LEN" --bf16
            --gpu-memory-gib "$GPU_MEMORY_GIB")
-[[ "$FLASH_ATTENTION" == 1 ]] && plan_args+=(--flash-attention)
+plan_args+=(--attention-backend "$ATTENTION_BACKEND")
+[[ -n "$DISTILL_TEACHER" ]] && plan_args+=(--distill)
 dyn_plan "${plan_args[@]}"
 
 if [[ "$DRY_RUN" == 1 ]]; then   # show where the missing inputs go
@@ -119,12 +123,14 @@ train=("$task_python" "$REPO/launch/train.py" "${start[@]}" "${DYN_LAYOUT[@]}"
        --device cuda --transformer-impl "$TRANSFORMER_IMPL"
        --distributed-timeout-minutes "$DIST_TIMEOUT_MINUTES"
        --tokenizer "$TOKENIZER" --data-path $DATA_PATH --save "$SAVE_DIR"
-       --save-interval "$SAVE_INTERVAL" --tensorboard-dir "$TB_DIR" --bf16
+       --save-interval "$SAVE_INTERVAL" --keep-last-n "$KEEP_LAST_N"
+       --attention-backend "$ATTENTION_BACKEND" --tensorboard-dir "$TB_DIR" --bf16
        --global-batch-size "$GLOBAL_BATCH" --seq-length "$SEQ_LEN" --train-iters "$TRAIN_ITERS"
        --lr "$LR" --min-lr "$MIN_LR" --lr-warmup-iters "$WARMUP_ITERS" --lr-decay-style cosine
        --weight-decay 0.1 --clip-grad 1.0 --log-interval 1
        --dynamoe-sensitivity-min "$SENS_MIN" --dynamoe-sensitivity-max "$SENS_MAX"
        --dynamoe-label-fraction "$LABEL_FRACTION"
+       ${DISTILL_TEACHER:+--dynamoe-distill-teacher "$DISTILL_TEACHER"}
        ${EXIT_AFTER_ITERS:+--exit-after-iters "$EXIT_AFTER_ITERS"} $EXTRA_ARGS)
 # One task per GPU; every task sees the node's GPUs (--gpus-per-node, not --gpus-per-task)
 # and takes cuda:(LOCAL_RANK % device count). --gpus-per-node explicitly, so the step's GPUs

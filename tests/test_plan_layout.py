@@ -122,11 +122,12 @@ GPT_LIKE = ModelArchitecture(family="gpt2", num_layers=8, hidden_size=1024,
 ])
 def test_korthikanti_table_for_gpt_layers(tp, sp, recompute, expected):
     """Table 2 of Korthikanti et al. (2022): a GPT layer (FFN 4h, MHA, dropout) stores
-    sbh * (34 + 5as/h) bytes in 16-bit, and the TP / SP / selective variants."""
+    sbh * (34 + 5as/h) bytes in 16-bit, and the TP / SP / selective variants (Megatron's
+    local attention, which keeps the s x s scores: --attention-backend local)."""
     r = PlanRequest(model="gpt", arch=GPT_LIKE, dynamoe=None, num_gpus=tp,
                     layout=ParallelLayout(tensor_model_parallel_size=tp), seq_length=2048,
                     micro_batch=2, sequence_parallel=sp, recompute=recompute, bf16=True,
-                    dropout=True)
+                    dropout=True, flash_attention=False)
     sbh = 2048 * 2 * 1024
     assert layer_activation_bytes(r, False, recompute) == \
         pytest.approx(sbh * expected(16, 2048, 1024, tp), rel=1e-12)
@@ -252,3 +253,49 @@ def test_bad_layouts_exit_2_with_one_error_line(values, message, capsys):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: layout refused: "), lines
     assert message in lines[0]
+
+
+def test_teacher_memory_by_hand():
+    """--distill: the dense teacher at the student's TP / PP (bf16 weights, nothing else)
+    and, on the last stage, the step's teacher logits [b, s, V / TP] for all 64 micro-batches."""
+    import dataclasses
+
+    from megatron_dynamoe.planning.planner import stage_memory, teacher_bytes
+
+    r = dataclasses.replace(LLAMA2, distill=True)
+    dense_layer = (ATTN + EXPERTS) // 8 + 2 * H  # the dense FFN TP-split like attention
+    assert teacher_bytes(r, 0) == pytest.approx(2 * (20 * dense_layer + V * H // 8))
+    logits = 64 * 1 * 4096 * V // 8 * 2
+    assert logits / GIB == pytest.approx(1.953125)  # 64 x 4096 x 4000 x 2 bytes
+    assert teacher_bytes(r, 3) == pytest.approx(2 * (20 * dense_layer + V * H // 8 + H)
+                                                + logits)
+    assert teacher_bytes(LLAMA2, 3) == 0.0
+    assert stage_memory(r, 3).total == pytest.approx(stage_memory(LLAMA2, 3).total
+                                                     + teacher_bytes(r, 3))
+
+
+def test_gpu_presets_and_attention_backend_flags(capsys):
+    """--gpu sets the memory (nvidia-smi totals), --gpu-memory-gib wins; --attention-backend
+    local keeps the s x s scores (more activation memory than the default sdpa)."""
+    import json
+
+    from megatron_dynamoe.cli.plan_layout import main
+
+    def run(*extra):
+        main(DEFAULT_FLAGS + ["--json", *extra])
+        return json.loads(capsys.readouterr().out)
+
+    assert run("--gpu", "h200")["gpu_memory_gib"] == 140.4
+    assert run("--gpu", "h100")["gpu_memory_gib"] == 79.6
+    assert run("--gpu", "h200", "--gpu-memory-gib", "100")["gpu_memory_gib"] == 100
+    assert run()["gpu_memory_gib"] == 80.0
+    sdpa = run()["stages"][0]["activations"]
+    local = run("--attention-backend", "local", "--recompute-granularity", "full",
+                "--recompute-method", "uniform")["stages"][0]["activations"]
+    assert run("--recompute-granularity", "full",
+               "--recompute-method", "uniform")["stages"][0]["activations"] < local
+    assert sdpa > 0
+    with_teacher = run("--distill")["stages"][3]
+    assert with_teacher["teacher"] > 2 * GIB
+    assert with_teacher["total"] == pytest.approx(run()["stages"][3]["total"]
+                                                  + with_teacher["teacher"])

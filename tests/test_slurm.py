@@ -29,7 +29,8 @@ DEFAULT_IMAGE = os.path.join(REPO, "docker", "dynamoe.sqsh")
 # Settings the scripts read that the caller's environment must not decide for a test.
 SCRIPT_SETTINGS = ("CONTAINER_IMAGE", "CONTAINER_MOUNTS", "DYNAMOE_CONTAINER_NAME", "GPU_TYPE",
                    "GPU_MEMORY_GIB", "DEVICE", "TRANSFORMER_IMPL", "DIST_TIMEOUT_MINUTES",
-                   "HF_MODEL", "CKPT_ROOT", "DATA_PATH", "TOKENIZER", "PYTHON")
+                   "HF_MODEL", "CKPT_ROOT", "DATA_PATH", "TOKENIZER", "PYTHON",
+                   "ATTENTION_BACKEND", "KEEP_LAST_N", "DISTILL_TEACHER")
 
 
 def _script_env(**extra) -> dict:
@@ -216,7 +217,7 @@ def test_70b_dry_run_prints_layout_command_and_verdict(tmp_path):
     assert ("resolved: MODEL=llama2-70b NODES=8 GPUS_PER_NODE=8 (64 ranks) TP=8 PP=4 VPP=5 EP=8 "
             "ETP=1 NUM_SHELLS=8 MICRO_BATCH=1 GLOBAL_BATCH=128 SEQ_LEN=4096") in out
     assert "TP=8 PP=4 VPP=5 EP=8 ETP=1 CP=1 -> DP=2, expert DP=2" in out
-    assert "verdict: fits (57.4 GiB <= 80 GiB per GPU)" in out
+    assert "verdict: fits (57.4 GiB <= 79.6 GiB per GPU)" in out
     # The container by default: the project's image, which does not exist here (noted only).
     assert f"note: CONTAINER_IMAGE={DEFAULT_IMAGE} does not exist yet" in out
     command = out.split("would run: ", 1)[1]
@@ -225,10 +226,12 @@ def test_70b_dry_run_prints_layout_command_and_verdict(tmp_path):
     for flag in ("--tensor-model-parallel-size 8", "--pipeline-model-parallel-size 4",
                  "--virtual-pipeline-model-parallel-size 5", "--expert-model-parallel-size 8",
                  "--expert-tensor-parallel-size 1", "--sequence-parallel", "--bf16",
-                 "--recompute-granularity selective", f"--save {tmp_path}/run/checkpoints",
+                 f"--save {tmp_path}/run/checkpoints", "--keep-last-n 3",
+                 "--attention-backend sdpa",
                  f"--tensorboard-dir {tmp_path}/run/tensorboard", "--device cuda",
                  "--transformer-impl local", "--distributed-timeout-minutes 30"):
         assert flag in command, flag
+    assert "--recompute-granularity" not in command  # sdpa: nothing to recompute
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
     args = shlex.split(command)
     train = args.index(os.path.join(REPO, "launch", "train.py"))
@@ -246,7 +249,7 @@ def test_70b_dry_run_prints_layout_command_and_verdict(tmp_path):
     assert (cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size,
             cfg.virtual_pipeline_model_parallel_size, cfg.expert_model_parallel_size,
             cfg.sequence_parallel, cfg.bf16, cfg.recompute_granularity) == \
-        (8, 4, 5, 8, True, True, "selective")
+        (8, 4, 5, 8, True, True, None)
     assert cfg.layout.expert_tensor_parallel_size == 1
     assert (cfg.device, cfg.transformer_impl, cfg.distributed_timeout_minutes) == \
         ("cuda", "local", 30)
@@ -259,7 +262,7 @@ def test_70b_dry_run_h200_preset_and_no_container(tmp_path):
                       GPU_TYPE="h200", PYTHON=sys.executable)
     out = result.stderr
     assert result.returncode == 0, out
-    assert "GPU_MEMORY_GIB=141" in out and "<= 141 GiB per GPU" in out
+    assert "GPU_MEMORY_GIB=140.4" in out and "<= 140.4 GiB per GPU" in out
     assert "CONTAINER_IMAGE=(none)" in out and "--container" not in out
     assert out.split("would run: ", 1)[1].startswith(
         "srun --nodes=8 --ntasks-per-node=8 --gpus-per-node=8 --cpus-per-task=8 "
@@ -349,10 +352,12 @@ def test_tiny_dry_run_cpu_without_container_and_gpu_in_container(tmp_path):
 
 
 def test_70b_dry_run_refuses_a_layout_that_does_not_fit(tmp_path):
+    # Megatron's local attention keeps the s x s scores (with sdpa, PP=2 fits: 67.0 GiB).
     result = _dry_run("moefy_70b.sh", PP="2", VPP="", RECOMPUTE="none",
-                      RUN_DIR=str(tmp_path / "run"))
+                      ATTENTION_BACKEND="local", RUN_DIR=str(tmp_path / "run"))
     assert result.returncode == 2
     assert "error: layout refused: llama2-70b needs 89.0 GiB per GPU" in result.stderr
+    assert "but a GPU has 79.6 GiB" in result.stderr
     assert "a layout that fits (75.9 GiB): TP=8 PP=4 VPP= EP=8" in result.stderr
     assert "nothing was launched" in result.stderr and "would run" not in result.stderr
 

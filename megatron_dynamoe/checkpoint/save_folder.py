@@ -9,12 +9,15 @@
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+import re
+import shutil
+from typing import List, Optional, Tuple
 
 from megatron_dynamoe.checkpoint.torch_dist import CheckpointError, check_loadable
-from megatron_dynamoe.utils.outputs import atomic_file
+from megatron_dynamoe.utils.outputs import atomic_file, temporary_sibling
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
+_ITER_NAME = re.compile(r"iter_(\d+)")
 
 
 def iteration_folder(save_dir: str, iteration: int) -> str:
@@ -43,3 +46,35 @@ def write_latest_pointer(save_dir: str, iteration: int) -> None:
     half-written number."""
     with atomic_file(os.path.join(save_dir, LATEST_FILE)) as tmp, open(tmp, "w") as f:
         f.write(f"{iteration}\n")
+
+
+def iteration_folders(save_dir: str) -> List[Tuple[int, str]]:
+    """(iteration, folder) of every `iter_N` folder in `save_dir`, by iteration."""
+    found = []
+    for name in os.listdir(save_dir) if os.path.isdir(save_dir) else []:
+        match = _ITER_NAME.fullmatch(name)
+        if match and os.path.isdir(os.path.join(save_dir, name)):
+            found.append((int(match.group(1)), os.path.join(save_dir, name)))
+    return sorted(found)
+
+
+def prune_checkpoints(save_dir: str, keep: int) -> List[str]:
+    """Delete all but the `keep` newest `iter_N` folders of `save_dir` (one rank calls, after
+    the latest pointer names a complete folder); returns the folders deleted. The one the
+    pointer names (what a resume needs) is never deleted, nor anything newer than it. Each
+    folder is first renamed to a hidden temporary, so a deletion cut short leaves no
+    half-deleted `iter_N` behind (the next save removes the temporary)."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    latest = latest_checkpoint(save_dir)
+    if latest is None:
+        return []
+    older = [(it, path) for it, path in iteration_folders(save_dir) if it < latest[0]]
+    doomed = older[:max(0, len(older) - (keep - 1))]
+    deleted = []
+    for _, path in doomed:
+        hidden = temporary_sibling(path)
+        os.replace(path, hidden)
+        shutil.rmtree(hidden, ignore_errors=True)
+        deleted.append(path)
+    return deleted

@@ -141,10 +141,45 @@ def remove_stale_temporaries(parent: str, name_pattern: str) -> list:
     return stale
 
 
+def parallel_save_strategy(group):
+    """Megatron's fully parallel save (`FullyParallelSaveStrategyWrapper`) over `group` (the
+    ranks holding replicas: data parallel), so that each replica's shards are written once,
+    split over its holders, instead of all by the first; None (the default strategy) when
+    `group` is None or has one rank."""
+    if group is None or dist.get_world_size(group) == 1:
+        return None
+    from megatron.core.dist_checkpointing.serialization import (
+        get_default_save_sharded_strategy,
+    )
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), group)
+
+
+def parallel_load_strategy(directory: str, group):
+    """Megatron's fully parallel load (`FullyParallelLoadStrategyWrapper`) of `directory`
+    over `group`: each replica's shards are read once, split over its holders, and exchanged;
+    None (the default strategy) when `group` is None or has one rank."""
+    if group is None or dist.get_world_size(group) == 1:
+        return None
+    from megatron.core.dist_checkpointing.serialization import (
+        get_default_load_sharded_strategy,
+    )
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelLoadStrategyWrapper,
+    )
+
+    return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(directory), group)
+
+
 def save_checkpoint(model: torch.nn.Module, directory: str, info: CheckpointInfo,
-                    overwrite: bool = False) -> None:
+                    overwrite: bool = False, parallel_group=None) -> None:
     """Save `model` (this rank's part; every rank calls) to `directory` atomically: shards,
-    then model.json, then checksums.json (hashing split over the ranks), then the rename."""
+    then model.json, then checksums.json (hashing split over the ranks), then the rename.
+    `parallel_group`: the ranks holding replicas (e.g. data parallel) split the writing of
+    each replicated shard (`parallel_save_strategy`)."""
     from megatron.core import dist_checkpointing
 
     directory = os.path.abspath(directory)
@@ -166,7 +201,8 @@ def save_checkpoint(model: torch.nn.Module, directory: str, info: CheckpointInfo
         from megatron_dynamoe.runtime.helper_processes import start_checkpoint_writer_manager
 
         start_checkpoint_writer_manager()  # survives the job's preemption signals
-        dist_checkpointing.save(model.sharded_state_dict(), tmp)
+        dist_checkpointing.save(model.sharded_state_dict(), tmp,
+                                sharded_strategy=parallel_save_strategy(parallel_group))
         _barrier()
         # Each step below ends in a collective that hands rank 0's failure to every rank,
         # so no rank waits for a rank that already gave up.

@@ -5,7 +5,7 @@
         --virtual-pipeline-model-parallel-size 5 --expert-model-parallel-size 8 \\
         --expert-tensor-parallel-size 1 --dynamoe-num-shells 8 --sequence-parallel \\
         --micro-batch-size 1 --global-batch-size 256 --seq-length 4096 \\
-        --recompute-granularity selective --bf16 --gpu-memory-gib 80
+        --recompute-granularity selective --bf16 --gpu h100
 
 Prints the resolved layout, the most loaded GPU's memory (weights, gradients, optimizer state,
 activations) and each kind of communication per step. Exit 0: the layout fits. Exit 2 with one
@@ -35,6 +35,7 @@ from megatron_dynamoe.utils.errors import ToolError
 from megatron_dynamoe.planning.planner import (
     FRAGMENTATION,
     GIB,
+    GPU_MEMORY_GIB,
     RESERVED_GIB,
     PlanRequest,
     plan,
@@ -55,9 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-gpus", type=COUNT, help="total GPUs (or --nodes x --gpus-per-node)")
     g.add_argument("--nodes", type=COUNT)
     g.add_argument("--gpus-per-node", type=COUNT)
-    g.add_argument("--gpu-memory-gib", type=POSITIVE, default=80.0,
-                   help="memory of one GPU (default 80: H100 / A100-80GB); on CPU: host "
-                        "memory per rank")
+    g.add_argument("--gpu", choices=sorted(GPU_MEMORY_GIB),
+                   help="the GPU, for its memory: " + ", ".join(
+                       f"{k} {v:g} GiB" for k, v in sorted(GPU_MEMORY_GIB.items())))
+    g.add_argument("--gpu-memory-gib", type=POSITIVE, default=None,
+                   help="memory of one GPU (default: --gpu's, else 80); on CPU: host memory "
+                        "per rank")
     g.add_argument("--reserved-gib", type=NON_NEGATIVE, default=RESERVED_GIB,
                    help=f"per-rank memory outside the model's tensors (default {RESERVED_GIB:g}: "
                         f"CUDA context, NCCL buffers, workspaces; ~1 on CPU for the Python "
@@ -77,9 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-granularity", choices=("selective", "full"), default=None)
     g.add_argument("--recompute-method", choices=("uniform", "block"), default="uniform")
     g.add_argument("--recompute-num-layers", type=COUNT, default=1)
-    g.add_argument("--flash-attention", action="store_true",
-                   help="attention kernels that keep no s x s tensors (Transformer Engine / "
-                        "FlashAttention); default: Megatron's unfused local attention")
+    g.add_argument("--attention-backend", choices=("sdpa", "local"), default="sdpa",
+                   help="as launch/train.py: sdpa (default; like Transformer Engine's, keeps "
+                        "no s x s tensors) or local (Megatron's DotProductAttention)")
+    g.add_argument("--distill", action="store_true",
+                   help="count the distillation teacher (--dynamoe-distill-teacher): its "
+                        "weights and, on the last stage, the step's logits")
     g = p.add_argument_group("batch and precision")
     g.add_argument("--micro-batch-size", type=COUNT, default=1)
     g.add_argument("--global-batch-size", type=COUNT, default=8)
@@ -124,7 +131,9 @@ def request_from_args(args) -> PlanRequest:
         distributed_optimizer=args.use_distributed_optimizer,
         recompute=args.recompute_granularity, recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers, bf16=args.bf16,
-        flash_attention=args.flash_attention, gpu_memory_gib=args.gpu_memory_gib,
+        flash_attention=args.attention_backend == "sdpa", distill=args.distill,
+        gpu_memory_gib=(args.gpu_memory_gib or (GPU_MEMORY_GIB[args.gpu] if args.gpu
+                                                else 80.0)),
         reserved_gib=args.reserved_gib)
 
 
@@ -180,8 +189,11 @@ def report(p) -> str:
                           f"optimizer",
              "activations": f"{p.in_flight} model chunk(s) in flight; recompute " + ", ".join(
                  f"{k}: {size(v).strip()}" for k, v in alt["activations"].items()),
-             "weights": "bf16" if r.bf16 else "fp32", "grads": "fp32 main gradients"}
-    for name in ("weights", "grads", "optimizer", "activations"):
+             "weights": "bf16" if r.bf16 else "fp32", "grads": "fp32 main gradients",
+             "teacher": "frozen dense teacher" + (" + the step's logits"
+                                                  if w.stage == r.pp - 1 else "")}
+    for name in ("weights", "grads", "optimizer", "activations", "teacher")[:5 if r.distill
+                                                                            else 4]:
         lines.append(f"  {name:<12} {size(getattr(w, name))}   ({notes[name]})")
     lines.append(f"  {'total':<12} {size(w.total)}; with {FRAGMENTATION:.0%} "
                  f"fragmentation + {r.reserved_gib:g} GiB reserved: {p.required_gib:.2f} GiB of "

@@ -32,6 +32,9 @@ FRAGMENTATION = 0.10   # caching-allocator fragmentation on top of live tensors
 RESERVED_GIB = 4.0     # CUDA context + cuBLAS workspaces + NCCL communicator buffers
 GRAD_BYTES = 4         # main gradients are fp32 (trainer: grad_reduce_in_fp32=True)
 RECOMPUTE_COST = {None: 0.0, "selective": 0.05, "full": 0.33}  # extra compute per step
+# Device memory of each GPU (nvidia-smi's total MiB / 1024; the nominal "80 GB" / "141 GB"
+# overstate what the allocator can have).
+GPU_MEMORY_GIB = {"a100-40gb": 40.0, "a100": 80.0, "h100": 79.6, "h200": 140.4}
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,10 @@ class PlanRequest:
     recompute_num_layers: int = 1
     bf16: bool = False
     dropout: bool = False                    # our fine-tuning config has no dropout
-    flash_attention: bool = False            # TE / FlashAttention: no s^2 tensors are kept
+    # SDPA (our default attention) / TE: no s^2 tensors are kept; False: Megatron's local
+    # DotProductAttention (--attention-backend local).
+    flash_attention: bool = True
+    distill: bool = False                    # a frozen dense teacher on every GPU
     gpu_memory_gib: float = 80.0
     reserved_gib: float = RESERVED_GIB       # per-process memory outside the model's tensors
 
@@ -315,10 +321,11 @@ class StageMemory:
     grads: float
     optimizer: float
     activations: float
+    teacher: float = 0.0     # distillation: the dense teacher's weights + the step's logits
 
     @property
     def total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.activations
+        return self.weights + self.grads + self.optimizer + self.activations + self.teacher
 
 
 def stage_memory(r: PlanRequest, stage: int) -> StageMemory:
@@ -329,7 +336,22 @@ def stage_memory(r: PlanRequest, stage: int) -> StageMemory:
         opt_dense, opt_expert = opt_dense / (r.dp * r.cp), opt_expert / r.edp
     return StageMemory(stage, dense + expert, (dense + expert) * r.param_bytes,
                        (dense + expert) * GRAD_BYTES, opt_dense + opt_expert,
-                       stage_activation_bytes(r, stage))
+                       stage_activation_bytes(r, stage), teacher_bytes(r, stage))
+
+
+def teacher_bytes(r: PlanRequest, stage: int) -> float:
+    """Distillation's cost on one GPU of `stage` (0 without): the frozen dense teacher at the
+    student's TP / PP (weights only, no gradients or optimizer state) and, on the last stage,
+    its logits [b, s, V / TP] for every micro-batch of the step, which the trainer computes
+    before the student's forward and keeps until the step's last backward."""
+    if not r.distill:
+        return 0.0
+    dense, _ = stage_parameters(dataclasses.replace(r, dynamoe=None), stage)
+    total = dense * r.param_bytes
+    if stage == r.pp - 1:
+        total += (r.num_microbatches * r.micro_batch * r.seq_length // r.cp
+                  * r.arch.vocab_size / r.tp * r.param_bytes)
+    return total
 
 
 def required_gib(total_bytes: float, reserved_gib: float = RESERVED_GIB) -> float:

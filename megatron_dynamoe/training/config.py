@@ -41,6 +41,9 @@ class TrainConfig:
     pretrained_checkpoint: Optional[str] = None
     save: Optional[str] = None
     save_interval: Optional[int] = None
+    # Keep only the newest N checkpoints of --save (older iter_N folders are deleted after
+    # each save completes; the one a resume needs never is). None: keep every one.
+    keep_last_n: Optional[int] = None
     # Start a new run in a --save folder that holds another run's checkpoints (deleting them);
     # without it such a folder is refused unless --load resumes it.
     overwrite: bool = False
@@ -60,6 +63,11 @@ class TrainConfig:
     # so that it resumes at other TP / PP sizes too (each save gathers every shard's state on
     # its data-parallel ranks); the default format resumes at any DP size only.
     dist_ckpt_optim_fully_reshardable: bool = False
+    # Megatron-LM's fully parallel checkpointing: the data-parallel replicas split the writing
+    # (on by default, as in Megatron-LM; --no-ckpt-fully-parallel-save) and, when asked, the
+    # reading of a resume (each shard read once, then exchanged).
+    ckpt_fully_parallel_save: bool = True
+    ckpt_fully_parallel_load: bool = False
     # Layout.
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
@@ -179,6 +187,8 @@ class TrainConfig:
                 interval.check(f"--{f.name.replace('_', '-')}", value)
         if self.save_interval is not None and self.save is None:
             raise ValueError("--save-interval needs --save DIR")
+        if self.keep_last_n is not None and self.save is None:
+            raise ValueError("--keep-last-n needs --save DIR (the folder it prunes)")
         if self.overwrite and self.save is None:
             raise ValueError("--overwrite needs --save DIR (the folder to start over in)")
         if self.lr_decay_style not in LR_DECAY_STYLES:
@@ -303,7 +313,7 @@ RANGES = {
     "expert_model_parallel_size": COUNT, "expert_tensor_parallel_size": COUNT,
     "virtual_pipeline_model_parallel_size": COUNT,
     "micro_batch_size": COUNT, "global_batch_size": COUNT, "seq_length": COUNT,
-    "train_iters": COUNT, "log_interval": COUNT, "save_interval": COUNT,
+    "train_iters": COUNT, "log_interval": COUNT, "save_interval": COUNT, "keep_last_n": COUNT,
     "exit_after_iters": COUNT, "curriculum_window": COUNT,
     "recompute_num_layers": COUNT, "dynamoe_num_shells": COUNT, "ddp_bucket_size": COUNT,
     "lr": NON_NEGATIVE, "min_lr": NON_NEGATIVE, "lr_warmup_iters": NON_NEGATIVE_INT,

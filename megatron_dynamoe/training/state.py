@@ -34,7 +34,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_dynamoe.checkpoint.save_folder import iteration_folder, write_latest_pointer
+from megatron_dynamoe.checkpoint.save_folder import (
+    iteration_folder,
+    prune_checkpoints,
+    write_latest_pointer,
+)
 from megatron_dynamoe.checkpoint.torch_dist import (
     CheckpointError,
     CheckpointInfo,
@@ -226,10 +230,15 @@ class _TrainingState(torch.nn.Module):
 
 def save_training_state(save_dir: str, iteration: int, model, optimizer, scheduler,
                         consumed_samples: int, info: CheckpointInfo,
-                        optimizer_sharding: Optional[str] = None) -> str:
+                        optimizer_sharding: Optional[str] = None,
+                        keep_last_n: Optional[int] = None,
+                        parallel_group=None) -> str:
     """Write SAVE/iter_N (all ranks call) and then point `latest` at it; returns the folder.
     `optimizer_sharding` is the distributed optimizer's format (default OPTIMIZER_SHARDING;
-    'fully_reshardable' lets the checkpoint resume at other TP / PP / VPP sizes too)."""
+    'fully_reshardable' lets the checkpoint resume at other TP / PP / VPP sizes too).
+    `keep_last_n`: then delete all but the newest N iter_N folders (`prune_checkpoints`).
+    `parallel_group`: the ranks holding replicas (data parallel), which split the writing
+    (`save_checkpoint`)."""
     # The layout goes into the common `training` state and model.json (readable without
     # unpickling anything), so that a resume at another layout is refused up front.
     extra = dict(iteration=iteration, consumed_samples=consumed_samples,
@@ -244,9 +253,13 @@ def save_training_state(save_dir: str, iteration: int, model, optimizer, schedul
     state = _TrainingState(model, optimizer, scheduler, extra, is_loading=False,
                            sharding=optimizer_sharding or OPTIMIZER_SHARDING)
     save_checkpoint(state, folder, CheckpointInfo(info.architecture, info.dynamoe,
-                                                  {**info.extra, **extra}), overwrite=True)
+                                                  {**info.extra, **extra}), overwrite=True,
+                    parallel_group=parallel_group)
     if dist.get_rank() == 0:
         write_latest_pointer(save_dir, iteration)
+        if keep_last_n is not None:
+            for path in prune_checkpoints(save_dir, keep_last_n):
+                print(f"deleted {path} (--keep-last-n {keep_last_n})", flush=True)
     dist.barrier()
     return folder
 
@@ -415,7 +428,8 @@ def _rng_kind(folder: str, metadata, rng_layout_changed: bool) -> Optional[str]:
 
 
 def load_training_state(folder: str, model, optimizer, scheduler,
-                        verify_checksums: bool = True) -> Tuple[int, int]:
+                        verify_checksums: bool = True,
+                        parallel_group=None) -> Tuple[int, int]:
     """Restore everything from `folder`; returns (iteration, consumed_samples).
 
     The data-parallel size may differ from the one the checkpoint was written at. TP, PP
@@ -423,10 +437,14 @@ def load_training_state(folder: str, model, optimizer, scheduler,
     non-distributed optimizer's); other changes raise CheckpointError naming the sizes and
     `--pretrained-checkpoint` (weights only). The folder's files are verified first
     (`verify_checkpoint_files`; checksums unless `verify_checksums` is False).
+    `parallel_group`: the ranks holding replicas split the reading (`parallel_load_strategy`).
     """
     from megatron.core import dist_checkpointing
 
-    from megatron_dynamoe.checkpoint.torch_dist import describe_load_failure
+    from megatron_dynamoe.checkpoint.torch_dist import (
+        describe_load_failure,
+        parallel_load_strategy,
+    )
 
     metadata = verify_checkpoint_files(folder, verify_checksums=verify_checksums)
     info = read_info(folder)
@@ -441,7 +459,8 @@ def load_training_state(folder: str, model, optimizer, scheduler,
     try:
         template = state.sharded_state_dict()
         _clear_optimizer_state(optimizer)  # load_state_dict allocates its own
-        loaded = dist_checkpointing.load(template, folder)
+        loaded = dist_checkpointing.load(
+            template, folder, sharded_strategy=parallel_load_strategy(folder, parallel_group))
         model.load_state_dict(loaded["model"])
         # Megatron's parameter-state loaders copy into parameters; they assert, e.g., that
         # the optimizer's buckets are the checkpoint's.

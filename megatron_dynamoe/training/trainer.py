@@ -462,7 +462,9 @@ class Trainer:
         if resume is not None:
             self.iteration, self.consumed_samples = load_training_state(
                 resume[1], self.model, self.optimizer, self.scheduler,
-                verify_checksums=cfg.verify_checksums)
+                verify_checksums=cfg.verify_checksums,
+                parallel_group=(parallel_state.get_data_parallel_group()
+                                if cfg.ckpt_fully_parallel_load else None))
             if logger:
                 logger.text(f"resumed from {resume[1]} at iteration {self.iteration}")
         elif cfg.pretrained_checkpoint or cfg.load:
@@ -572,16 +574,22 @@ class Trainer:
         from megatron_dynamoe.models.registry import with_family
         from megatron_dynamoe.training.state import save_training_state
 
+        from megatron.core import parallel_state
+
         cfg = self.cfg
+        tic = time.time()
         self.sync_params()
         info = self._routing_info(with_family(self.model_info, self.provider.family))
         folder = save_training_state(
             cfg.save, self.iteration, self.model, self.optimizer, self.scheduler,
             self.consumed_samples, info,
             optimizer_sharding=("fully_reshardable" if cfg.dist_ckpt_optim_fully_reshardable
-                                else None))
+                                else None),
+            keep_last_n=cfg.keep_last_n,
+            parallel_group=(parallel_state.get_data_parallel_group()
+                            if cfg.ckpt_fully_parallel_save else None))
         if self.logger:
-            self.logger.text(f"saved {folder}")
+            self.logger.text(f"saved {folder} in {time.time() - tic:.1f} s")
         return folder
 
     def _routing_info(self, info):
