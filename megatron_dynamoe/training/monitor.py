@@ -76,23 +76,29 @@ class TrainingMonitor:
 
     def iteration(self, iteration: int, cfg: TrainConfig, *, loss, theta, grad_norm, lr,
                   seconds, model, skipped=False, scalars=None, distill_kl=None,
-                  level=None) -> None:
+                  level=None, timings=None, step_flops=None, peak_flops=None) -> None:
         """Log iteration `iteration`; `scalars` is a callable returning the model family's
         extra TensorBoard scalars (tag -> value), called only when TensorBoard is written.
         `level` is a static-sampled run's level of the iteration (shown instead of theta).
+        `timings`: the step's seconds by part (StepResult.timings); `step_flops(ffn_fraction,
+        labelled)`: its model FLOPs (training.throughput), shown as TFLOP/s per GPU, and MFU
+        against `peak_flops` (FLOP/s of one GPU; None: not shown).
         Called once per iteration on every rank: it also resets the statistics windows."""
         holders = self._holders(model)
         try:
             if self.enabled:
                 self._log(iteration, cfg, loss=loss, theta=theta, grad_norm=grad_norm, lr=lr,
                           seconds=seconds, skipped=skipped, scalars=scalars,
-                          distill_kl=distill_kl, holders=holders, level=level)
+                          distill_kl=distill_kl, holders=holders, level=level,
+                          timings=timings or {}, step_flops=step_flops,
+                          peak_flops=peak_flops)
         finally:
             for holder in holders:
                 holder.stat_sums.reset()
 
     def _log(self, iteration: int, cfg: TrainConfig, *, loss, theta, grad_norm, lr, seconds,
-             skipped, scalars, distill_kl, holders, level=None) -> None:
+             skipped, scalars, distill_kl, holders, level=None, timings=None,
+             step_flops=None, peak_flops=None) -> None:
         from megatron_dynamoe.dynamoe.layer import DynaMoELayer, read_stat_sums
 
         if self.first_iteration is None:
@@ -108,6 +114,8 @@ class TrainingMonitor:
                          for layer, sums in zip(layers, read_stat_sums(layers))]
         fractions = [s["ffn_fraction"] for s in summaries if s["ffn_fraction"] is not None]
         ffn = sum(fractions) / len(fractions) if fractions else 1.0
+        rates = _rates(seconds, step_flops, peak_flops, ffn if layers else None,
+                       any(s["labelled_forwards"] for s in summaries))
         if w is not None:
             if loss is not None:
                 w.add_scalar("lm loss", loss, iteration)
@@ -129,6 +137,12 @@ class TrainingMonitor:
                 w.add_scalar("dynamoe/ffn-compute-fraction", ffn, iteration)
             w.add_scalar("memory/max-rss-gb",
                          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, iteration)
+            for part, value in (timings or {}).items():
+                w.add_scalar(f"time/{part}-ms", value * 1e3, iteration)
+            for tag, value in rates.items():
+                w.add_scalar(f"throughput/{tag}", value, iteration)
+            for tag, value in _cuda_memory_gib().items():
+                w.add_scalar(f"memory/cuda-{tag}-gb", value, iteration)
             for layer, summary in zip(layers, summaries):
                 self._layer_events(w, layer, summary, iteration)
         if log_line:
@@ -144,7 +158,8 @@ class TrainingMonitor:
                   + ((f"level: {level} | " if level is not None else f"theta: {theta:.3f} | ")
                      + f"FFN compute: {ffn:.3f} | " if layers else "")
                   + f"tokens/s: {tokens_per_s:.1f} | "
-                  f"ETA: {eta:.0f} s" + (" | skipped" if skipped else ""),
+                  + _throughput_text(rates, timings or {})
+                  + f"ETA: {eta:.0f} s" + (" | skipped" if skipped else ""),
                   file=self.stream, flush=True)
         if w is not None:
             w.flush()
@@ -174,6 +189,52 @@ class TrainingMonitor:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _rates(seconds: float, step_flops, peak_flops, ffn_fraction, labelled) -> Dict[str, float]:
+    """tflops-per-gpu (the step's model FLOPs over its time and the world's GPUs) and mfu
+    (that over the GPU's peak), where known."""
+    import torch.distributed as dist
+
+    if step_flops is None or seconds <= 0:
+        return {}
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    per_gpu = step_flops(ffn_fraction, labelled) / seconds / world
+    rates = {"tflops-per-gpu": per_gpu / 1e12}
+    if peak_flops:
+        rates["mfu"] = per_gpu / peak_flops
+    return rates
+
+
+def _cuda_memory_gib() -> Dict[str, float]:
+    """This process's CUDA memory (allocated, reserved by the caching allocator, peak
+    allocated since the start) in GiB; empty off CUDA. Host-side counters: no sync."""
+    from megatron_dynamoe.runtime.device import current
+
+    if not current().is_cuda:
+        return {}
+    return {"allocated": torch.cuda.memory_allocated() / 2 ** 30,
+            "reserved": torch.cuda.memory_reserved() / 2 ** 30,
+            "peak": torch.cuda.max_memory_allocated() / 2 ** 30}
+
+
+def _throughput_text(rates: Dict[str, float], timings: Dict[str, float]) -> str:
+    """The log line's throughput, time split and CUDA memory fields."""
+    text = ""
+    if "tflops-per-gpu" in rates:
+        text += f"TFLOP/s/GPU: {rates['tflops-per-gpu']:.2f} | "
+    if "mfu" in rates:
+        text += f"MFU: {100 * rates['mfu']:.1f}% | "
+    parts = [p for p in ("forward-backward", "optimizer", "data", "teacher") if p in timings]
+    if parts:
+        text += (f"ms ({'/'.join(parts)}): "
+                 + "/".join(f"{1e3 * timings[p]:.0f}" for p in parts) + " | ")
+    memory = _cuda_memory_gib()
+    if memory:
+        text += ("GiB (alloc/reserved/peak): "
+                 + "/".join(f"{memory[k]:.1f}" for k in ("allocated", "reserved", "peak"))
+                 + " | ")
+    return text
 
 
 def _add_level_histogram(w, tag: str, counts: List[float], iteration: int) -> None:

@@ -200,6 +200,7 @@ class _MicroBatches:
         self._positions = micro_batch_starts(start, micro_batch_size, count, dp_rank, dp_size)
         self._source, self._mbs = source, micro_batch_size
         self._teacher_logits, self._index = teacher_logits, 0
+        self.seconds = 0.0  # host time spent reading and placing batches (the data wait)
 
     def __iter__(self):
         return self
@@ -207,8 +208,10 @@ class _MicroBatches:
     def __next__(self):
         if self._index == len(self._positions):
             raise StopIteration
+        tic = time.perf_counter()
         # The one way a batch reaches the model's device (pinned, non-blocking on a GPU).
         batch = place_batch(self._source(self._positions[self._index], self._mbs))
+        self.seconds += time.perf_counter() - tic
         if self._teacher_logits:
             batch["teacher_logits"] = self._teacher_logits[self._index]
         self._index += 1
@@ -345,6 +348,28 @@ def build_training_model(cfg: TrainConfig, provider):
     return config, build_model_chunks(provider, config)
 
 
+class _StepClock:
+    """Splits a step's wall-clock time into parts. Each `mark(part)` waits for the device
+    (one synchronisation per part, a few per step, as Megatron-LM's timers do) and books the
+    time since the previous mark to `part`, less the data wait that fell into it (`data_seconds`
+    counts the host time spent reading batches, booked as "data")."""
+
+    def __init__(self, start: float, data_seconds: Callable[[], float]):
+        self._last, self._data_seconds, self._data_booked = start, data_seconds, 0.0
+        self.timings: Dict[str, float] = {"data": 0.0}
+
+    def mark(self, part: str) -> None:
+        from megatron_dynamoe.runtime.device import current
+
+        if current().is_cuda:
+            torch.cuda.synchronize()
+        now, data = time.time(), self._data_seconds()
+        fresh = data - self._data_booked
+        self.timings[part] = max(0.0, now - self._last - fresh)
+        self.timings["data"] += fresh
+        self._last, self._data_booked = now, data
+
+
 def _per_chunk(functions: list):
     """Megatron's config hooks (no_sync_func, grad_sync_func): one per model chunk, or the
     function itself with one chunk."""
@@ -368,6 +393,9 @@ class StepResult:
     theta: float
     seconds: float
     level: Optional[int] = None
+    # Seconds by part: data (reading and placing batches), teacher (its forward, data
+    # excluded), forward-backward (the schedule, data excluded), optimizer.
+    timings: Dict[str, float] = field(default_factory=dict)
 
     @property
     def skipped(self) -> bool:
@@ -491,12 +519,31 @@ class Trainer:
         self._dp_size = parallel_state.get_data_parallel_world_size()
         self.num_microbatches = cfg.num_microbatches(self._dp_size)
         self._forward_backward = get_forward_backward_func()
+        self._iterators: List[_MicroBatches] = []
+        # The log's TFLOP/s per GPU and MFU (training.throughput): the step's model FLOPs as
+        # a function of the FFN fraction the DynaMoE layers ran at and of a labelled step.
+        from megatron_dynamoe.runtime.device import current as current_device
+        from megatron_dynamoe.training.throughput import peak_flops, step_model_flops
+
+        self.step_flops = functools.partial(
+            step_model_flops, model_info.architecture,
+            model_info.dynamoe if provider.family == "dynamoe" else None, cfg.seq_length,
+            cfg.global_batch_size * cfg.seq_length, teacher=self.teacher is not None)
+        device = current_device()
+        self.peak_flops = (peak_flops(torch.cuda.get_device_name(device.device), cfg.bf16)
+                           if device.is_cuda else None)
 
     def _micro_batches(self, start: int, teacher_logits=None) -> list:
-        # One iterator per model chunk (the interleaved schedule pulls from each).
-        return [_MicroBatches(self.source, start, self.cfg.micro_batch_size,
-                              self.num_microbatches, self._dp_rank, self._dp_size,
-                              teacher_logits) for _ in self.model]
+        # One iterator per model chunk (the interleaved schedule pulls from each); kept, so
+        # that the step can report its data wait.
+        iterators = [_MicroBatches(self.source, start, self.cfg.micro_batch_size,
+                                   self.num_microbatches, self._dp_rank, self._dp_size,
+                                   teacher_logits) for _ in self.model]
+        self._iterators.extend(iterators)
+        return iterators
+
+    def _data_seconds(self) -> float:
+        return sum(it.seconds for it in self._iterators)
 
     def train_step(self) -> StepResult:
         """Do one iteration at `iteration` (collective over the whole layout): draw its
@@ -515,6 +562,7 @@ class Trainer:
 
         cfg = self.cfg
         tic = time.time()
+        self._iterators = []
         theta = sample_sensitivity(cfg, self.iteration)
         set_sensitivity(self.model, theta)
         level = None
@@ -528,6 +576,9 @@ class Trainer:
             teacher_logits = self.teacher.logits_for(
                 functools.partial(self._micro_batches, self.consumed_samples),
                 self.num_microbatches, cfg.seq_length, cfg.micro_batch_size)
+        clock = _StepClock(tic, self._data_seconds)
+        if self.teacher is not None:
+            clock.mark("teacher")
         for ddp in self.ddps:
             ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -546,9 +597,11 @@ class Trainer:
             if "found NaN" in str(e) or "found Inf" in str(e):
                 raise TrainingDiverged(self.iteration + 1, cfg, str(e)) from e
             raise
+        clock.mark("forward-backward")
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
+        clock.mark("optimizer")
         self.iteration += 1
         self.consumed_samples += cfg.global_batch_size
         loss = _dp_mean_loss(reports)
@@ -556,7 +609,7 @@ class Trainer:
                       if self.teacher is not None and reports else None)
         return StepResult(iteration=self.iteration, loss=loss, distill_kl=distill_kl,
                           grad_norm=grad_norm, ok=ok, theta=theta, seconds=time.time() - tic,
-                          level=level)
+                          level=level, timings=clock.timings)
 
     def sync_params(self) -> None:
         """Bring every rank's model parameters up to date now (collective). With
@@ -653,7 +706,9 @@ class Trainer:
                             lr=self.scheduler.get_lr(self.optimizer.param_groups[0]),
                             seconds=step.seconds, model=self.model, skipped=step.skipped,
                             scalars=functools.partial(self.provider.scalars, self.model),
-                            distill_kl=step.distill_kl, level=step.level)
+                            distill_kl=step.distill_kl, level=step.level,
+                            timings=step.timings, step_flops=self.step_flops,
+                            peak_flops=self.peak_flops)
                     if self.on_iteration:
                         self.on_iteration(step.iteration)
                     stop_now = stop.agreed()  # collective: every rank, every iteration
