@@ -35,7 +35,11 @@ from megatron_dynamoe.training.trainer import train
 def _source(seq_length: int, vocab: int):
     table = torch.randint(0, vocab, (256, seq_length + 1),
                           generator=torch.Generator().manual_seed(0))
-    mask = causal_attention_mask(seq_length)
+    # As the trainer's batches: no mask with the default sdpa attention (causal by the
+    # layers' mask type, the flash path on GPUs).
+    from megatron_dynamoe.runtime.transformer_impl import attention_backend
+
+    mask = causal_attention_mask(seq_length) if attention_backend() == "local" else None
 
     def source(position, mbs):
         rows = table[[(position + i) % 256 for i in range(mbs)]]
@@ -89,8 +93,11 @@ def main(argv=None) -> int:
               for t in args.sensitivities.split(",")]
     rows = []
     for name, theta, dyn in cases:
-        cfg = TrainConfig(**base, **({} if theta is None else dict(
-            dynamoe_sensitivity_min=theta, dynamoe_sensitivity_max=theta)))
+        # The dense model has no experts to spread: at EP > 1 it runs data-parallel over
+        # the same GPUs (Megatron folds EP into DP for non-expert layers anyway).
+        cfg = TrainConfig(**{**base, **(dict(expert_model_parallel_size=1) if theta is None
+                                        else dict(dynamoe_sensitivity_min=theta,
+                                                  dynamoe_sensitivity_max=theta))})
         initialize_parallel(cfg.layout)
         times = []
         last = [time.perf_counter()]

@@ -286,8 +286,11 @@ dyn_requeue_or_finish() {
 # ---- 70B defaults (moefy_70b.sh and convert_70b.sh agree on them) --------------------------
 # 64 GPUs: TP=8 inside a node (NVLink), PP=4 x VPP=5 (4 layers per model chunk: the
 # interleaved schedule cuts the 1F1B bubble (PP-1)/M from 4.7 % to 0.9 % at 64 micro-batches),
-# EP=8 with expert TP 1 (Megatron's expert grid ETP x EP x PP = 32 divides 64 GPUs; one of the
-# 8 shells per GPU), DP=2, sequence parallel, distributed optimizer, selective recompute.
+# EP=4 with expert TP 1 (Megatron's expert grid ETP x EP x PP = 16 divides 64 GPUs; 2 of the
+# 8 shells per GPU, dealt serpentine, so every EP rank does the mean FFN fraction's work: with
+# EP=8 the GPU holding the first shell, which every token needs, would set the pace at any
+# theta; `tools/plan_layout.py --rank-expert-layouts`), DP=2, sequence parallel, distributed
+# optimizer, no recompute (sdpa attention).
 dyn_defaults_70b() {
   MODEL=${MODEL:-llama2-70b}
   case "$MODEL" in
@@ -302,7 +305,7 @@ dyn_defaults_70b() {
   TP=${TP:-8}
   PP=${PP:-4}
   VPP=${VPP-5}                                 # VPP= (empty) turns interleaving off
-  EP=${EP:-8}
+  EP=${EP:-4}
   ETP=${ETP:-1}
   MICRO_BATCH=${MICRO_BATCH:-1}
   GLOBAL_BATCH=${GLOBAL_BATCH:-128}
@@ -312,7 +315,7 @@ dyn_defaults_70b() {
   RECOMPUTE=${RECOMPUTE:-none}
   RECOMPUTE_METHOD=${RECOMPUTE_METHOD:-uniform}
   RECOMPUTE_NUM_LAYERS=${RECOMPUTE_NUM_LAYERS:-1}
-  # GPU memory the planner fits into (nvidia-smi's total, as planning.GPU_MEMORY_GIB;
+  # GPU memory the planner fits into (nvidia-smi's total, as planning.gpus;
   # GPU_MEMORY_GIB overrides).
   GPU_TYPE=${GPU_TYPE:-h100}
   case "$GPU_TYPE" in

@@ -299,3 +299,87 @@ def test_gpu_presets_and_attention_backend_flags(capsys):
     assert with_teacher["teacher"] > 2 * GIB
     assert with_teacher["total"] == pytest.approx(run()["stages"][3]["total"]
                                                   + with_teacher["teacher"])
+
+
+def test_critical_path_by_hand_for_three_layouts():
+    """8 shells in 4 levels (2 / 4 / 6 / 8 shells), a skewed level profile p = (0.1, 0.2,
+    0.3, 0.4): shells 0-1 serve every token, 2-3 serve 0.9, 4-5 serve 0.7, 6-7 serve 0.4
+    (mean FFN (2 + 1.8 + 1.4 + 0.8) / 8 = 0.75)."""
+    from megatron_dynamoe.planning.critical_path import (
+        ffn_critical_path,
+        mean_ffn_fraction,
+        rank_loads,
+        shell_loads,
+    )
+
+    dyn, p = DynaMoEConfig(num_shells=8), (0.1, 0.2, 0.3, 0.4)
+    assert shell_loads(dyn, p) == pytest.approx([1, 1, .9, .9, .7, .7, .4, .4])
+    assert mean_ffn_fraction(dyn, p) == pytest.approx(0.75)
+    # EP = 1 (expert TP only): every GPU a slice of every shell, the mean fraction.
+    assert ffn_critical_path(dyn, p, 1) == pytest.approx(0.75)
+    # EP = 8: one shell per rank; rank 0 holds shell 0, which every token needs.
+    assert rank_loads(dyn, p, 8) == pytest.approx([1, 1, .9, .9, .7, .7, .4, .4])
+    assert ffn_critical_path(dyn, p, 8) == pytest.approx(1.0)
+    # EP = 4, serpentine: ranks hold {0, 7}, {1, 6}, {2, 5}, {3, 4}; 4/8 of their loads.
+    assert rank_loads(dyn, p, 4) == pytest.approx([0.7, 0.7, 0.8, 0.8])
+    assert ffn_critical_path(dyn, p, 4) == pytest.approx(0.8)
+
+
+def test_expert_layout_ranking_for_the_70b_default():
+    """LLaMA-2-70B at TP=8 PP=4 VPP=5 on 64 H100, uniform levels: EP=8 (one shell per GPU)
+    saves nothing (critical path 1); EP=4 with ETP=1 reaches the mean FFN fraction 0.625
+    and fits; EP=1 with ETP=8 would too but needs every token's 8 shell copies on every GPU
+    (label steps) and does not fit. The all-to-all by hand: 64 micro-batches x 4096 tokens
+    / 8 (SP) x 5 copies (0.625 x 8) x 3/4 off the GPU x 2 bytes x h, in and out, forward and
+    backward, x 20 MoE layers of stage 0."""
+    from megatron_dynamoe.planning.critical_path import layout_time, rank_expert_layouts
+
+    ranked = rank_expert_layouts(LLAMA2)
+    first, plan_first = ranked[0]
+    assert (first.etp, first.ep) == (1, 4) and plan_first.fits
+    assert first.critical_path == pytest.approx(0.625)
+    current = layout_time(LLAMA2, (0.25,) * 4)
+    assert (current.etp, current.ep, current.critical_path) == (1, 8, pytest.approx(1.0))
+    assert first.all_to_all_bytes == pytest.approx(
+        4 * 64 * 4096 / 8 * 5 * 3 / 4 * 2 * H * 20)
+    assert first.ffn_seconds == pytest.approx(0.625 * current.ffn_seconds)
+    no_ep = [(t, q) for t, q in ranked if (t.etp, t.ep) == (8, 1)][0]
+    assert no_ep[0].critical_path == pytest.approx(0.625) and not no_ep[1].fits
+
+
+def test_plan_layout_prints_the_critical_path_and_a_faster_grid(capsys):
+    from megatron_dynamoe.cli.plan_layout import main
+
+    assert main(DEFAULT_FLAGS + ["--gpu", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert "ETP=1 EP=8 ranks at 1.000, 1.000, 0.750, 0.750, 0.500, 0.500, 0.250, 0.250 x " \
+           "dense -> 1.000" in out
+    assert "faster expert grid that fits: ETP=1 EP=4 (critical path 0.625" in out
+    assert main(DEFAULT_FLAGS + ["--level-profile", "0.1,0.2,0.3,0.4", "--rank-expert-layouts",
+                                 "--expert-model-parallel-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "ranks at 0.700, 0.700, 0.800, 0.800 x dense -> 0.800" in out
+    assert "expert grids (fastest first)" in out and "faster expert grid" not in out
+
+
+DOC_FLAGS = ["--model", "llama2-70b", "--nodes", "8", "--gpus-per-node", "8",
+             "--tensor-model-parallel-size", "8", "--pipeline-model-parallel-size", "4",
+             "--virtual-pipeline-model-parallel-size", "5", "--expert-model-parallel-size", "4",
+             "--expert-tensor-parallel-size", "1", "--dynamoe-num-shells", "8",
+             "--sequence-parallel", "--micro-batch-size", "1", "--global-batch-size", "128",
+             "--seq-length", "4096", "--bf16", "--gpu", "h100"]
+
+
+def test_tool_on_the_documented_70b_command(capsys):
+    """docs/launching.md's command (the SLURM default layout): the recorded numbers."""
+    result = run_tool_here("tools/plan_layout.py", *DOC_FLAGS, "--rank-expert-layouts")
+    out = capsys.readouterr().out
+    assert result.returncode == 0, result.stderr
+    assert "TP=8 PP=4 VPP=5 EP=4 ETP=1 CP=1 -> DP=2, expert DP=4" in out
+    assert "58.39 GiB; with 10% fragmentation + 4 GiB reserved: 68.22 GiB of 79.6 GiB" in out
+    assert "expert-parallel all-to-all      240.00 GiB" in out
+    rows = {tuple(line.split()[:2]): line.split()[2:] for line in out.splitlines()
+            if line.startswith("    ") and line.split()[0].isdigit()}
+    assert rows[("1", "4")] == ["0.625", "2.11", "yes", "68.2"]
+    assert rows[("1", "8")] == ["1.000", "3.22", "yes", "57.4"]
+    assert rows[("8", "1")] == ["0.625", "1.75", "no", "145.9"]

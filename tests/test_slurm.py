@@ -214,17 +214,20 @@ def test_70b_dry_run_prints_layout_command_and_verdict(tmp_path):
     result = _dry_run("moefy_70b.sh", RUN_DIR=str(tmp_path / "run"))
     out = result.stderr
     assert result.returncode == 0, out
-    assert ("resolved: MODEL=llama2-70b NODES=8 GPUS_PER_NODE=8 (64 ranks) TP=8 PP=4 VPP=5 EP=8 "
+    assert ("resolved: MODEL=llama2-70b NODES=8 GPUS_PER_NODE=8 (64 ranks) TP=8 PP=4 VPP=5 EP=4 "
             "ETP=1 NUM_SHELLS=8 MICRO_BATCH=1 GLOBAL_BATCH=128 SEQ_LEN=4096") in out
-    assert "TP=8 PP=4 VPP=5 EP=8 ETP=1 CP=1 -> DP=2, expert DP=2" in out
-    assert "verdict: fits (57.4 GiB <= 79.6 GiB per GPU)" in out
+    assert "TP=8 PP=4 VPP=5 EP=4 ETP=1 CP=1 -> DP=2, expert DP=4" in out
+    assert "verdict: fits (68.2 GiB <= 79.6 GiB per GPU)" in out
+    # Every EP rank at the mean FFN fraction: no faster expert grid to suggest.
+    assert "EP=4 ranks at 0.625, 0.625, 0.625, 0.625 x dense -> 0.625" in out
+    assert "faster expert grid" not in out
     # The container by default: the project's image, which does not exist here (noted only).
     assert f"note: CONTAINER_IMAGE={DEFAULT_IMAGE} does not exist yet" in out
     command = out.split("would run: ", 1)[1]
     assert command.startswith("srun --nodes=8 --ntasks-per-node=8 --gpus-per-node=8 "
                               "--cpus-per-task=8 --kill-on-bad-exit=1 --container-image=")
     for flag in ("--tensor-model-parallel-size 8", "--pipeline-model-parallel-size 4",
-                 "--virtual-pipeline-model-parallel-size 5", "--expert-model-parallel-size 8",
+                 "--virtual-pipeline-model-parallel-size 5", "--expert-model-parallel-size 4",
                  "--expert-tensor-parallel-size 1", "--sequence-parallel", "--bf16",
                  f"--save {tmp_path}/run/checkpoints", "--keep-last-n 3",
                  "--attention-backend sdpa",
@@ -249,7 +252,7 @@ def test_70b_dry_run_prints_layout_command_and_verdict(tmp_path):
     assert (cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size,
             cfg.virtual_pipeline_model_parallel_size, cfg.expert_model_parallel_size,
             cfg.sequence_parallel, cfg.bf16, cfg.recompute_granularity) == \
-        (8, 4, 5, 8, True, True, None)
+        (8, 4, 5, 4, True, True, None)
     assert cfg.layout.expert_tensor_parallel_size == 1
     assert (cfg.device, cfg.transformer_impl, cfg.distributed_timeout_minutes) == \
         ("cuda", "local", 30)
@@ -352,13 +355,13 @@ def test_tiny_dry_run_cpu_without_container_and_gpu_in_container(tmp_path):
 
 
 def test_70b_dry_run_refuses_a_layout_that_does_not_fit(tmp_path):
-    # Megatron's local attention keeps the s x s scores (with sdpa, PP=2 fits: 67.0 GiB).
+    # Megatron's local attention keeps the s x s scores (with sdpa, PP=2 needs less).
     result = _dry_run("moefy_70b.sh", PP="2", VPP="", RECOMPUTE="none",
                       ATTENTION_BACKEND="local", RUN_DIR=str(tmp_path / "run"))
     assert result.returncode == 2
-    assert "error: layout refused: llama2-70b needs 89.0 GiB per GPU" in result.stderr
+    assert "error: layout refused: llama2-70b needs 110.6 GiB per GPU" in result.stderr
     assert "but a GPU has 79.6 GiB" in result.stderr
-    assert "a layout that fits (75.9 GiB): TP=8 PP=4 VPP= EP=8" in result.stderr
+    assert "a layout that fits (75.0 GiB): TP=8 PP=8 VPP= EP=4" in result.stderr
     assert "nothing was launched" in result.stderr and "would run" not in result.stderr
 
 

@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from typing import List
 
 from megatron_dynamoe.cli.common import (
     COUNT,
@@ -35,12 +36,12 @@ from megatron_dynamoe.utils.errors import ToolError
 from megatron_dynamoe.planning.planner import (
     FRAGMENTATION,
     GIB,
-    GPU_MEMORY_GIB,
     RESERVED_GIB,
     PlanRequest,
     plan,
     stage_memory,
 )
+from megatron_dynamoe.planning.gpus import GPUS
 from megatron_dynamoe.planning.search import env_assignments, suggest, train_flags
 from megatron_dynamoe.runtime.parallel import ParallelLayout
 
@@ -56,9 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-gpus", type=COUNT, help="total GPUs (or --nodes x --gpus-per-node)")
     g.add_argument("--nodes", type=COUNT)
     g.add_argument("--gpus-per-node", type=COUNT)
-    g.add_argument("--gpu", choices=sorted(GPU_MEMORY_GIB),
-                   help="the GPU, for its memory: " + ", ".join(
-                       f"{k} {v:g} GiB" for k, v in sorted(GPU_MEMORY_GIB.items())))
+    g.add_argument("--gpu", choices=sorted(GPUS),
+                   help="the GPU, for its memory (and the layout ranking's speeds): "
+                        + ", ".join(f"{k} {v.memory_gib:g} GiB" for k, v in
+                                    sorted(GPUS.items())))
     g.add_argument("--gpu-memory-gib", type=POSITIVE, default=None,
                    help="memory of one GPU (default: --gpu's, else 80); on CPU: host memory "
                         "per rank")
@@ -93,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seq-length", type=COUNT, default=256)
     g.add_argument("--bf16", action="store_true", help="bf16 weights/activations with fp32 "
                                                        "main params (default: fp32, as on CPU)")
+    g = p.add_argument_group("expert layout for time (DynaMoE)")
+    g.add_argument("--level-profile", default=None,
+                   help="share of tokens at each level, comma-separated (e.g. the level "
+                        "counts tools/evaluate.py reports at your theta); default uniform")
+    g.add_argument("--rank-expert-layouts", action="store_true",
+                   help="list every expert grid (ETP x EP) for this attention layout, "
+                        "fastest estimated FFN time first")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -132,7 +141,7 @@ def request_from_args(args) -> PlanRequest:
         recompute=args.recompute_granularity, recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers, bf16=args.bf16,
         flash_attention=args.attention_backend == "sdpa", distill=args.distill,
-        gpu_memory_gib=(args.gpu_memory_gib or (GPU_MEMORY_GIB[args.gpu] if args.gpu
+        gpu_memory_gib=(args.gpu_memory_gib or (GPUS[args.gpu].memory_gib if args.gpu
                                                 else 80.0)),
         reserved_gib=args.reserved_gib)
 
@@ -172,6 +181,37 @@ def alternatives(p) -> dict:
                 r, recompute=rec), stage).activations for rec in (None, "selective", "full")}}
 
 
+def expert_layout_lines(p, profile, gpu: str, every: bool) -> List[str]:
+    """The FFN critical path of the plan's expert grid, and the fastest grid that fits when
+    another one is faster (all of them with `every`)."""
+    from megatron_dynamoe.planning.critical_path import (
+        layout_time,
+        mean_ffn_fraction,
+        rank_expert_layouts,
+        rank_loads,
+    )
+
+    r = p.request
+    mine = layout_time(r, profile, gpu)
+    loads = ", ".join(f"{x:.3f}" for x in rank_loads(r.dynamoe, profile, r.ep))
+    lines = [f"FFN critical path (level profile {', '.join(f'{x:.3g}' for x in profile)}: "
+             f"mean FFN {mean_ffn_fraction(r.dynamoe, profile):.3f}): ETP={r.expert_tp} "
+             f"EP={r.ep} ranks at {loads} x dense -> {mine.critical_path:.3f}; est. FFN "
+             f"{mine.ffn_seconds:.2f} s + all-to-all {mine.all_to_all_seconds:.2f} s per step "
+             f"({gpu})"]
+    ranked = rank_expert_layouts(r, profile, gpu)
+    best = next((t for t, q in ranked if q.fits), None)
+    if best is not None and best.seconds < mine.seconds - 1e-9:
+        lines.append(f"faster expert grid that fits: ETP={best.etp} EP={best.ep} (critical "
+                     f"path {best.critical_path:.3f}, est. {best.seconds:.2f} s vs "
+                     f"{mine.seconds:.2f} s): EP={best.ep} ETP={best.etp}")
+    if every:
+        lines.append("expert grids (fastest first): ETP EP critical-path est-s fits GiB")
+        lines += [f"  {t.etp:3d} {t.ep:2d} {t.critical_path:13.3f} {t.seconds:6.2f} "
+                  f"{'yes' if q.fits else 'no':>4} {q.required_gib:6.1f}" for t, q in ranked]
+    return lines
+
+
 def report(p) -> str:
     r, w = p.request, p.worst
     kind = f"DynaMoE, {r.dynamoe.num_shells} shells" if r.dynamoe else "dense"
@@ -205,7 +245,7 @@ def report(p) -> str:
     return "\n".join(lines)
 
 
-def as_json(p, fallback) -> dict:
+def as_json(p, fallback, profile=None, gpu: str = "h100") -> dict:
     def plan_dict(q):
         out = dict(layout=dict(tp=q.request.tp, pp=q.request.pp, vpp=q.request.vpp,
                                ep=q.request.ep, etp=q.request.expert_tp, cp=q.request.cp,
@@ -227,12 +267,37 @@ def as_json(p, fallback) -> dict:
     result = plan_dict(p) | {"model": p.request.model, "num_gpus": p.request.num_gpus,
                              "gpu_memory_gib": p.request.gpu_memory_gib}
     result["suggestion"] = plan_dict(fallback) if fallback else None
+    if profile is not None and not p.problems:
+        from megatron_dynamoe.planning.critical_path import rank_expert_layouts
+
+        result["level_profile"] = list(profile)
+        result["expert_layouts"] = [dict(dataclasses.asdict(t), seconds=t.seconds,
+                                         fits=q.fits, required_gib=q.required_gib)
+                                    for t, q in rank_expert_layouts(p.request, profile, gpu)]
     return result
+
+
+def _profile(args, request):
+    from megatron_dynamoe.planning.critical_path import check_profile, uniform_profile
+
+    if request.dynamoe is None:
+        if args.level_profile or args.rank_expert_layouts:
+            raise ToolError("--level-profile / --rank-expert-layouts need a DynaMoE model: "
+                            "drop --dense")
+        return None
+    if args.level_profile is None:
+        return uniform_profile(request.dynamoe)
+    try:
+        return check_profile(request.dynamoe, [float(x) for x in args.level_profile.split(",")])
+    except ValueError as e:
+        raise ToolError(f"--level-profile: {e}") from None
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     request = request_from_args(args)
+    profile = _profile(args, request)
+    gpu = args.gpu or "h100"
     p = plan(request)
     fallback = None
     if p.problems:
@@ -243,15 +308,17 @@ def main(argv=None) -> int:
         reason = (f"{request.model} needs {p.required_gib:.1f} GiB per GPU at "
                   f"{layout_line(request).split(';')[0]} but a GPU has "
                   f"{request.gpu_memory_gib:g} GiB")
+    extra = (expert_layout_lines(p, profile, gpu, args.rank_expert_layouts)
+             if profile is not None and not p.problems else [])
     if p.fits:
-        print(json.dumps(as_json(p, None), indent=1) if args.json else
-              report(p) + f"\nverdict: fits ({p.required_gib:.1f} GiB <= "
-                          f"{request.gpu_memory_gib:g} GiB per GPU)")
+        print(json.dumps(as_json(p, None, profile, gpu), indent=1) if args.json else
+              "\n".join([report(p), *extra]) + f"\nverdict: fits ({p.required_gib:.1f} GiB <= "
+                                                f"{request.gpu_memory_gib:g} GiB per GPU)")
         return 0
     if args.json:
-        print(json.dumps(as_json(p, fallback), indent=1))
+        print(json.dumps(as_json(p, fallback, profile, gpu), indent=1))
     else:
-        print(report(p) + "\nverdict: REFUSED")
+        print("\n".join([report(p), *extra]) + "\nverdict: REFUSED")
         if fallback:
             print(f"a layout that fits ({fallback.required_gib:.1f} GiB per GPU):\n"
                   f"  {layout_line(fallback.request)}\n"

@@ -32,9 +32,6 @@ FRAGMENTATION = 0.10   # caching-allocator fragmentation on top of live tensors
 RESERVED_GIB = 4.0     # CUDA context + cuBLAS workspaces + NCCL communicator buffers
 GRAD_BYTES = 4         # main gradients are fp32 (trainer: grad_reduce_in_fp32=True)
 RECOMPUTE_COST = {None: 0.0, "selective": 0.05, "full": 0.33}  # extra compute per step
-# Device memory of each GPU (nvidia-smi's total MiB / 1024; the nominal "80 GB" / "141 GB"
-# overstate what the allocator can have).
-GPU_MEMORY_GIB = {"a100-40gb": 40.0, "a100": 80.0, "h100": 79.6, "h200": 140.4}
 
 
 @dataclass(frozen=True)

@@ -12,23 +12,15 @@ from __future__ import annotations
 
 from typing import Optional
 
-# Dense tensor-core peak FLOP/s per GPU (NVIDIA data sheets, SXM parts, no sparsity): bf16
-# and plain fp32 (torch does not use TF32 for fp32 matmuls by default). Longest name first.
-PEAK_FLOPS = (
-    ("H100 PCIe", 756e12, 51.2e12),
-    ("H200", 989.4e12, 66.9e12),
-    ("H100", 989.4e12, 66.9e12),
-    ("A100", 312e12, 19.5e12),
-)
-
-
 def peak_flops(device_name: str, bf16: bool) -> Optional[float]:
     """Peak FLOP/s of the GPU called `device_name` (torch.cuda.get_device_name) in bf16 or
-    fp32; None for a device not in PEAK_FLOPS (the log then shows no MFU)."""
-    for name, half, single in PEAK_FLOPS:
-        if name.lower() in device_name.lower():
-            return half if bf16 else single
-    return None
+    fp32 (planning.gpus); None for a device it does not know (the log then shows no MFU)."""
+    from megatron_dynamoe.planning.gpus import spec_for_device
+
+    spec = spec_for_device(device_name)
+    if spec is None:
+        return None
+    return spec.bf16_flops if bf16 else spec.fp32_flops
 
 
 def step_model_flops(arch, dynamoe, seq_length: int, tokens: int,
