@@ -147,6 +147,10 @@ LAYOUTS = {
     "dp2": (2, dict(), False, {}),
     # Megatron's overlapped reduction and aligned parameter gather through the interleaved
     # pipeline schedule (grad_sync_func / param_sync_func), small buckets.
+    # Megatron's local attention: middle chunks get the causal mask instead of a batch.
+    "pp2-vpp2-local-attention": (2, dict(pipeline_model_parallel_size=2,
+                                         virtual_pipeline_model_parallel_size=2), False,
+                                 dict(attention_backend="local")),
     "pp2-vpp2-overlap": (2, dict(pipeline_model_parallel_size=2,
                                  virtual_pipeline_model_parallel_size=2), False,
                          dict(overlap_grad_reduce=True, overlap_param_gather=True,
@@ -327,3 +331,41 @@ def test_ddp_overlap_defaults_and_refusals():
         parse_train_args(base + ["--overlap-param-gather", "--no-use-distributed-optimizer"])
     with pytest.raises(ValueError, match="needs --overlap-grad-reduce"):
         parse_train_args(base + ["--overlap-param-gather", "--no-overlap-grad-reduce"])
+
+
+def _reads_worker(rank, world_size, out, weights):
+    from megatron_dynamoe.runtime.parallel import initialize_parallel
+    from megatron_dynamoe.training.trainer import Trainer
+
+    calls = []
+    source = synthetic_source()
+
+    def counting(position, mbs):
+        calls.append(position)
+        return source(position, mbs)
+
+    cfg = TrainConfig(**{**BASE, "model": None, "pretrained_checkpoint": weights[0],
+                         "train_iters": 4, "exit_after_iters": 2,
+                         "pipeline_model_parallel_size": 2,
+                         "virtual_pipeline_model_parallel_size": 2})
+    initialize_parallel(cfg.layout, seed=cfg.seed)
+    trainer = Trainer(cfg, INFO, counting)
+    result = trainer.run()
+    torch.save((len(calls), trainer.num_microbatches, trainer._chunk_reads, result.losses),
+               f"{out}.rank{rank}.pt")
+
+
+@pytest.mark.multiproc
+def test_middle_pipeline_chunks_read_no_data(tmp_path, initial_weights, reference_curve):
+    """PP=2 x VPP=2: rank 0 holds the first chunk and a middle one, rank 1 a middle one and
+    the last; each rank reads each micro-batch once (for its first / last chunk), not once
+    per chunk, and the loss curve is still the one-process one."""
+    out = str(tmp_path / "reads")
+    run_processes(_reads_worker, 2, out, initial_weights)
+    reference_losses, _ = reference_curve
+    for rank in range(2):
+        reads, micro, chunk_reads, losses = torch.load(f"{out}.rank{rank}.pt")
+        assert chunk_reads == ([True, False] if rank == 0 else [False, True])
+        assert reads == 2 * micro  # 2 iterations x its micro-batches, one chunk's worth
+        for it, value in losses.items():  # the last stage's rank reports them
+            assert abs(value - reference_losses[it]) <= 1e-5 * abs(reference_losses[it])

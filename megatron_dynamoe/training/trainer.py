@@ -191,16 +191,24 @@ def _distill_forward_step(weight: float, temperature: float, data_iterator, mode
 class _MicroBatches:
     """Iterator over this rank's micro-batches of one iteration (micro-batch m of DP rank r
     starts at global sample start + (m * dp_size + r) * micro_batch_size); `extra[m]` (the
-    teacher's logits) is attached to micro-batch m when given."""
+    teacher's logits) is attached to micro-batch m when given.
+
+    A model chunk that is neither the pipeline's first (it embeds the tokens) nor its last
+    (it computes the loss) reads nothing: `placeholder` (no tokens, labels or loss mask; the
+    attention mask only for attention that reads one) stands for each of its micro-batches,
+    as Megatron-LM's get_batch gives middle stages nothing."""
 
     def __init__(self, source: BatchSource, start: int, micro_batch_size: int, count: int,
-                 dp_rank: int, dp_size: int, teacher_logits: Optional[list] = None):
+                 dp_rank: int, dp_size: int, teacher_logits: Optional[list] = None,
+                 placeholder: Optional[dict] = None):
         from megatron_dynamoe.data.sampling import micro_batch_starts
 
         self._positions = micro_batch_starts(start, micro_batch_size, count, dp_rank, dp_size)
         self._source, self._mbs = source, micro_batch_size
         self._teacher_logits, self._index = teacher_logits, 0
+        self._placeholder = placeholder
         self.seconds = 0.0  # host time spent reading and placing batches (the data wait)
+        self.reads = 0
 
     def __iter__(self):
         return self
@@ -208,6 +216,10 @@ class _MicroBatches:
     def __next__(self):
         if self._index == len(self._positions):
             raise StopIteration
+        if self._placeholder is not None:
+            self._index += 1
+            return self._placeholder
+        self.reads += 1
         tic = time.perf_counter()
         # The one way a batch reaches the model's device (pinned, non-blocking on a GPU).
         batch = place_batch(self._source(self._positions[self._index], self._mbs))
@@ -348,6 +360,19 @@ def build_training_model(cfg: TrainConfig, provider):
     return config, build_model_chunks(provider, config)
 
 
+def _middle_stage_batch(cfg: TrainConfig) -> dict:
+    """What a middle pipeline chunk's forward step gets instead of a micro-batch: nothing,
+    except the causal mask for Megatron's local attention (which builds its own only on
+    CUDA), made once on the model's device."""
+    from megatron_dynamoe.models.builder import causal_attention_mask
+    from megatron_dynamoe.runtime.device import model_device
+
+    mask = (causal_attention_mask(cfg.seq_length, device=model_device())
+            if cfg.transformer_impl == "local" and cfg.attention_backend == "local" else None)
+    return {"tokens": None, "position_ids": None, "attention_mask": mask, "labels": None,
+            "loss_mask": None}
+
+
 class _StepClock:
     """Splits a step's wall-clock time into parts. Each `mark(part)` waits for the device
     (one synchronisation per part, a few per step, as Megatron-LM's timers do) and books the
@@ -447,6 +472,10 @@ class Trainer:
         if resume is not None:
             _check_resumed_routing(cfg, resume[1], self.static_plan)
         reset_megatron_moe_state()
+        from megatron_dynamoe.runtime import transformer_impl
+
+        # The core attention this run's models (student and teacher) are built with.
+        transformer_impl.select_attention(cfg.attention_backend)
         self.config, self.model = build_training_model(cfg, provider)
         if self.static_plan is not None:
             _freeze_routers(self.model)  # before DDP and the optimizer collect parameters
@@ -520,6 +549,14 @@ class Trainer:
         self.num_microbatches = cfg.num_microbatches(self._dp_size)
         self._forward_backward = get_forward_backward_func()
         self._iterators: List[_MicroBatches] = []
+        # Which model chunks read data: the pipeline's first (tokens) and last (labels).
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+        last_chunk = len(self.model) - 1
+        self._chunk_reads = [(pp_rank == 0 and c == 0) or (pp_rank == pp_size - 1
+                                                           and c == last_chunk)
+                             for c in range(len(self.model))]
+        self._middle_stage_batch = _middle_stage_batch(cfg)
         # The log's TFLOP/s per GPU and MFU (training.throughput): the step's model FLOPs as
         # a function of the FFN fraction the DynaMoE layers ran at and of a labelled step.
         from megatron_dynamoe.runtime.device import current as current_device
@@ -538,7 +575,9 @@ class Trainer:
         # that the step can report its data wait.
         iterators = [_MicroBatches(self.source, start, self.cfg.micro_batch_size,
                                    self.num_microbatches, self._dp_rank, self._dp_size,
-                                   teacher_logits) for _ in self.model]
+                                   teacher_logits,
+                                   None if reads else self._middle_stage_batch)
+                     for reads in self._chunk_reads]
         self._iterators.extend(iterators)
         return iterators
 
