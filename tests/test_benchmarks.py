@@ -48,11 +48,13 @@ RUNS = {
     # The fine-tuning recipe study: one variant (a fine-tune and an evaluation, real tools).
     "recipe_study": ("bench/recipe_study.py", ["--quick", "--variants", "base",
                                                "--output-dir", "{out}.d", "--json", "{out}"]),
+    # The GPU benchmark's code path at tiny sizes on the CPU.
+    "gpu_bench": ("bench/gpu_bench.py", ["--quick", "--json", "{out}"]),
     "gpu_reference": ("bench/check_gpu.py", ["--reference", "{out}"]),
     "gpu_without_device": ("bench/check_gpu.py", []),
 }
 QUICK_SCRIPTS = ("bench/bench_layer.py", "bench/bench_train_step.py", "bench/bench_upcycle.py",
-                 "bench/bench_adaptive.py", "bench/recipe_study.py")
+                 "bench/bench_adaptive.py", "bench/recipe_study.py", "bench/gpu_bench.py")
 
 
 class Run(NamedTuple):
@@ -207,6 +209,25 @@ def test_bench_layer_quick_backward(runs):
     label = re.search(r"^label step .*: ([0-9.eE+-]+) x dense$", run.stdout, flags=re.M)
     assert label and math.isfinite(float(label.group(1))) and float(label.group(1)) > 0, \
         run.stdout
+
+
+def test_gpu_bench_quick(runs):
+    """Both parts' rows, every number finite; zero routers put every token at the asked FFN
+    fraction (the layer rows measure it); TFLOP/s follow the step's model FLOPs."""
+    run = runs.result("gpu_bench")
+    _ok(run)
+    data = run.json()
+    assert data["device"] == "cpu" and data["quick"]
+    cases = ["dense"] + [f"DynaMoE f={f:g}" for f in (0.25, 0.5, 0.75, 1.0)]
+    assert [r["case"] for r in data["training"]] == cases
+    for r in data["training"]:
+        _finite(r, ("seconds_per_iter", "tokens_per_s", "tflops", "vs_dense", "planner_gib"))
+        assert r["planner_gib"] > 0 and r["mfu"] is None and r["peak_memory_gib"] is None
+    assert data["training"][0]["vs_dense"] == 1.0
+    assert [r["ffn_fraction"] for r in data["layer"]] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    for r in data["layer"]:
+        _finite(r, ("dense_ms", "layer_ms", "ratio", "target"))
+        assert r["target"] == pytest.approx(r["ffn_fraction"] + 0.05)
 
 
 def test_bench_train_step_quick(runs):

@@ -383,3 +383,19 @@ def test_tool_on_the_documented_70b_command(capsys):
     assert rows[("1", "4")] == ["0.625", "2.11", "yes", "68.2"]
     assert rows[("1", "8")] == ["1.000", "3.22", "yes", "57.4"]
     assert rows[("8", "1")] == ["0.625", "1.75", "no", "145.9"]
+
+
+def test_dense_request_has_only_dense_layer_activations():
+    """A dense model (no DynaMoE config) is planned with dense layers only (the MoE term is
+    never evaluated: it needs a shell count)."""
+    import dataclasses
+
+    from megatron_dynamoe.planning.planner import layer_activation_bytes, stage_memory
+
+    dense = dataclasses.replace(LLAMA2, dynamoe=None, layout=ParallelLayout(
+        tensor_model_parallel_size=8, pipeline_model_parallel_size=4,
+        virtual_pipeline_model_parallel_size=5))
+    per_layer = layer_activation_bytes(dense, False, "selective")
+    memory = stage_memory(dense, 1)  # a middle stage: layers only
+    # 2 (PP - 1 - 1) + (VPP - 1) PP + 1 = 21 chunks of 4 layers in flight on stage 1.
+    assert memory.activations == pytest.approx(21 * 4 * per_layer)

@@ -282,8 +282,8 @@ def stage_activation_bytes(r: PlanRequest, stage: int) -> float:
     moe_share = sum(r.dynamoe is not None and r.dynamoe.is_moefied(i) for i in layers) / len(layers)
 
     def per_layer(recompute):
-        return (moe_share * layer_activation_bytes(r, True, recompute)
-                + (1 - moe_share) * layer_activation_bytes(r, False, recompute))
+        moe = moe_share * layer_activation_bytes(r, True, recompute) if moe_share else 0.0
+        return moe + (1 - moe_share) * layer_activation_bytes(r, False, recompute)
 
     per_chunk = len(layers) // r.chunks
     e, sb = (2 if r.bf16 else 4), r.seq_length // r.cp * r.micro_batch
