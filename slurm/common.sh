@@ -315,7 +315,7 @@ dyn_defaults_70b() {
   RECOMPUTE=${RECOMPUTE:-none}
   RECOMPUTE_METHOD=${RECOMPUTE_METHOD:-uniform}
   RECOMPUTE_NUM_LAYERS=${RECOMPUTE_NUM_LAYERS:-1}
-  # GPU memory the planner fits into (nvidia-smi's total, as planning.gpus;
+  # GPU memory the planner fits into (nvidia-smi's total, as runtime.gpus;
   # GPU_MEMORY_GIB overrides).
   GPU_TYPE=${GPU_TYPE:-h100}
   case "$GPU_TYPE" in

@@ -29,7 +29,7 @@ from megatron_dynamoe.dynamoe.config import DynaMoEConfig
 from megatron_dynamoe.baselines import topk as baselines
 from megatron_dynamoe.evaluation import budget, harness, report, routing_picture, scoring
 from megatron_dynamoe.evaluation import tasks as task_lib
-from megatron_dynamoe.evaluation.flops import forward_flops_per_token, relative_forward_flops
+from megatron_dynamoe.models.flops import forward_flops_per_token, relative_forward_flops
 from megatron_dynamoe.evaluation.recorder import FFNComputeRecorder
 from megatron_dynamoe.dynamoe.control import set_sensitivity, set_static_level
 from megatron_dynamoe.runtime.parallel import ParallelLayout

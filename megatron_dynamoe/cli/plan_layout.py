@@ -41,7 +41,7 @@ from megatron_dynamoe.planning.planner import (
     plan,
     stage_memory,
 )
-from megatron_dynamoe.planning.gpus import GPUS
+from megatron_dynamoe.runtime.gpus import GPUS
 from megatron_dynamoe.planning.search import env_assignments, suggest, train_flags
 from megatron_dynamoe.runtime.parallel import ParallelLayout
 

@@ -31,7 +31,7 @@ import torch
 
 from megatron_dynamoe.evaluation import tasks as task_lib
 from megatron_dynamoe.baselines.topk import Variant, apply_variant, topk_routers
-from megatron_dynamoe.evaluation.flops import causal_mean_context, relative_forward_flops
+from megatron_dynamoe.models.flops import causal_mean_context, relative_forward_flops
 from megatron_dynamoe.evaluation.perplexity import perplexity
 from megatron_dynamoe.evaluation.recorder import FFNComputeRecorder
 from megatron_dynamoe.evaluation.scoring import Encoded, encode_request, score_requests

@@ -20,7 +20,7 @@ backward.
 
 `rank_expert_layouts` ranks the (ETP, EP) grids of a request by an estimated FFN time per
 step: the critical path's FLOPs at the GPU's bf16 peak plus the all-to-all at NVLink speed
-(inside a node) or the NIC's (across nodes), both from planning.gpus; the memory verdict is
+(inside a node) or the NIC's (across nodes), both from runtime.gpus; the memory verdict is
 the planner's. The estimate orders layouts; it is not a step-time prediction.
 """
 
@@ -32,7 +32,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
 from megatron_dynamoe.dynamoe.shells import shell_placement
-from megatron_dynamoe.planning.gpus import GPUS, INTER_NODE_BYTES_PER_S
+from megatron_dynamoe.runtime.gpus import GPUS, INTER_NODE_BYTES_PER_S
 from megatron_dynamoe.planning.planner import Plan, PlanRequest, plan, stage_layers
 
 

@@ -2,7 +2,7 @@
 
 A step's model FLOPs count the work the step's tokens really cause, as MFU is defined (no
 recomputation): the student's forward and backward (3 x its forward FLOPs,
-`evaluation.flops.forward_flops_per_token`) with each DynaMoE layer at the FFN fraction it
+`models.flops.forward_flops_per_token`) with each DynaMoE layer at the FFN fraction it
 ran (the measured routed fraction; on a step that computes difficulty labels every token
 goes through every shell, a full FFN), plus the distillation teacher's forward (a dense
 forward per token). Attention counts the causal mean context (s + 1) / 2.
@@ -14,8 +14,8 @@ from typing import Optional
 
 def peak_flops(device_name: str, bf16: bool) -> Optional[float]:
     """Peak FLOP/s of the GPU called `device_name` (torch.cuda.get_device_name) in bf16 or
-    fp32 (planning.gpus); None for a device it does not know (the log then shows no MFU)."""
-    from megatron_dynamoe.planning.gpus import spec_for_device
+    fp32 (runtime.gpus); None for a device it does not know (the log then shows no MFU)."""
+    from megatron_dynamoe.runtime.gpus import spec_for_device
 
     spec = spec_for_device(device_name)
     if spec is None:
@@ -30,7 +30,7 @@ def step_model_flops(arch, dynamoe, seq_length: int, tokens: int,
     arch: the dense architecture; dynamoe: the DynaMoE config (None: a dense model);
     ffn_fraction: the mean FFN fraction the DynaMoE layers ran at (None: 1); labelled: the
     step computed difficulty labels (a full FFN per token); teacher: add a dense forward."""
-    from megatron_dynamoe.evaluation.flops import causal_mean_context, forward_flops_per_token
+    from megatron_dynamoe.models.flops import causal_mean_context, forward_flops_per_token
 
     context = causal_mean_context(seq_length)
     fractions, routed, outputs = None, 0, 0
