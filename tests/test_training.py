@@ -146,15 +146,12 @@ LAYOUTS = {
     "ep2": (2, dict(expert_model_parallel_size=2), False, {}),
     "dp2": (2, dict(), False, {}),
     # Megatron's overlapped reduction and aligned parameter gather through the interleaved
-    # pipeline schedule (grad_sync_func / param_sync_func), small buckets.
-    # Megatron's local attention: middle chunks get the causal mask instead of a batch.
-    "pp2-vpp2-local-attention": (2, dict(pipeline_model_parallel_size=2,
-                                         virtual_pipeline_model_parallel_size=2), False,
-                                 dict(attention_backend="local")),
-    "pp2-vpp2-overlap": (2, dict(pipeline_model_parallel_size=2,
-                                 virtual_pipeline_model_parallel_size=2), False,
-                         dict(overlap_grad_reduce=True, overlap_param_gather=True,
-                              ddp_bucket_size=4000)),
+    # pipeline schedule (grad_sync_func / param_sync_func), small buckets; and Megatron's local
+    # attention, for which middle chunks get the causal mask instead of a batch.
+    "pp2-vpp2-overlap-local-attention": (
+        2, dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2), False,
+        dict(overlap_grad_reduce=True, overlap_param_gather=True, ddp_bucket_size=4000,
+             attention_backend="local")),
     "recompute-full": (1, dict(), False, dict(recompute_granularity="full",
                                               recompute_method="uniform",
                                               recompute_num_layers=1)),
