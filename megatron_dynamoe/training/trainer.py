@@ -208,7 +208,6 @@ class _MicroBatches:
         self._teacher_logits, self._index = teacher_logits, 0
         self._placeholder = placeholder
         self.seconds = 0.0  # host time spent reading and placing batches (the data wait)
-        self.reads = 0
 
     def __iter__(self):
         return self
@@ -219,7 +218,6 @@ class _MicroBatches:
         if self._placeholder is not None:
             self._index += 1
             return self._placeholder
-        self.reads += 1
         tic = time.perf_counter()
         # The one way a batch reaches the model's device (pinned, non-blocking on a GPU).
         batch = place_batch(self._source(self._positions[self._index], self._mbs))
