@@ -59,6 +59,7 @@ setup(
                 ("dynamoe-plan", "plan_layout"),
                 ("dynamoe-preprocess", "preprocess_data"),
                 ("dynamoe-profile-curriculum", "profile_curriculum"),
+                ("dynamoe-sample-text", "sample_text"),
                 ("dynamoe-main", "demo"),
             )
         ],

@@ -12,7 +12,8 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = ("dynamoe-convert", "dynamoe-moefy", "dynamoe-export", "dynamoe-upcycle",
             "dynamoe-evaluate", "dynamoe-train", "dynamoe-topk", "dynamoe-plan",
-            "dynamoe-preprocess", "dynamoe-profile-curriculum", "dynamoe-main")
+            "dynamoe-preprocess", "dynamoe-profile-curriculum", "dynamoe-sample-text",
+            "dynamoe-main")
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,7 @@ def test_quick_main_job_end_to_end(tmp_path):
     assert list((out / "tensorboard" / "topk").glob("events.out.tfevents.*"))
     summary = json.loads((out / "main_job.json").read_text())
     assert [s["step"] for s in summary["steps"]] == [
-        "convert", "moefy", "preprocess", "fine-tune dynamoe", "fine-tune static",
+        "convert", "sample calibration text", "moefy", "preprocess", "fine-tune dynamoe", "fine-tune static",
         "top-k init", "fine-tune top-k", "evaluate"]
     rows = json.loads((out / "results" / "results.json").read_text())["rows"]
     assert {r["family"] for r in rows} == {"dense", "dynamoe", "static", "static-trained",

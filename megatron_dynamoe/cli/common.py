@@ -13,7 +13,8 @@ import argparse
 import dataclasses
 import math
 import sys
-from typing import Callable, Mapping, Optional, Sequence
+import os
+from typing import Callable, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -323,6 +324,35 @@ def calibration_windows(args) -> torch.Tensor:
     return token_windows(load_tokenizer(args.tokenizer, args.gguf_file),
                          load_texts(args.calibration_text), args.calibration_seq_length,
                          args.calibration_sequences)
+
+
+SMOLLM2 = "smollm2"  # --hf-model / --tokenizer shortcut for the shipped SmolLM2-135M GGUF
+
+
+def resolve_hf_folder(folder: str, gguf: Optional[str], flag: str) -> Tuple[str, Optional[str]]:
+    """(folder, gguf file) for a Hugging Face source, with the 'smollm2' shortcut; one clear
+    FileNotFoundError / ToolError when the folder or file is missing."""
+    from megatron_dynamoe.checkpoint.hf import find_smollm2_gguf
+
+    if folder == SMOLLM2 and not os.path.isdir(folder):
+        shipped_folder, shipped = find_smollm2_gguf()
+        if gguf not in (None, shipped):
+            raise ToolError(f"{flag} {SMOLLM2} is the shipped {shipped}: drop --gguf-file")
+        return shipped_folder, shipped
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{flag} folder {folder!r} does not exist: give a Hugging Face "
+                                f"model folder (config.json + weights, or a GGUF file with "
+                                f"--gguf-file) or '{SMOLLM2}' for the shipped SmolLM2-135M")
+    ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    if gguf is not None:
+        if not os.path.isfile(os.path.join(folder, gguf)):
+            raise FileNotFoundError(f"GGUF file {gguf!r} is not in {folder!r} (GGUF files "
+                                    f"there: {', '.join(ggufs) or 'none'}): fix --gguf-file")
+    elif not os.path.isfile(os.path.join(folder, "config.json")):
+        hint = f"; to read a GGUF file pass --gguf-file {ggufs[0]}" if ggufs else ""
+        raise ToolError(f"{folder!r} has no config.json: it is not a Hugging Face model "
+                        f"folder{hint}")
+    return folder, gguf
 
 
 def layout_from_args(args) -> ParallelLayout:

@@ -28,16 +28,18 @@ import argparse
 import os
 import sys
 import time
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 
 from megatron_dynamoe.utils.outputs import check_output_path, tree_size
 from megatron_dynamoe.cli.common import (
     COUNT,
     NON_NEGATIVE,
+    SMOLLM2,
     ArgumentParser,
     add_layout_arguments,
     add_runtime_arguments,
+    resolve_hf_folder,
     run_tool,
 )
 from megatron_dynamoe.utils.errors import ToolError
@@ -45,7 +47,6 @@ from megatron_dynamoe.utils.log import log
 
 TOOL = "tools/convert_checkpoint.py"
 TOOL_VERSION = 1
-SMOLLM2 = "smollm2"  # --hf-model / --tokenizer shortcut for the shipped SmolLM2-135M GGUF
 # Files whose presence says that a Hugging Face folder ships a tokenizer.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _RANDOM_TOKENS_SEED = 1234
@@ -149,7 +150,7 @@ def hf_to_megatron(args) -> int:
     from megatron_dynamoe.cli.common import layout_from_args
 
     started = time.time()
-    folder, gguf = _resolve_hf_folder(args.hf_model, args.gguf_file, "--hf-model")
+    folder, gguf = resolve_hf_folder(args.hf_model, args.gguf_file, "--hf-model")
     check_output_path(args.output, args.overwrite, (folder,), needed_bytes=tree_size(folder))
     layout = layout_from_args(args)
 
@@ -271,7 +272,7 @@ def megatron_to_hf(args) -> int:
 
     tokenizer = None
     if args.tokenizer is not None:
-        tok_folder, tok_gguf = _resolve_hf_folder(args.tokenizer, args.gguf_file, "--tokenizer")
+        tok_folder, tok_gguf = resolve_hf_folder(args.tokenizer, args.gguf_file, "--tokenizer")
         tokenizer = _load_tokenizer(tok_folder, tok_gguf, required=True)
     tokens, token_source = _parity_tokens(tokenizer, arch, args)
 
@@ -296,32 +297,6 @@ def megatron_to_hf(args) -> int:
 # ---------------------------------------------------------------------------------------------
 # Shared steps
 # ---------------------------------------------------------------------------------------------
-def _resolve_hf_folder(folder: str, gguf: Optional[str], flag: str) -> Tuple[str, Optional[str]]:
-    """(folder, gguf file) for a Hugging Face source, with the 'smollm2' shortcut; one clear
-    FileNotFoundError / ToolError when the folder or file is missing."""
-    from megatron_dynamoe.checkpoint.hf import find_smollm2_gguf
-
-    if folder == SMOLLM2 and not os.path.isdir(folder):
-        shipped_folder, shipped = find_smollm2_gguf()
-        if gguf not in (None, shipped):
-            raise ToolError(f"{flag} {SMOLLM2} is the shipped {shipped}: drop --gguf-file")
-        return shipped_folder, shipped
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{flag} folder {folder!r} does not exist: give a Hugging Face "
-                                f"model folder (config.json + weights, or a GGUF file with "
-                                f"--gguf-file) or '{SMOLLM2}' for the shipped SmolLM2-135M")
-    ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
-    if gguf is not None:
-        if not os.path.isfile(os.path.join(folder, gguf)):
-            raise FileNotFoundError(f"GGUF file {gguf!r} is not in {folder!r} (GGUF files "
-                                    f"there: {', '.join(ggufs) or 'none'}): fix --gguf-file")
-    elif not os.path.isfile(os.path.join(folder, "config.json")):
-        hint = f"; to read a GGUF file pass --gguf-file {ggufs[0]}" if ggufs else ""
-        raise ToolError(f"{folder!r} has no config.json: it is not a Hugging Face model "
-                        f"folder{hint}")
-    return folder, gguf
-
-
 def _describe_source(folder: str, gguf: Optional[str]) -> str:
     return os.path.join(folder, gguf) if gguf else folder
 

