@@ -82,6 +82,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--backward", action="store_true", help="also time forward+backward")
+    parser.add_argument("--no-level-sorted-experts", action="store_true",
+                        help="route through Megatron's token dispatcher (the reference path)")
     parser.add_argument("--json", help="write the results here as JSON")
     parser.add_argument("--quick", action="store_true",
                         help=f"tiny sizes ({', '.join(f'--{k} {v}' for k, v in QUICK.items())}"
@@ -107,6 +109,7 @@ def main(argv=None) -> int:
     layer = build_module(dynamoe_layer_spec(dyn_cfg, "RMSNorm", use_te=False).submodules.mlp,
                          config=transformer_config(arch, dynamoe=dyn_cfg))
     layer.set_layer_number(1)
+    layer.level_sorted_experts = not args.no_level_sorted_experts
     layer.eval()
     dense.eval()
     x = torch.randn(args.tokens, 1, args.hidden)
@@ -147,7 +150,8 @@ def main(argv=None) -> int:
 
     print(f"DynaMoE layer vs dense MLP: tokens={args.tokens} hidden={args.hidden} "
           f"ffn={args.ffn} shells={args.num_shells} threads={args.threads} "
-          f"median of {args.repeats}")
+          f"median of {args.repeats}, "
+          f"{'dispatcher' if args.no_level_sorted_experts else 'level-sorted'} experts")
     header = f"{'case':<16} {'FFN frac':>8} {'dense ms':>9} {'layer ms':>9} {'ratio':>6} {'target':>7}"
     if args.backward:
         header += f" {'train ratio':>11}"

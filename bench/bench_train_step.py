@@ -70,6 +70,9 @@ def main(argv=None) -> int:
     p.add_argument("--label-fraction", type=float, default=0.0)
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--expert-model-parallel-size", type=int, default=1)
+    p.add_argument("--no-level-sorted-experts", action="store_true",
+                   help="route through Megatron's token dispatcher at EP = 1 (the reference "
+                        "path; --no-dynamoe-level-sorted-experts)")
     p.add_argument("--json")
     p.add_argument("--quick", action="store_true", help="tiny sizes (" + ", ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()) + "), seconds")
@@ -87,7 +90,8 @@ def main(argv=None) -> int:
                 train_iters=args.iters + args.warmup, lr=1e-4, log_interval=10 ** 6,
                 tensor_model_parallel_size=args.tensor_model_parallel_size,
                 expert_model_parallel_size=args.expert_model_parallel_size,
-                sequence_parallel=args.tensor_model_parallel_size > 1)
+                sequence_parallel=args.tensor_model_parallel_size > 1,
+                dynamoe_level_sorted_experts=not args.no_level_sorted_experts)
     cases = [("dense", None, None)]
     cases += [(f"theta={t}", float(t), DynaMoEConfig(label_fraction=args.label_fraction))
               for t in args.sensitivities.split(",")]
@@ -118,7 +122,8 @@ def main(argv=None) -> int:
         print(f"training step: {args.layers} layers, hidden {args.hidden}, FFN {args.ffn}, "
               f"seq {args.seq_length}, global batch {args.global_batch_size}, "
               f"TP={args.tensor_model_parallel_size} EP={args.expert_model_parallel_size}, "
-              f"label fraction {args.label_fraction}, median of {args.iters}")
+              f"label fraction {args.label_fraction}, median of {args.iters}, "
+              f"{'dispatcher' if args.no_level_sorted_experts else 'level-sorted'} experts")
         print(f"{'case':<12} {'s/iter':>8} {'tokens/s':>10} {'vs dense':>9}")
         for r in rows:
             r["ratio_to_dense"] = r["tokens_per_s"] / dense

@@ -137,6 +137,10 @@ def test_transformer_config_for_llama_and_gpt2():
     ("smollm2-135m", 134_515_008),   # HF SmolLM2-135M reports 134,515,008 parameters
     ("llama2-70b", 68_976_648_192),  # Llama-2-70B: 68.98 B
     ("llama3-70b", 70_553_706_496),  # Llama-3-70B: 70.55 B
+    ("llama2-7b", 6_738_415_616),    # Llama-2-7B: 6,738,415,616
+    ("llama2-13b", 13_015_864_320),  # Llama-2-13B: 13,015,864,320
+    ("llama3.1-8b", 8_030_261_248),  # Llama-3.1-8B: 8,030,261,248
+    ("mistral-7b-v0.3", 7_248_023_552),  # Mistral-7B-v0.3: 7,248,023,552
     ("gpt2", 124_439_808),           # GPT-2 small: 124,439,808
 ])
 def test_preset_parameter_counts_match_published_models(name, expected):

@@ -9,7 +9,8 @@ from megatron_dynamoe.dynamoe.config import DynaMoEConfig
 from megatron_dynamoe.dynamoe.layer import DynaMoELayer
 from megatron_dynamoe.dynamoe.moefy import calibrate_importance, moefy_state_dict
 from megatron_dynamoe.dynamoe.shells import importance_order, weight_importance
-from megatron_dynamoe.dynamoe.control import dynamoe_layers, set_sensitivity, set_training_step
+from megatron_dynamoe.dynamoe.control import (dynamoe_layers, set_level_sorted_experts,
+                                              set_sensitivity, set_training_step)
 from tests.builders import ARCH, batch, build_dense, build_dynamoe, moefied_state
 
 pytestmark = pytest.mark.usefixtures("single_rank")
@@ -103,9 +104,12 @@ def _shell_outputs_float64(layer, x_flat):
     return torch.stack([outputs[s] for s in range(len(outputs))], dim=1)
 
 
+@pytest.mark.parametrize("level_sorted", [True, False], ids=["level-sorted", "dispatcher"])
 @pytest.mark.parametrize("theta", [0.0, 0.4, 0.8])
-def test_tokens_reach_exactly_their_level_prefix(theta):
+def test_tokens_reach_exactly_their_level_prefix(theta, level_sorted):
     layer, x = _layer_with_random_router(theta)
+    layer.level_sorted_experts = level_sorted
+    assert layer.uses_level_sorted_experts() == level_sorted
     layer.eval()
     seen = {}
     hooks = [expert.linear_fc1.register_forward_pre_hook(
@@ -129,8 +133,12 @@ def test_tokens_reach_exactly_their_level_prefix(theta):
     for physical, shell in enumerate(placement):
         expected_tokens = torch.tensor([level_shells[l - 1] > shell for l in levels.tolist()])
         rows = seen.get(shell, x_flat[:0])
-        # Exactly the tokens whose level includes this shell, in token order: no masking.
-        assert torch.equal(rows, x_flat[expected_tokens])
+        # Exactly the tokens whose level includes this shell, no masking: in token order
+        # through the dispatcher, by level (highest first, then token order) level-sorted.
+        order = torch.arange(levels.numel())
+        if level_sorted:
+            order = sorted(order.tolist(), key=lambda t: (-int(levels[t]), t))
+        assert torch.equal(rows, x_flat[order][expected_tokens[order]])
         products += rows.shape[0]
     assert products == sum(level_shells[l - 1] for l in levels.tolist())
     # Output = sum of the token's prefix shells, recomputed in float64.
@@ -258,3 +266,32 @@ def test_router_is_fp32_zero_initialised_and_uniform():
     assert torch.allclose(q, torch.tensor([0.25, 0.5, 0.75, 1.0]).expand_as(q))
     with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
         set_sensitivity(model, 1.5)
+
+
+@pytest.mark.parametrize("theta", [0.3, 0.6])
+def test_level_sorted_experts_equal_the_dispatcher_path(theta):
+    """A routed training step (forward and every gradient) through the level-sorted experts
+    equals the same step through Megatron's alltoall dispatcher, to round-off."""
+    dyn = DynaMoEConfig(num_shells=8, label_fraction=0.0)
+    dense = build_dense(seed=4)
+    state = moefied_state(dense, dyn, router_seed=4)
+    results = []
+    for level_sorted in (False, True):
+        model = build_dynamoe(dyn)
+        model.load_state_dict(state)
+        set_sensitivity(model, theta)
+        set_level_sorted_experts(model, level_sorted)
+        model.train()
+        logits, loss = _forward_backward(model, batch(seed=6))
+        levels = [layer.last_stats["level_counts"].clone() for layer in dynamoe_layers(model)]
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logits, loss, levels, grads))
+    (ref_logits, ref_loss, ref_levels, ref_grads), (logits, loss, levels, grads) = results
+    assert all(len(c.nonzero()) > 1 for c in ref_levels), "tokens must spread over levels"
+    assert all(torch.equal(a, b) for a, b in zip(levels, ref_levels))
+    assert (logits - ref_logits).abs().max() <= 1e-5 * ref_logits.abs().max()
+    assert torch.isclose(loss, ref_loss, rtol=1e-6)
+    assert sorted(grads) == sorted(ref_grads)
+    assert any(".experts." in name for name in grads)
+    for name, ref in ref_grads.items():
+        assert (grads[name] - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-12, name

@@ -170,6 +170,28 @@ def test_tiny_gpt2_hf_to_megatron_parity():
     _assert_same_tensors(megatron_to_hf_state_dict(state, arch), hf_state)
 
 
+def test_llama3_rope_scaling_hf_to_megatron_parity():
+    """Llama-3.1's RoPE scaling (rope_type 'llama3') maps to Megatron-Core's rope_scaling:
+    same logits both ways, and they differ from the unscaled model's (the scaling matters at
+    this head size: some wavelengths exceed 8192 / 4)."""
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+    hf_model = _tiny_hf(LlamaConfig(**{**TINY_LLAMA, "rope_parameters": rope}))
+    arch = architecture_from_hf_config(hf_model.config)
+    assert arch.rope_scaling_factor == 8.0
+    assert architecture_from_hf_config(hf_config_from_architecture(arch)) == arch
+    state = hf_to_megatron_state_dict(hf_model.state_dict(), arch)
+    tokens = _random_tokens(arch.vocab_size, seq=96)
+    ours = _megatron_logits(_megatron_model(arch, state), tokens)
+    _assert_logits_match(ours, _hf_logits(hf_model, tokens), "llama3 rope scaling")
+    unscaled = _megatron_logits(_megatron_model(PRESETS["tiny-llama"], state), tokens)
+    assert (unscaled - ours).abs().max() > 1e-3 * ours.abs().max()
+    other = {**rope, "high_freq_factor": 2.0}
+    with pytest.raises(ValueError, match="llama3 RoPE scaling"):
+        architecture_from_hf_config(LlamaConfig(**{**TINY_LLAMA, "rope_parameters": other}))
+
+
 @pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama"])
 def test_megatron_to_hf_parity_and_exact_round_trip(preset):
     arch = PRESETS[preset]

@@ -24,7 +24,8 @@ from megatron_dynamoe.dynamoe import routing as R
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
 from megatron_dynamoe.dynamoe.layer import read_stat_sums
 from megatron_dynamoe.models.builder import causal_attention_mask
-from megatron_dynamoe.dynamoe.control import dynamoe_layers, set_sensitivity, set_training_step
+from megatron_dynamoe.dynamoe.control import (dynamoe_layers, set_level_sorted_experts,
+                                              set_sensitivity, set_training_step)
 from megatron_dynamoe.runtime.parallel import ParallelLayout
 from tests.builders import ARCH, batch, build_dense, build_dynamoe, moefied_state
 
@@ -195,9 +196,13 @@ def _train_micro_batches(model, micro_batches, step):
 
 
 @pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
-@pytest.mark.parametrize("label_fraction", [1.0, 0.0], ids=["labelled", "routed"])
-def test_dynamoe_forward_backward_has_no_host_syncs(monkeypatch, label_fraction, dispatcher):
+@pytest.mark.parametrize("label_fraction, level_sorted", [(1.0, True), (0.0, False),
+                                                          (0.0, True)],
+                         ids=["labelled", "routed-dispatcher", "routed-level-sorted"])
+def test_dynamoe_forward_backward_has_no_host_syncs(monkeypatch, label_fraction, level_sorted,
+                                                     dispatcher):
     model = _dynamoe_model(label_fraction, dispatcher)
+    set_level_sorted_experts(model, level_sorted)
     layers = dynamoe_layers(model)
     dyn = layers[0].dynamoe_config
     micro_batches = [batch(batch_size=2, seq_len=16, seed=s) for s in range(3)]
@@ -212,7 +217,15 @@ def test_dynamoe_forward_backward_has_no_host_syncs(monkeypatch, label_fraction,
         _train_micro_batches(model, micro_batches, step=0)
     for h in handles + label_handles:
         h.remove()
-    assert recorder.calls == [], recorder.calls
+    if label_fraction == 0.0 and level_sorted:
+        # The level-sorted experts read their prefix lengths once per layer forward: the
+        # split sizes Megatron's SequentialMLP reads on the dispatcher path (not counted
+        # there: Megatron's own), read by our layer instead. Nothing else.
+        assert all(layer.uses_level_sorted_experts() for layer in layers)
+        assert [name for name, _ in recorder.calls] == ["Tensor.tolist"] * (3 * len(layers))
+        assert {caller.split(":")[0] for _, caller in recorder.calls} == {"dynamoe/layer.py"}
+    else:
+        assert recorder.calls == [], recorder.calls
     assert recorder.copies == []
 
     # The device sums equal host references over the three micro-batches.

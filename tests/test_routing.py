@@ -176,3 +176,45 @@ def test_hard_targets_are_one_hot_labels_and_soft_cross_entropy():
     soft = torch.softmax(torch.randn(30, 4, generator=gen), -1)
     expected = -(soft.double() * torch.log_softmax(logits.double(), -1)).sum()
     assert torch.allclose(R.router_cross_entropy(logits, soft).double(), expected, rtol=1e-6)
+
+
+def test_level_sort_puts_each_shells_tokens_in_a_prefix():
+    levels = torch.tensor([2, 4, 1, 4, 3, 2, 1, 3])
+    order, at_or_above = R.level_sort(levels, 4)
+    assert order.tolist() == [1, 3, 4, 7, 0, 5, 2, 6]   # level 4, 3, 2, 1; stable within
+    assert at_or_above.tolist() == [8, 6, 4, 2]
+    for e in range(1, 5):
+        assert set(order[:at_or_above[e - 1]].tolist()) == set(
+            (levels >= e).nonzero().flatten().tolist())
+    # 8 shells in 4 levels: shells 0-1 serve level 1, 2-3 level 2, ...
+    assert R.shell_levels((2, 4, 6, 8)) == [1, 1, 2, 2, 3, 3, 4, 4]
+    assert R.shell_levels((1, 2, 4)) == [1, 2, 3, 3]
+
+
+def test_prefix_views_and_sum_have_the_slicing_gradients():
+    from megatron_dynamoe.dynamoe.prefix_ops import prefix_sum, prefix_views
+
+    sizes = (5, 5, 3, 0, 1)
+    weights = [torch.randn(4, 4, dtype=torch.float64) for _ in sizes]
+
+    def shells(x, views, summed):
+        parts = [v @ w for v, w in zip(views(x), weights)]
+        return summed(parts)
+
+    def by_slicing(x):
+        def summed(parts):
+            out = torch.zeros_like(x)
+            for p in parts:
+                out = out + torch.cat([p, x.new_zeros(x.shape[0] - p.shape[0], 4)])
+            return out
+        return shells(x, lambda t: [t[:n] for n in sizes], summed)
+
+    def by_prefix_ops(x):
+        return shells(x, lambda t: prefix_views(t, sizes), lambda p: prefix_sum(5, p))
+
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.allclose(by_prefix_ops(x), by_slicing(x), rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(by_prefix_ops, (x,))
+    g = torch.randn(5, 4, dtype=torch.float64)
+    ours = torch.autograd.grad(by_prefix_ops(x), x, g)[0]
+    assert torch.allclose(ours, torch.autograd.grad(by_slicing(x), x, g)[0], atol=1e-12)

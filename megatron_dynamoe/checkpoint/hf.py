@@ -55,6 +55,12 @@ _HF_EMBEDDING = {"llama": "model.embed_tokens.weight", "gpt2": "transformer.wte.
 
 # --------------------------------------------------------------------------- configs
 
+# Llama-3.1's RoPE scaling parameters that Megatron-Core's RotaryEmbedding fixes (only the
+# factor is free there).
+LLAMA3_ROPE_FIXED = dict(low_freq_factor=1.0, high_freq_factor=4.0,
+                         original_max_position_embeddings=8192)
+
+
 def architecture_from_hf_config(hf_config: PretrainedConfig) -> ModelArchitecture:
     """The ModelArchitecture of a Hugging Face LlamaConfig (family "llama") or GPT2Config
     (family "gpt2"). LLaMA reads num_hidden_layers, hidden_size, intermediate_size,
@@ -93,8 +99,11 @@ def hf_config_from_architecture(arch: ModelArchitecture) -> PretrainedConfig:
             head_dim=arch.hidden_size // arch.num_attention_heads, hidden_act="silu",
             max_position_embeddings=arch.max_position_embeddings, rms_norm_eps=arch.norm_epsilon,
             tie_word_embeddings=arch.tie_embeddings, attention_bias=False, mlp_bias=False,
-            # transformers 5.x turns the legacy keyword into rope_parameters; 4.x takes it as is.
-            rope_theta=float(arch.rotary_base))
+            # transformers 5.x turns the legacy keywords into rope_parameters; 4.x takes them.
+            rope_theta=float(arch.rotary_base),
+            rope_scaling=None if arch.rope_scaling_factor is None else dict(
+                rope_type="llama3", factor=float(arch.rope_scaling_factor),
+                **LLAMA3_ROPE_FIXED))
     _check_gpt2_attention(arch)
     return GPT2Config(
         vocab_size=arch.vocab_size, n_positions=arch.max_position_embeddings,
@@ -111,7 +120,7 @@ def hf_config_from_architecture(arch: ModelArchitecture) -> PretrainedConfig:
 def _llama_architecture(cfg) -> ModelArchitecture:
     heads = cfg.num_attention_heads
     head_dim = cfg.hidden_size // heads
-    rope_type, theta = _llama_rope(cfg)
+    rope_type, theta, scaling = _llama_rope(cfg)
     problems = []
     if getattr(cfg, "attention_bias", False):
         problems.append("attention_bias=True (our LLaMA attention has no biases)")
@@ -122,8 +131,16 @@ def _llama_architecture(cfg) -> ModelArchitecture:
     if (getattr(cfg, "head_dim", None) or head_dim) != head_dim:
         problems.append(f"head_dim={cfg.head_dim} != hidden_size / num_attention_heads "
                         f"= {head_dim}")
-    if rope_type != "default":
-        problems.append(f"RoPE scaling {rope_type!r} (only unscaled RoPE is supported)")
+    factor = None
+    if rope_type == "llama3":
+        factor = scaling.get("factor")
+        fixed = {k: scaling.get(k) for k in LLAMA3_ROPE_FIXED}
+        if factor is None or fixed != LLAMA3_ROPE_FIXED:
+            problems.append(f"llama3 RoPE scaling with {fixed} (Megatron-Core's is "
+                            f"{LLAMA3_ROPE_FIXED})")
+    elif rope_type != "default":
+        problems.append(f"RoPE scaling {rope_type!r} (unscaled and Llama-3.1's 'llama3' "
+                        f"scaling are supported)")
     if problems:
         raise ValueError("this LLaMA config cannot be represented exactly by our GPTModel: "
                          + "; ".join(problems))
@@ -135,18 +152,19 @@ def _llama_architecture(cfg) -> ModelArchitecture:
         vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_position_embeddings,
         rotary_base=_undo_float32_rounding(theta),
         norm_epsilon=_undo_float32_rounding(cfg.rms_norm_eps),
-        tie_embeddings=bool(cfg.tie_word_embeddings))
+        tie_embeddings=bool(cfg.tie_word_embeddings),
+        rope_scaling_factor=None if factor is None else float(factor))
 
 
-def _llama_rope(cfg) -> Tuple[str, float]:
-    """(rope_type, rope_theta) from a transformers 5.x `rope_parameters` dict or the 4.x
-    `rope_theta` attribute + `rope_scaling` dict (None when unscaled)."""
+def _llama_rope(cfg) -> Tuple[str, float, dict]:
+    """(rope_type, rope_theta, scaling parameters) from a transformers 5.x `rope_parameters`
+    dict or the 4.x `rope_theta` attribute + `rope_scaling` dict (None when unscaled)."""
     params = getattr(cfg, "rope_parameters", None) or {}
     scaling = getattr(cfg, "rope_scaling", None) or {}
     rope_type = (params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
                  or "default")
     theta = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-    return rope_type, float(theta)
+    return rope_type, float(theta), {**scaling, **params}
 
 
 def _gpt2_architecture(cfg) -> ModelArchitecture:

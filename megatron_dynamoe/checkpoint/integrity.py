@@ -309,9 +309,13 @@ def _refusal_reason(error: Exception) -> Optional[str]:
 
 def check_weights_only(data: bytes, where: str) -> Optional[str]:
     """None when `data` (a torch.save payload) loads with `weights_only=True`, else one line
-    naming `where` and the problem."""
+    naming `where` and the problem. Megatron-LM's saved arguments (a Namespace holding
+    Megatron's enums, in common.pt) are allowed: constructing them runs no code."""
+    from megatron_dynamoe.checkpoint.megatron_args import unpickling_allowlist
+
     try:
-        torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        with torch.serialization.safe_globals(unpickling_allowlist()):
+            torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 -- any failure is reported as one line
         what = _refusal_reason(e)
         if what is not None:

@@ -49,15 +49,17 @@ def model_family(info: Optional[CheckpointInfo]) -> str:
 
 
 def load_for_evaluation(path: str, preset: Optional[str] = None,
-                        verify_checksums: bool = True) -> LoadedModel:
+                        verify_checksums: bool = True,
+                        architecture_flags: Optional[dict] = None) -> LoadedModel:
     """Build the checkpoint's model at TP = PP = EP = 1 (parallel groups initialised), load
-    it and put it in eval mode. Raises CheckpointError for a missing / corrupt checkpoint
+    it and put it in eval mode (`preset` / `architecture_flags`: the architecture of a plain
+    Megatron checkpoint, `resolve_architecture`). Raises CheckpointError for a missing / corrupt checkpoint
     (`verify_checksums`: check its files against their checksums.json first)."""
     from megatron_dynamoe.models.registry import family_of, provider_for
     from megatron_dynamoe.runtime.parallel import ParallelLayout
 
     folder = resolve_checkpoint_folder(path)
-    arch, info = resolve_architecture(folder, preset)
+    arch, info = resolve_architecture(folder, preset, architecture_flags)
     if info is None:
         info = CheckpointInfo(arch, None, {})
     family = family_of(info)

@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -112,21 +112,46 @@ def read_info(directory: str) -> Optional[CheckpointInfo]:
     return CheckpointInfo(arch, dyn, raw.get("extra", {}))
 
 
-def resolve_architecture(directory: str, preset: Optional[str]) -> tuple:
-    """(ModelArchitecture, CheckpointInfo or None) of a checkpoint: from its model.json,
-    or from `--model PRESET` for a plain Megatron-Core checkpoint. Raises CheckpointError
-    when neither is available or when they disagree."""
+def resolve_architecture(directory: str, preset: Optional[str],
+                         flags: Optional[Mapping] = None) -> tuple:
+    """(ModelArchitecture, CheckpointInfo or None) of a checkpoint: from its model.json; for
+    a plain Megatron checkpoint from `--model PRESET`, from Megatron's architecture flags
+    (`flags`: Megatron-LM argument names, see checkpoint.megatron_args), or from the
+    arguments Megatron-LM saved in its common.pt, in that order. Raises CheckpointError when
+    none is available, when both a preset and flags are given, or when either disagrees
+    with model.json."""
+    from megatron_dynamoe.checkpoint.megatron_args import (
+        architecture_from_megatron_args,
+        read_saved_arguments,
+    )
     from megatron_dynamoe.models.architectures import get_architecture
 
-    info = read_info(directory)
+    if preset is not None and flags:
+        raise CheckpointError("give the architecture once: --model PRESET or Megatron's "
+                              "architecture flags, not both")
+    try:
+        given = (get_architecture(preset) if preset is not None else
+                 architecture_from_megatron_args(flags, "the architecture flags") if flags
+                 else None)
+        info = read_info(directory)
+        if info is None and given is None:
+            saved = read_saved_arguments(directory)
+            if saved is not None:
+                return architecture_from_megatron_args(
+                    saved, f"the arguments saved in {directory}/common.pt"), None
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     if info is None:
-        if preset is None:
-            raise CheckpointError(f"{directory!r} has no {METADATA_FILE} (a plain Megatron-Core "
-                                  f"checkpoint): pass --model PRESET to name its architecture")
-        return get_architecture(preset), None
-    if preset is not None and get_architecture(preset) != info.architecture:
-        raise CheckpointError(f"--model {preset} does not match the architecture recorded in "
-                              f"{directory!r}; drop --model")
+        if given is None:
+            raise CheckpointError(f"{directory!r} has no {METADATA_FILE} and no saved Megatron-LM "
+                                  f"arguments (a plain Megatron-Core checkpoint): pass --model "
+                                  f"PRESET or Megatron's architecture flags (--num-layers "
+                                  f"--hidden-size --ffn-hidden-size --num-attention-heads ...)")
+        return given, None
+    if given is not None and given != info.architecture:
+        what = f"--model {preset}" if preset is not None else "the architecture flags"
+        raise CheckpointError(f"{what} does not match the architecture recorded in "
+                              f"{directory!r}; drop them")
     return info.architecture, info
 
 
@@ -248,9 +273,14 @@ def load_checkpoint(model: torch.nn.Module, directory: str, origin: str = "this 
     metadata = verify_checkpoint_files(directory, verify_checksums=verify_checksums)
     if metadata is not None:
         check_tensors_match(model, metadata, directory, origin)
+    from megatron_dynamoe.checkpoint.megatron_args import unpickling_allowlist
+
     template = model.sharded_state_dict()
     try:
-        state = dist_checkpointing.load(template, directory)
+        # common.pt of a Megatron-LM checkpoint holds its arguments (a Namespace with
+        # Megatron's enums); verify_checkpoint_files has checked it holds nothing else.
+        with torch.serialization.safe_globals(unpickling_allowlist()):
+            state = dist_checkpointing.load(template, directory)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # torch's CheckpointException is a BaseException

@@ -326,6 +326,51 @@ def calibration_windows(args) -> torch.Tensor:
                          args.calibration_sequences)
 
 
+# Megatron-LM's architecture flags (`add_architecture_arguments`): (flag, argparse options).
+_ARCHITECTURE_FLAGS = (
+    ("--num-layers", dict(type=int)), ("--hidden-size", dict(type=int)),
+    ("--ffn-hidden-size", dict(type=int)), ("--num-attention-heads", dict(type=int)),
+    ("--group-query-attention", dict(action="store_true", default=None)),
+    ("--num-query-groups", dict(type=int)), ("--seq-length", dict(type=int)),
+    ("--max-position-embeddings", dict(type=int)),
+    ("--normalization", dict(choices=("LayerNorm", "RMSNorm"))),
+    ("--swiglu", dict(action="store_true", default=None)),
+    ("--position-embedding-type", dict(choices=("learned_absolute", "rope"))),
+    ("--rotary-base", dict(type=float)),
+    ("--untie-embeddings-and-output-weights", dict(action="store_true", default=None)),
+    ("--vocab-size", dict(type=int, help="rows of the embedding (the padded vocabulary)")),
+    ("--norm-epsilon", dict(type=float)),
+    ("--disable-bias-linear", dict(action="store_false", dest="add_bias_linear",
+                                   default=None)),
+)
+
+
+def add_architecture_arguments(parser, seq_length: bool = True) -> None:
+    """Megatron-LM's architecture flags (--num-layers --hidden-size ... --swiglu), for a plain
+    Megatron checkpoint whose shape no preset has (`architecture_flags` reads them back).
+    `seq_length=False` leaves --seq-length to a tool that uses it for its text windows."""
+    group = parser.add_argument_group(
+        "architecture of a plain Megatron checkpoint (Megatron-LM's flags; instead of "
+        "--model, when neither model.json nor Megatron-LM's saved arguments give it)")
+    for flag, options in _ARCHITECTURE_FLAGS:
+        if flag == "--seq-length" and not seq_length:
+            continue
+        options = dict(options)
+        options.setdefault("dest", "arch_" + flag[2:].replace("-", "_"))
+        if options["dest"] == "add_bias_linear":
+            options["dest"] = "arch_add_bias_linear"
+        options.setdefault("default", None)
+        group.add_argument(flag, **options)
+
+
+def architecture_flags(args) -> Optional[dict]:
+    """The architecture flags given (Megatron-LM argument names -> values), or None when
+    none was (`checkpoint.megatron_args.architecture_from_megatron_args` reads the dict)."""
+    given = {name[len("arch_"):]: value for name, value in vars(args).items()
+             if name.startswith("arch_") and value is not None}
+    return given or None
+
+
 SMOLLM2 = "smollm2"  # --hf-model / --tokenizer shortcut for the shipped SmolLM2-135M GGUF
 
 

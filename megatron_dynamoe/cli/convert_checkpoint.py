@@ -37,6 +37,8 @@ from megatron_dynamoe.cli.common import (
     NON_NEGATIVE,
     SMOLLM2,
     ArgumentParser,
+    add_architecture_arguments,
+    architecture_flags,
     add_layout_arguments,
     add_runtime_arguments,
     resolve_hf_folder,
@@ -101,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                           f"into --output and used for the parity check")
     m2h.add_argument("--gguf-file", metavar="NAME",
                      help="GGUF file inside --tokenizer to read the tokenizer from")
+    add_architecture_arguments(m2h)
     add_runtime_arguments(m2h)
     _add_parity_arguments(m2h)
     return parser
@@ -257,11 +260,14 @@ def megatron_to_hf(args) -> int:
                                 f"that a torch_dist save wrote")
     # model.json, or --model for a plain Megatron-Core checkpoint (CheckpointError naming
     # --model when neither is there, or when they disagree).
-    arch, info = resolve_architecture(args.load, args.model)
+    flags = architecture_flags(args)
+    arch, info = resolve_architecture(args.load, args.model, flags)
     if info is not None and info.dynamoe is not None:
         raise ToolError(f"{args.load} is a DynaMoE checkpoint (nested experts): export it to "
                         f"Hugging Face with tools/export.py --format hf instead")
-    origin = f"--model {args.model}" if info is None else metadata_path(args.load)
+    origin = (metadata_path(args.load) if info is not None else f"--model {args.model}"
+              if args.model else "the architecture flags" if flags
+              else "the arguments Megatron-LM saved in common.pt")
     verify_checkpoint_files(args.load, verify_checksums=args.verify_checksums)  # fail fast
 
     from megatron_dynamoe.utils.parity import megatron_logits

@@ -30,7 +30,14 @@ import os
 import sys
 import time
 
-from megatron_dynamoe.cli.common import COUNT, ArgumentParser, finite_float, run_tool
+from megatron_dynamoe.cli.common import (
+    COUNT,
+    ArgumentParser,
+    add_architecture_arguments,
+    architecture_flags,
+    finite_float,
+    run_tool,
+)
 
 BASELINES = ("dense", "static", "static-trained", "topk")
 
@@ -94,6 +101,7 @@ def parse_args(argv=None):
     p.add_argument("--title", default="")
     from megatron_dynamoe.cli.common import add_runtime_arguments
 
+    add_architecture_arguments(p, seq_length=False)
     add_runtime_arguments(p)
     return p.parse_args(argv)
 
@@ -271,7 +279,8 @@ def main(argv=None) -> int:
                   batch_size=args.batch_size)
 
     main_model = load_for_evaluation(args.load, args.model,
-                                     verify_checksums=args.verify_checksums)
+                                     verify_checksums=args.verify_checksums,
+                                     architecture_flags=architecture_flags(args))
     arch = main_model.info.architecture
     dyn = main_model.info.dynamoe
     rows, solutions = [], []

@@ -22,6 +22,8 @@ import os
 import sys
 
 from megatron_dynamoe.cli.common import (
+    add_architecture_arguments,
+    architecture_flags,
     NON_NEGATIVE_INT,
     POSITIVE,
     ArgumentParser,
@@ -58,6 +60,7 @@ def parse_args(argv=None):
     c.add_argument("--gguf-file", help="GGUF file inside --tokenizer's folder")
     add_parity_arguments(c, sequences=16, tolerance_help="theta = 1 parity")
     add_layout_arguments(p)
+    add_architecture_arguments(p)
     add_runtime_arguments(p)
     return p.parse_args(argv)
 
@@ -87,7 +90,7 @@ def main(argv=None) -> int:
     layout = layout_from_args(args)
     check_output_path(args.output, args.overwrite, (args.load, args.tokenizer),
                       needed_bytes=tree_size(args.load))
-    arch, info = resolve_architecture(args.load, args.model)
+    arch, info = resolve_architecture(args.load, args.model, architecture_flags(args))
     if info is not None and info.dynamoe is not None:
         raise ToolError(f"{args.load} is already a DynaMoE checkpoint; MoEfy a dense one")
     # Refuse a layout that does not fit before loading anything.

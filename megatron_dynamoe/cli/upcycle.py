@@ -25,6 +25,8 @@ import sys
 
 from megatron_dynamoe.adaptive.config import DROP_POLICIES, GATING_MODES, AdaptiveGatingConfig
 from megatron_dynamoe.cli.common import (
+    add_architecture_arguments,
+    architecture_flags,
     COUNT,
     NON_NEGATIVE,
     NON_NEGATIVE_INT,
@@ -83,6 +85,7 @@ def parse_args(argv=None):
     c.add_argument("--gguf-file")
     add_parity_arguments(c, sequences=8, tolerance_help="construction parity")
     add_layout_arguments(p)
+    add_architecture_arguments(p)
     add_runtime_arguments(p)
     return p.parse_args(argv)
 
@@ -117,7 +120,7 @@ def main(argv=None) -> int:
 
     check_output_path(args.output, args.overwrite, (args.load, args.tokenizer),
                       needed_bytes=tree_size(args.load))
-    arch, info = resolve_architecture(args.load, args.model)
+    arch, info = resolve_architecture(args.load, args.model, architecture_flags(args))
     if family_of(info) != "dense":
         raise ToolError(f"{args.load} is already an MoE checkpoint; upcycle a dense one")
     gating = upcycled_gating(config_from_args(args, AdaptiveGatingConfig, GATING_FLAGS),

@@ -36,6 +36,14 @@ def set_static_level(model, level: Optional[int]) -> None:
         layer.router.set_static_level(level)
 
 
+def set_level_sorted_experts(model, enabled: bool) -> None:
+    """Let routed forwards at EP = 1 run the shells on level-sorted tokens (True, the
+    default) or send them through Megatron's token dispatcher (False: the reference path,
+    benchmarks and parity tests). The numbers agree to round-off (summation order)."""
+    for layer in dynamoe_layers(model):
+        layer.level_sorted_experts = bool(enabled)
+
+
 def set_training_step(model, step: int) -> None:
     """Tell every DynaMoE layer the training step (drives the label schedule)."""
     for layer in dynamoe_layers(model):

@@ -1,12 +1,14 @@
 """DynaMoELayer: a Megatron-Core MoELayer whose experts are nested shells of one FFN.
 
-Two forwards, both through Megatron's own token dispatcher and experts:
+Two forwards, both through Megatron's own expert MLPs:
 
 - routed (inference, and training steps without labels): the DifficultyRouter gives each
-  token a level; the token is dispatched to exactly that level's shells with weight 1 and
-  the shell outputs are summed. Experts see only the tokens routed to them, so FLOPs are
-  proportional to the level.
-- labelled (a `label_fraction` of training steps): every token is dispatched K times, copy j
+  token a level; the token goes to exactly that level's shells with weight 1 and the shell
+  outputs are summed. Experts see only the tokens routed to them, so FLOPs are proportional
+  to the level. With expert parallelism the tokens travel through Megatron's token
+  dispatcher; with every shell on the rank (EP = 1) they are sorted by level once and each
+  shell reads a prefix (`_level_sorted_experts`, no copy per shell).
+- labelled (a `label_fraction` of training steps, always through the dispatcher): every token is dispatched K times, copy j
   to the shells that level j adds (disjoint groups, so the expert work equals one full-FFN
   pass). The K group outputs give every level's partial output as a prefix sum, hence the
   difficulty labels (relative to the residual stream, which `DynaMoETransformerLayer`
@@ -32,6 +34,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_dynamoe.dynamoe import routing
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
+from megatron_dynamoe.dynamoe.prefix_ops import prefix_sum, prefix_views
 from megatron_dynamoe.dynamoe.router import DifficultyRouter, LevelDecision
 
 ROUTER_LOSS_NAME = "dynamoe_router_loss"
@@ -219,6 +222,12 @@ class DynaMoELayer(MoELayer):
                                      for n in dynamoe_config.level_shells]
         self._host_level_slots = [[shell < n for shell in self.router.placement]
                                   for n in dynamoe_config.level_shells]
+        # Routed forwards at EP = 1 run the shells on level-sorted tokens
+        # (`_level_sorted_experts`); False: always Megatron's dispatcher (the reference).
+        self.level_sorted_experts = True
+        first_level = routing.shell_levels(dynamoe_config.level_shells)
+        self._local_shell_levels = [first_level[shell] for shell in
+                                    getattr(self.experts, "shell_ids", ())] or None
 
     # ---- run-time control ------------------------------------------------------------------
     def set_sensitivity(self, theta: float) -> None:
@@ -292,7 +301,11 @@ class DynaMoELayer(MoELayer):
             finally:
                 self._residual_norms = None
         else:
-            output = self._dispatch_to_shells(hidden_states, decision.probs, decision.routing_map)
+            if self.uses_level_sorted_experts():
+                output = self._level_sorted_experts(hidden_states, decision.levels)
+            else:
+                output = self._dispatch_to_shells(hidden_states, decision.probs,
+                                                  decision.routing_map)
             output = self._keep_router_in_graph(output, decision.logits)
         self._record_routing_stats(decision, count)
         return output, None
@@ -304,6 +317,58 @@ class DynaMoELayer(MoELayer):
         output, _ = self.routed_experts_compute(dispatched, probs)
         output = self.combine(output)
         return self.postprocess(output, None)
+
+    def uses_level_sorted_experts(self) -> bool:
+        """Whether a routed forward runs `_level_sorted_experts`: switched on, every shell on
+        this rank (EP = 1), and the experts' tensor-parallel group either trivial or the
+        sequence-parallel group the tokens are split over (expert TP = TP)."""
+        if not self.level_sorted_experts or self._local_shell_levels is None \
+                or self.ep_group.size() != 1:
+            return False
+        expert_tp = self.experts.tp_group.size()
+        return expert_tp == 1 or (self.config.sequence_parallel
+                                  and expert_tp == self.attn_tp_group.size())
+
+    def _level_sorted_experts(self, hidden_states: torch.Tensor, levels: torch.Tensor):
+        """Routed forward with every shell on this rank: [s, b, H] -> [s, b, H].
+
+        Megatron's dispatcher copies a token once per shell of its level (a level-K token K
+        times at K shells), runs each shell on its copies and sums them back with a
+        scatter-add. Here the tokens are gathered once in level order, highest first: a
+        shell of level e serves the tokens at level >= e, a prefix of that order, so each
+        shell runs Megatron's expert MLP on a view and adds into the prefix of one output,
+        which is scattered back once. Same shells, same weights, same FLOPs (weight 1 per
+        shell, as the routing map's probabilities). The prefix lengths are read on the host
+        once per layer: the split sizes that Megatron's SequentialMLP reads on its path
+        (`tokens_per_expert.tolist()`), read here instead of there. With expert TP the
+        tokens are all-gathered over the expert TP group and the partial outputs
+        reduce-scattered, as the dispatcher does.
+        """
+        from megatron.core.tensor_parallel import (
+            gather_from_sequence_parallel_region,
+            reduce_scatter_to_sequence_parallel_region,
+        )
+
+        shape = hidden_states.shape
+        tokens = hidden_states.reshape(-1, shape[-1])
+        tp_group = self.experts.tp_group
+        if tp_group.size() > 1:
+            tokens = gather_from_sequence_parallel_region(tokens, group=tp_group)
+            with torch.no_grad():
+                levels = gather_from_sequence_parallel_region(levels, group=tp_group)
+        order, at_or_above = routing.level_sort(levels, self.dynamoe_config.num_levels)
+        prefix = at_or_above.tolist()   # the one host read (see docstring)
+        sizes = [prefix[level - 1] for level in self._local_shell_levels]
+        inputs = prefix_views(tokens.index_select(0, order), sizes)
+        output = prefix_sum(tokens.shape[0], [expert(x)[0] for expert, x in
+                                              zip(self.experts.local_experts, inputs)])
+        # Back to token order with one gather (the inverse permutation; no zero fill).
+        inverse = torch.empty_like(order).scatter_(
+            0, order, torch.arange(order.numel(), device=order.device))
+        output = output.index_select(0, inverse)
+        if tp_group.size() > 1:
+            output = reduce_scatter_to_sequence_parallel_region(output, group=tp_group)
+        return output.view(shape)
 
     def _labelled_forward(self, hidden_states: torch.Tensor, decision: LevelDecision,
                           count: bool = True):

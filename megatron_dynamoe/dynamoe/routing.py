@@ -106,6 +106,30 @@ def level_counts(levels: torch.Tensor, num_levels: int) -> torch.Tensor:
     return counts.scatter_add_(0, flat - 1, torch.ones_like(flat))
 
 
+def shell_levels(level_shells: Sequence[int]) -> List[int]:
+    """The level (1..K) that first uses each logical shell: [S] host ints (shell s is in
+    every level e >= shell_levels[s])."""
+    return [1 + sum(1 for n in level_shells if n <= shell) for shell in range(level_shells[-1])]
+
+
+def level_sort(levels: torch.Tensor, num_levels: int):
+    """Tokens ordered by level, highest first: the tokens a shell of level e serves (every
+    token at level >= e) are then a prefix of the order, so one gather of the tokens feeds
+    every shell without copies per shell.
+
+    Args:
+        levels: [T] int64 levels in 1..K.
+        num_levels: K.
+    Returns:
+        (order [T] int64, a permutation of the tokens; at_or_above [K] int64, entry e-1 the
+        number of tokens at level >= e, i.e. the prefix length of a level-e shell), both on
+        `levels.device`.
+    """
+    order = torch.argsort(levels, descending=True, stable=True)
+    at_or_above = level_counts(levels, num_levels).flip(0).cumsum(0).flip(0)
+    return order, at_or_above
+
+
 def level_errors(group_outputs: torch.Tensor) -> torch.Tensor:
     """||P_K - P_e||_2 per token and level, where P_e is the prefix sum of the first e groups.
 

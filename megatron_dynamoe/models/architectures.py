@@ -33,6 +33,9 @@ class ModelArchitecture:
     """Shape of a dense decoder-only LM.
 
     family 'llama': RMSNorm, SwiGLU FFN, RoPE (base `rotary_base`), GQA, no biases.
+    `rope_scaling_factor`: Llama-3.1's RoPE frequency scaling with that factor (and
+    Megatron-Core's fixed low / high frequency factors 1 / 4 over 8192 original positions);
+    None: unscaled RoPE.
     family 'gpt2': LayerNorm, GELU FFN, learned absolute positions, biases everywhere.
     `activation` defaults to the family's first entry in ACTIVATIONS.
     """
@@ -49,6 +52,7 @@ class ModelArchitecture:
     norm_epsilon: float = 1e-5
     tie_embeddings: bool = False
     activation: Optional[str] = None
+    rope_scaling_factor: Optional[float] = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -61,6 +65,8 @@ class ModelArchitecture:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden size {self.hidden_size} is not divisible by "
                              f"{self.num_attention_heads} attention heads")
+        if self.rope_scaling_factor is not None and self.family != "llama":
+            raise ValueError("RoPE scaling applies to the llama family only")
         groups = self.num_query_groups or self.num_attention_heads
         if self.num_attention_heads % groups:
             raise ValueError(f"{self.num_attention_heads} attention heads are not divisible "
@@ -125,6 +131,22 @@ PRESETS: Dict[str, ModelArchitecture] = {
         family="llama", num_layers=80, hidden_size=8192, ffn_hidden_size=28672,
         num_attention_heads=64, num_query_groups=8, vocab_size=128256,
         max_position_embeddings=8192, rotary_base=500000.0, norm_epsilon=1e-5),
+    # Published parameter counts in tests/test_config.py.
+    "llama2-7b": ModelArchitecture(
+        family="llama", num_layers=32, hidden_size=4096, ffn_hidden_size=11008,
+        num_attention_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "llama2-13b": ModelArchitecture(
+        family="llama", num_layers=40, hidden_size=5120, ffn_hidden_size=13824,
+        num_attention_heads=40, vocab_size=32000, max_position_embeddings=4096),
+    "llama3.1-8b": ModelArchitecture(
+        family="llama", num_layers=32, hidden_size=4096, ffn_hidden_size=14336,
+        num_attention_heads=32, num_query_groups=8, vocab_size=128256,
+        max_position_embeddings=131072, rotary_base=500000.0, rope_scaling_factor=8.0),
+    # Mistral-7B-v0.3: no sliding-window attention (v0.1's 4096-token window is not modelled).
+    "mistral-7b-v0.3": ModelArchitecture(
+        family="llama", num_layers=32, hidden_size=4096, ffn_hidden_size=14336,
+        num_attention_heads=32, num_query_groups=8, vocab_size=32768,
+        max_position_embeddings=32768, rotary_base=1000000.0),
     "gpt2": ModelArchitecture(
         family="gpt2", num_layers=12, hidden_size=768, ffn_hidden_size=3072,
         num_attention_heads=12, vocab_size=50257, max_position_embeddings=1024,

@@ -52,6 +52,8 @@ def build_gpt_model(arch: ModelArchitecture, config: TransformerConfig,
         share_embeddings_and_output_weights=arch.tie_embeddings,
         position_embedding_type="rope" if llama else "learned_absolute",
         rotary_base=int(arch.rotary_base) if llama else 10000,
+        rope_scaling=arch.rope_scaling_factor is not None,
+        rope_scaling_factor=arch.rope_scaling_factor or 8.0,
         vp_stage=vp_stage,
     ))
 

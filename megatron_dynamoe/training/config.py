@@ -142,6 +142,10 @@ class TrainConfig:
     # fraction is --dynamoe-static-target-fraction (None: what the theta range spends with an
     # untrained router); the routers are frozen and compute no labels.
     dynamoe_routing: str = "learned"
+    # Routed forwards at EP = 1 run the shells on level-sorted tokens (one gather, a prefix
+    # per shell); --no-dynamoe-level-sorted-experts sends them through Megatron's token
+    # dispatcher (one copy per shell), the reference path. Same numbers to round-off.
+    dynamoe_level_sorted_experts: bool = True
     dynamoe_static_target_fraction: Optional[float] = None
     # Distillation from the frozen dense model (a dense checkpoint of the same architecture):
     # loss = (1 - w) * LM loss + w * T^2 * KL(teacher_T || student_T) per token.

@@ -345,6 +345,7 @@ def build_training_model(cfg: TrainConfig, provider):
     and not yet DDP-wrapped. Seeded by --seed; with --load / --pretrained-checkpoint no
     random-init work is done (the checkpoint replaces every weight), as in Megatron-LM."""
     from megatron_dynamoe.models.architectures import skip_random_init
+    from megatron_dynamoe.dynamoe.control import set_level_sorted_experts
     from megatron_dynamoe.models.builder import build_model_chunks
 
     config = provider.transformer_config(
@@ -355,7 +356,9 @@ def build_training_model(cfg: TrainConfig, provider):
     if cfg.load or cfg.pretrained_checkpoint:
         skip_random_init(config)
     torch.manual_seed(cfg.seed)
-    return config, build_model_chunks(provider, config)
+    chunks = build_model_chunks(provider, config)
+    set_level_sorted_experts(chunks, cfg.dynamoe_level_sorted_experts)
+    return config, chunks
 
 
 def _middle_stage_batch(cfg: TrainConfig) -> dict:
