@@ -16,7 +16,7 @@
 # TP PP VPP EP ETP NUM_SHELLS MICRO_BATCH GLOBAL_BATCH SEQ_LEN RECOMPUTE, GPU_TYPE=h100|h200
 # (or GPU_MEMORY_GIB), and TRAIN_ITERS LR MIN_LR WARMUP_ITERS SAVE_INTERVAL SENS_MIN SENS_MAX
 # LABEL_FRACTION DIST_TIMEOUT_MINUTES TRANSFORMER_IMPL ATTENTION_BACKEND KEEP_LAST_N
-# DISTILL_TEACHER; more nodes: sbatch --nodes=16. The
+# ASYNC_SAVE DISTILL_TEACHER; more nodes: sbatch --nodes=16. The
 # layout planner (tools/plan_layout.py) runs first and a layout that does not divide or does
 # not fit GPU_MEMORY_GIB ends the job before srun, printing one that fits. Outputs in RUN_DIR
 # (default runs/moefy_70b-$MODEL): checkpoints/ (torch_dist, --save == --load, so a requeued or
@@ -74,6 +74,7 @@ LABEL_FRACTION=${LABEL_FRACTION:-0.25}         # iterations that compute difficu
 EXIT_AFTER_ITERS=${EXIT_AFTER_ITERS:-}
 ATTENTION_BACKEND=${ATTENTION_BACKEND:-sdpa}   # sdpa (flash kernels) | local (s x s scores)
 KEEP_LAST_N=${KEEP_LAST_N:-3}                  # checkpoints kept (~1 TB each); older deleted
+ASYNC_SAVE=${ASYNC_SAVE:-0}                    # 1: write checkpoints in the background
 DISTILL_TEACHER=${DISTILL_TEACHER:-}           # the dense checkpoint to distil from (optional)
 # Collective timeout: a ~1 TB checkpoint save or load on a busy file system can keep ranks
 # waiting at a barrier well past Megatron's 10-minute default.
@@ -116,6 +117,8 @@ fi
 start=(--pretrained-checkpoint "$DYNAMOE_CKPT")
 before=$(dyn_latest_iteration "$SAVE_DIR")
 ((before > 0)) && start+=(--load "$SAVE_DIR")
+async_save=()
+((ASYNC_SAVE)) && async_save=(--async-save)
 # The tasks' interpreter: the image's python in the container, else the host's.
 if [[ -n "$CONTAINER_IMAGE" ]]; then task_python=python; else task_python=${PYTHON:-python}; fi
 # shellcheck disable=SC2206  # DATA_PATH (a blend) and EXTRA_ARGS are word lists
@@ -124,6 +127,7 @@ train=("$task_python" "$REPO/launch/train.py" "${start[@]}" "${DYN_LAYOUT[@]}"
        --distributed-timeout-minutes "$DIST_TIMEOUT_MINUTES"
        --tokenizer "$TOKENIZER" --data-path $DATA_PATH --save "$SAVE_DIR"
        --save-interval "$SAVE_INTERVAL" --keep-last-n "$KEEP_LAST_N"
+       "${async_save[@]}"
        --attention-backend "$ATTENTION_BACKEND" --tensorboard-dir "$TB_DIR" --bf16
        --global-batch-size "$GLOBAL_BATCH" --seq-length "$SEQ_LEN" --train-iters "$TRAIN_ITERS"
        --lr "$LR" --min-lr "$MIN_LR" --lr-warmup-iters "$WARMUP_ITERS" --lr-decay-style cosine

@@ -30,7 +30,7 @@ DEFAULT_IMAGE = os.path.join(REPO, "docker", "dynamoe.sqsh")
 SCRIPT_SETTINGS = ("CONTAINER_IMAGE", "CONTAINER_MOUNTS", "DYNAMOE_CONTAINER_NAME", "GPU_TYPE",
                    "GPU_MEMORY_GIB", "DEVICE", "TRANSFORMER_IMPL", "DIST_TIMEOUT_MINUTES",
                    "HF_MODEL", "CKPT_ROOT", "DATA_PATH", "TOKENIZER", "PYTHON",
-                   "ATTENTION_BACKEND", "KEEP_LAST_N", "DISTILL_TEACHER")
+                   "ATTENTION_BACKEND", "KEEP_LAST_N", "ASYNC_SAVE", "DISTILL_TEACHER")
 
 
 def _script_env(**extra) -> dict:

@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -200,11 +200,19 @@ def parallel_load_strategy(directory: str, group):
 
 
 def save_checkpoint(model: torch.nn.Module, directory: str, info: CheckpointInfo,
-                    overwrite: bool = False, parallel_group=None) -> None:
+                    overwrite: bool = False, parallel_group=None, async_queue=None,
+                    then: Optional[Callable[[], None]] = None) -> None:
     """Save `model` (this rank's part; every rank calls) to `directory` atomically: shards,
-    then model.json, then checksums.json (hashing split over the ranks), then the rename.
-    `parallel_group`: the ranks holding replicas (e.g. data parallel) split the writing of
-    each replicated shard (`parallel_save_strategy`)."""
+    then model.json, then checksums.json (hashing split over the ranks), then the rename,
+    then `then()` (every rank). `parallel_group`: the ranks holding replicas (e.g. data
+    parallel) split the writing of each replicated shard (`parallel_save_strategy`).
+
+    `async_queue` (Megatron's `AsyncCallsQueue`): the shards are copied to host buffers and
+    written by a background process (`dist_checkpointing.save(async_sharded_save=True)`);
+    this returns as soon as the request is scheduled, and everything after the shards
+    (model.json, checksums, the rename, `then`) runs when the caller finalizes the queue
+    (`maybe_finalize_async_calls`, on every rank). Until then only the hidden temporary
+    folder exists, so an interrupted asynchronous save leaves nothing that looks complete."""
     from megatron.core import dist_checkpointing
 
     directory = os.path.abspath(directory)
@@ -226,18 +234,39 @@ def save_checkpoint(model: torch.nn.Module, directory: str, info: CheckpointInfo
         from megatron_dynamoe.runtime.helper_processes import start_checkpoint_writer_manager
 
         start_checkpoint_writer_manager()  # survives the job's preemption signals
-        dist_checkpointing.save(model.sharded_state_dict(), tmp,
-                                sharded_strategy=parallel_save_strategy(parallel_group))
-        _barrier()
-        # Each step below ends in a collective that hands rank 0's failure to every rank,
-        # so no rank waits for a rank that already gave up.
-        run_on_rank0(lambda: _write_info(tmp, info))
-        write_manifest(tmp)  # checksums.json: last, so that it covers every other file
-        run_on_rank0(lambda: _publish(tmp, directory))
+        request = dist_checkpointing.save(
+            model.sharded_state_dict(), tmp,
+            sharded_strategy=parallel_save_strategy(parallel_group),
+            async_sharded_save=async_queue is not None)
     except BaseException:
-        if _rank() == 0 and os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
         raise
+
+    def finish() -> None:
+        try:
+            _barrier()
+            # Each step below ends in a collective that hands rank 0's failure to every
+            # rank, so no rank waits for a rank that already gave up.
+            run_on_rank0(lambda: _write_info(tmp, info))
+            write_manifest(tmp)  # checksums.json: last, so that it covers every other file
+            run_on_rank0(lambda: _publish(tmp, directory))
+        except BaseException:
+            _discard(tmp)
+            raise
+        if then is not None:
+            then()
+
+    if async_queue is None:
+        finish()
+        return
+    request.add_finalize_fn(finish)
+    async_queue.schedule_async_request(request)
+
+
+def _discard(tmp: str) -> None:
+    """Remove an unfinished save's temporary folder (rank 0)."""
+    if _rank() == 0 and os.path.exists(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_info(folder: str, info: CheckpointInfo) -> None:

@@ -44,6 +44,11 @@ class TrainConfig:
     # Keep only the newest N checkpoints of --save (older iter_N folders are deleted after
     # each save completes; the one a resume needs never is). None: keep every one.
     keep_last_n: Optional[int] = None
+    # Megatron's asynchronous save: shards copied to host buffers and written by a
+    # background process while training goes on; model.json, checksums, the rename, the
+    # `latest` pointer and pruning follow when the write has finished on every rank
+    # (checked after each iteration; waited for before the next save and at the end).
+    async_save: bool = False
     # Start a new run in a --save folder that holds another run's checkpoints (deleting them);
     # without it such a folder is refused unless --load resumes it.
     overwrite: bool = False
@@ -191,6 +196,8 @@ class TrainConfig:
                 interval.check(f"--{f.name.replace('_', '-')}", value)
         if self.save_interval is not None and self.save is None:
             raise ValueError("--save-interval needs --save DIR")
+        if self.async_save and self.save is None:
+            raise ValueError("--async-save needs --save DIR")
         if self.keep_last_n is not None and self.save is None:
             raise ValueError("--keep-last-n needs --save DIR (the folder it prunes)")
         if self.overwrite and self.save is None:

@@ -232,13 +232,16 @@ def save_training_state(save_dir: str, iteration: int, model, optimizer, schedul
                         consumed_samples: int, info: CheckpointInfo,
                         optimizer_sharding: Optional[str] = None,
                         keep_last_n: Optional[int] = None,
-                        parallel_group=None) -> str:
+                        parallel_group=None, async_queue=None) -> str:
     """Write SAVE/iter_N (all ranks call) and then point `latest` at it; returns the folder.
     `optimizer_sharding` is the distributed optimizer's format (default OPTIMIZER_SHARDING;
     'fully_reshardable' lets the checkpoint resume at other TP / PP / VPP sizes too).
     `keep_last_n`: then delete all but the newest N iter_N folders (`prune_checkpoints`).
     `parallel_group`: the ranks holding replicas (data parallel), which split the writing
-    (`save_checkpoint`)."""
+    (`save_checkpoint`). `async_queue`: write in the background (`save_checkpoint`); the
+    pointer moves and old folders are pruned only when the queue finalizes the save, so
+    `latest` never names an unfinished checkpoint and pruning never deletes the one a
+    resume needs."""
     # The layout goes into the common `training` state and model.json (readable without
     # unpickling anything), so that a resume at another layout is refused up front.
     extra = dict(iteration=iteration, consumed_samples=consumed_samples,
@@ -252,15 +255,19 @@ def save_training_state(save_dir: str, iteration: int, model, optimizer, schedul
                   flush=True)
     state = _TrainingState(model, optimizer, scheduler, extra, is_loading=False,
                            sharding=optimizer_sharding or OPTIMIZER_SHARDING)
+
+    def point_and_prune() -> None:
+        if dist.get_rank() == 0:
+            write_latest_pointer(save_dir, iteration)
+            if keep_last_n is not None:
+                for path in prune_checkpoints(save_dir, keep_last_n):
+                    print(f"deleted {path} (--keep-last-n {keep_last_n})", flush=True)
+        dist.barrier()
+
     save_checkpoint(state, folder, CheckpointInfo(info.architecture, info.dynamoe,
                                                   {**info.extra, **extra}), overwrite=True,
-                    parallel_group=parallel_group)
-    if dist.get_rank() == 0:
-        write_latest_pointer(save_dir, iteration)
-        if keep_last_n is not None:
-            for path in prune_checkpoints(save_dir, keep_last_n):
-                print(f"deleted {path} (--keep-last-n {keep_last_n})", flush=True)
-    dist.barrier()
+                    parallel_group=parallel_group, async_queue=async_queue,
+                    then=point_and_prune)
     return folder
 
 

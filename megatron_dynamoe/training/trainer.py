@@ -463,6 +463,10 @@ class Trainer:
         self.logger, self.on_iteration, self.preemption_flag = (logger, on_iteration,
                                                                 preemption_flag)
         resume = latest_checkpoint(cfg.load) if cfg.load else None
+        # --async-save: Megatron's queue of background checkpoint writes, and the folders
+        # (with the time their save started) that it has not finalized yet.
+        self.async_queue = None
+        self.pending_saves: List[Tuple[str, float]] = []
         # (target FFN fraction, level probabilities) of a static-sampled run, else None.
         self.static_plan: Optional[Tuple[float, List[float]]] = None
         if cfg.dynamoe_routing == STATIC_SAMPLED:
@@ -670,7 +674,16 @@ class Trainer:
         from megatron.core import parallel_state
 
         cfg = self.cfg
+        # One save at a time: a new save clears stale temporaries of --save, which an
+        # unfinished background save still writes into.
+        self.finalize_saves(blocking=True)
         tic = time.time()
+        if cfg.async_save and self.async_queue is None:
+            from megatron.core.dist_checkpointing.strategies.async_utils import (
+                AsyncCallsQueue,
+            )
+
+            self.async_queue = AsyncCallsQueue()
         self.sync_params()
         info = self._routing_info(with_family(self.model_info, self.provider.family))
         folder = save_training_state(
@@ -680,10 +693,28 @@ class Trainer:
                                 else None),
             keep_last_n=cfg.keep_last_n,
             parallel_group=(parallel_state.get_data_parallel_group()
-                            if cfg.ckpt_fully_parallel_save else None))
-        if self.logger:
+                            if cfg.ckpt_fully_parallel_save else None),
+            async_queue=self.async_queue)
+        if self.async_queue is not None:
+            self.pending_saves.append((folder, tic))
+            if self.logger:
+                self.logger.text(f"saving {folder} in the background (training blocked "
+                                 f"{time.time() - tic:.1f} s)")
+        elif self.logger:
             self.logger.text(f"saved {folder} in {time.time() - tic:.1f} s")
         return folder
+
+    def finalize_saves(self, blocking: bool) -> None:
+        """--async-save: finish the background saves whose writes are done on every rank
+        (all of them when `blocking`): model.json, checksums, rename, `latest`, pruning.
+        Collective; a no-op without pending saves."""
+        if self.async_queue is None or not self.pending_saves:
+            return
+        for _ in self.async_queue.maybe_finalize_async_calls(blocking=blocking):
+            folder, started = self.pending_saves.pop(0)
+            if self.logger:
+                self.logger.text(f"saved {folder} in {time.time() - started:.1f} s "
+                                 f"(background)")
 
     def _routing_info(self, info):
         """`info` whose `extra` records how this run routed: static-sampled runs add
@@ -755,9 +786,12 @@ class Trainer:
                     exit_now = bool(cfg.exit_after_iters
                                     and self.iteration - started_iter >= cfg.exit_after_iters)
                     self.maybe_save(force=stop_now or exit_now)
+                    self.finalize_saves(blocking=False)
                     if stop_now or exit_now:
                         result.stopped_by_signal = stop_now
                         break
+            # The run's last checkpoint is complete (and `latest` names it) on return.
+            self.finalize_saves(blocking=True)
         finally:
             reset_megatron_moe_state()
         self.sync_params()
