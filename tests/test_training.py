@@ -330,7 +330,7 @@ def test_ddp_overlap_defaults_and_refusals():
         parse_train_args(base + ["--overlap-param-gather", "--no-overlap-grad-reduce"])
 
 
-def _reads_worker(rank, world_size, out, weights):
+def _reads_worker(rank, world_size, out, weights, layout):
     from megatron_dynamoe.runtime.parallel import initialize_parallel
     from megatron_dynamoe.training.trainer import Trainer
 
@@ -342,9 +342,7 @@ def _reads_worker(rank, world_size, out, weights):
         return source(position, mbs)
 
     cfg = TrainConfig(**{**BASE, "model": None, "pretrained_checkpoint": weights[0],
-                         "train_iters": 4, "exit_after_iters": 2,
-                         "pipeline_model_parallel_size": 2,
-                         "virtual_pipeline_model_parallel_size": 2})
+                         "train_iters": 4, "exit_after_iters": 2, **layout})
     initialize_parallel(cfg.layout, seed=cfg.seed)
     trainer = Trainer(cfg, INFO, counting)
     result = trainer.run()
@@ -358,7 +356,8 @@ def test_middle_pipeline_chunks_read_no_data(tmp_path, initial_weights, referenc
     the last; each rank reads each micro-batch once (for its first / last chunk), not once
     per chunk, and the loss curve is still the one-process one."""
     out = str(tmp_path / "reads")
-    run_processes(_reads_worker, 2, out, initial_weights)
+    run_processes(_reads_worker, 2, out, initial_weights,
+                  dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2))
     reference_losses, _ = reference_curve
     for rank in range(2):
         reads, micro, chunk_reads, losses = torch.load(f"{out}.rank{rank}.pt")
@@ -366,3 +365,21 @@ def test_middle_pipeline_chunks_read_no_data(tmp_path, initial_weights, referenc
         assert reads == 2 * micro  # 2 iterations x its micro-batches, one chunk's worth
         for it, value in losses.items():  # the last stage's rank reports them
             assert abs(value - reference_losses[it]) <= 1e-5 * abs(reference_losses[it])
+
+
+@pytest.mark.multiproc
+def test_tensor_parallel_ranks_read_once_and_broadcast(tmp_path, initial_weights,
+                                                       reference_curve):
+    """TP=2 (sequence parallel): TP rank 0 reads every micro-batch and broadcasts it, rank 1
+    reads none, and the loss curve is still the one-process one."""
+    out = str(tmp_path / "reads")
+    run_processes(_reads_worker, 2, out, initial_weights,
+                  dict(tensor_model_parallel_size=2, sequence_parallel=True))
+    reference_losses, _ = reference_curve
+    reads = []
+    for rank in range(2):
+        count, micro, _, losses = torch.load(f"{out}.rank{rank}.pt")
+        reads.append(count)
+        for it, value in losses.items():
+            assert abs(value - reference_losses[it]) <= 1e-5 * abs(reference_losses[it])
+    assert reads == [2 * micro, 0]

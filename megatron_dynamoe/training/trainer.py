@@ -196,17 +196,27 @@ class _MicroBatches:
     A model chunk that is neither the pipeline's first (it embeds the tokens) nor its last
     (it computes the loss) reads nothing: `placeholder` (no tokens, labels or loss mask; the
     attention mask only for attention that reads one) stands for each of its micro-batches,
-    as Megatron-LM's get_batch gives middle stages nothing."""
+    as Megatron-LM's get_batch gives middle stages nothing.
+
+    With tensor parallelism (`tp_broadcast`: the TP group, its source rank and the sequence
+    length) only TP rank 0 reads; it broadcasts the batch's tensors (`BROADCAST_KEYS`, each
+    [micro_batch_size, seq_length] on the device) to the other TP ranks, which build the
+    constant attention mask themselves, as Megatron-LM's get_batch_on_this_tp_rank does."""
+
+    BROADCAST_KEYS = (("tokens", torch.long), ("labels", torch.long),
+                      ("loss_mask", torch.float32), ("position_ids", torch.long))
 
     def __init__(self, source: BatchSource, start: int, micro_batch_size: int, count: int,
                  dp_rank: int, dp_size: int, teacher_logits: Optional[list] = None,
-                 placeholder: Optional[dict] = None):
+                 placeholder: Optional[dict] = None, tp_broadcast: Optional[tuple] = None,
+                 attention_mask=None):
         from megatron_dynamoe.data.sampling import micro_batch_starts
 
         self._positions = micro_batch_starts(start, micro_batch_size, count, dp_rank, dp_size)
         self._source, self._mbs = source, micro_batch_size
         self._teacher_logits, self._index = teacher_logits, 0
         self._placeholder = placeholder
+        self._tp_broadcast, self._attention_mask = tp_broadcast, attention_mask
         self.seconds = 0.0  # host time spent reading and placing batches (the data wait)
 
     def __iter__(self):
@@ -219,12 +229,42 @@ class _MicroBatches:
             self._index += 1
             return self._placeholder
         tic = time.perf_counter()
-        # The one way a batch reaches the model's device (pinned, non-blocking on a GPU).
-        batch = place_batch(self._source(self._positions[self._index], self._mbs))
+        if self._tp_broadcast is None:
+            # The one way a batch reaches the model's device (pinned, non-blocking on a GPU).
+            batch = place_batch(self._source(self._positions[self._index], self._mbs))
+        else:
+            batch = self._broadcast_batch()
         self.seconds += time.perf_counter() - tic
         if self._teacher_logits:
             batch["teacher_logits"] = self._teacher_logits[self._index]
         self._index += 1
+        return batch
+
+    def _broadcast_batch(self) -> dict:
+        """TP rank 0 reads and places the micro-batch, then every TP rank takes part in one
+        broadcast per tensor (no host synchronisation: shapes and dtypes are known)."""
+        import torch.distributed as dist
+
+        from megatron_dynamoe.runtime.device import model_device
+
+        group, src, seq_length = self._tp_broadcast
+        shape = (self._mbs, seq_length)
+        if dist.get_rank() == src:
+            batch = place_batch(self._source(self._positions[self._index], self._mbs))
+            for key, dtype in self.BROADCAST_KEYS:
+                value = batch.get(key)
+                if value is None or tuple(value.shape) != shape or value.dtype != dtype:
+                    raise ValueError(f"micro-batch {key!r}: expected a {dtype} tensor of "
+                                     f"shape {list(shape)} to broadcast over tensor-parallel "
+                                     f"ranks, got {getattr(value, 'shape', value)}")
+                # Position ids are often an expanded view: a collective sends whole storage.
+                batch[key] = value.contiguous()
+        else:
+            batch = {key: torch.empty(shape, dtype=dtype, device=model_device())
+                     for key, dtype in self.BROADCAST_KEYS}
+        for key, _ in self.BROADCAST_KEYS:
+            dist.broadcast(batch[key], src, group=group)
+        batch["attention_mask"] = self._attention_mask
         return batch
 
 
@@ -562,6 +602,10 @@ class Trainer:
                                                            and c == last_chunk)
                              for c in range(len(self.model))]
         self._middle_stage_batch = _middle_stage_batch(cfg)
+        # Tensor parallelism: TP rank 0 reads each micro-batch and broadcasts it.
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        self._tp_broadcast = ((tp_group, parallel_state.get_tensor_model_parallel_src_rank(),
+                               cfg.seq_length) if tp_group.size() > 1 else None)
         # The log's TFLOP/s per GPU and MFU (training.throughput): the step's model FLOPs as
         # a function of the FFN fraction the DynaMoE layers ran at and of a labelled step.
         from megatron_dynamoe.runtime.device import current as current_device
@@ -581,7 +625,9 @@ class Trainer:
         iterators = [_MicroBatches(self.source, start, self.cfg.micro_batch_size,
                                    self.num_microbatches, self._dp_rank, self._dp_size,
                                    teacher_logits,
-                                   None if reads else self._middle_stage_batch)
+                                   None if reads else self._middle_stage_batch,
+                                   self._tp_broadcast,
+                                   self._middle_stage_batch["attention_mask"])
                      for reads in self._chunk_reads]
         self._iterators.extend(iterators)
         return iterators
