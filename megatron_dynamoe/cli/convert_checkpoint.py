@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     m2h.add_argument("--output", required=True, metavar="HFDIR",
                      help="Hugging Face folder to write")
     m2h.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    m2h.add_argument("--streaming", action="store_true",
+                     help="read and write one layer at a time (peak host memory about one "
+                          "layer; the checkpoint's dtype is kept): for models that do not fit "
+                          "twice in host memory; each tensor is checked to convert back "
+                          "exactly")
+    m2h.add_argument("--no-logit-parity", dest="logit_parity", action="store_false",
+                     help="with --streaming: skip the final logit check, which builds the "
+                          "whole model (in fp32) once")
     m2h.add_argument("--model", metavar="PRESET",
                      help="architecture preset of a plain Megatron-Core checkpoint (one without "
                           "model.json), e.g. tiny-llama, smollm2-135m, llama3-70b")
@@ -268,7 +276,10 @@ def megatron_to_hf(args) -> int:
     origin = (metadata_path(args.load) if info is not None else f"--model {args.model}"
               if args.model else "the architecture flags" if flags
               else "the arguments Megatron-LM saved in common.pt")
-    verify_checkpoint_files(args.load, verify_checksums=args.verify_checksums)  # fail fast
+    metadata = verify_checkpoint_files(args.load, verify_checksums=args.verify_checksums)
+    if not args.logit_parity and not args.streaming:
+        raise ToolError("--no-logit-parity applies to --streaming only: the whole-model "
+                        "conversion always checks logits")
 
     from megatron_dynamoe.utils.parity import megatron_logits
     from megatron_dynamoe.checkpoint.hf import hf_config_from_architecture, save_hf_pretrained
@@ -283,6 +294,9 @@ def megatron_to_hf(args) -> int:
     tokens, token_source = _parity_tokens(tokenizer, arch, args)
 
     _start_single_process_world(args)
+    if args.streaming:
+        return _stream_to_hf(args, arch, origin, metadata, tokenizer, tokens, token_source,
+                             started)
     model = _build_dense_model(arch)
     log(f"loading {args.load}")
     load_checkpoint(model, args.load, origin, verify_checksums=False)  # verified above
@@ -297,6 +311,45 @@ def megatron_to_hf(args) -> int:
                                tolerance=args.tolerance)
     log(f"done in {time.time() - started:.0f} s: {args.output} (relative logit error "
         f"{error:.2e} on {token_source})")
+    return 0
+
+
+def _stream_to_hf(args, arch, origin, metadata, tokenizer, tokens, token_source,
+                  started) -> int:
+    """megatron-to-hf --streaming: hf_streaming.stream_megatron_to_hf into a temporary
+    folder, the logit check (unless --no-logit-parity), then the rename."""
+    import torch
+
+    from megatron_dynamoe.checkpoint.hf_streaming import stream_megatron_to_hf
+    from megatron_dynamoe.checkpoint.torch_dist import load_checkpoint
+    from megatron_dynamoe.utils.outputs import atomic_output_dir
+    from megatron_dynamoe.utils.parity import check_parity, megatron_logits
+
+    embedding = metadata.state_dict_metadata.get("embedding.word_embeddings.weight")
+    dtype = embedding.properties.dtype if embedding is not None else torch.float32
+    error = None
+    with atomic_output_dir(args.output, args.overwrite, (args.load,)) as tmp:
+        log(f"streaming {args.load} ({dtype}) into {args.output}, one layer at a time")
+        stream_megatron_to_hf(args.load, metadata, arch, tmp,
+                              on_shard=lambda done, total: log(f"  shard {done}/{total}"))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if args.logit_parity:
+            from transformers import AutoModelForCausalLM
+
+            log(f"logit check on {token_source} (the whole model once, fp32)")
+            model = _build_dense_model(arch, params_dtype=dtype)
+            load_checkpoint(model, args.load, origin, verify_checksums=False)
+            reference = megatron_logits(model.float(), tokens)
+            del model
+            hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+            with torch.no_grad():
+                logits = hf(tokens).logits
+            error = check_parity(reference, logits, args.tolerance,
+                                 "streamed HF folder vs Megatron")
+    log(f"done in {time.time() - started:.0f} s: {args.output}"
+        + (f" (relative logit error {error:.2e} on {token_source})" if error is not None
+           else " (every tensor converts back exactly; logit check skipped)"))
     return 0
 
 
@@ -384,14 +437,15 @@ def _start_single_process_world(args) -> None:
     start_runtime(args, local_weights=True)
 
 
-def _build_dense_model(arch):
+def _build_dense_model(arch, **config):
     from megatron_dynamoe.models.architectures import transformer_config
     from megatron_dynamoe.models.builder import build_gpt_model
 
     log(f"building the dense Megatron GPTModel ({arch.num_parameters() / 1e6:.1f} M parameters)")
     # No random initialisation: every tensor is overwritten (the callers require the complete
     # key set, so nothing is left uninitialised).
-    return build_gpt_model(arch, transformer_config(arch, perform_initialization=False)).eval()
+    return build_gpt_model(arch, transformer_config(arch, perform_initialization=False,
+                                                    **config)).eval()
 
 
 def _first_line(e: BaseException) -> str:
