@@ -1,6 +1,6 @@
-"""`convert_checkpoint.py megatron-to-hf --streaming` (checkpoint/hf_streaming.py): one layer in
-host memory at a time, the checkpoint's dtype kept, the same tensors as the whole-model
-conversion bit for bit."""
+"""`convert_checkpoint.py hf-to-megatron / megatron-to-hf --streaming`
+(checkpoint/hf_streaming.py): one layer in host memory at a time, the source dtype kept, the
+same tensors as the whole-model conversion bit for bit, HF -> Megatron -> HF bit-exact."""
 
 from __future__ import annotations
 
@@ -50,24 +50,34 @@ def _read_folder(folder) -> dict:
     return tensors
 
 
+def _hf_folder(folder, arch, state, dtype):
+    """A Hugging Face folder (save_pretrained, safetensors) holding `state`'s weights."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_dynamoe.checkpoint.hf import hf_config_from_architecture
+
+    model = AutoModelForCausalLM.from_config(hf_config_from_architecture(arch)).to(dtype)
+    model.load_state_dict(megatron_to_hf_state_dict(state, arch), strict=True)
+    model.save_pretrained(folder)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
     folder = tmp_path_factory.mktemp("big") / "ckpt"
     return folder, _checkpoint(folder, BIG)
 
 
-def test_streaming_peak_memory_is_a_few_layers(big, tmp_path):
-    folder, state = big
-    out = tmp_path / "hf"
-    # The process's own high-water mark (VmHWM: getrusage's maxrss would start from the
-    # forking test process's), against its resident size once the libraries are imported.
+def _peak_growth(*args) -> int:
+    """The tool's peak resident memory above the imported libraries, in bytes: its own
+    high-water mark (VmHWM; getrusage's maxrss would start from the forking test
+    process's) against its resident size once torch, transformers and Megatron are in."""
     code = (
         "import re, sys, psutil, torch, transformers, safetensors, megatron.core\n"
         "from megatron_dynamoe.cli.common import run_tool\n"
         "from megatron_dynamoe.cli.convert_checkpoint import main\n"
         "before = psutil.Process().memory_info().rss\n"
-        f"code = run_tool(main, ['megatron-to-hf', '--load', {str(folder)!r}, '--output',"
-        f" {str(out)!r}, '--streaming', '--no-logit-parity'])\n"
+        f"code = run_tool(main, {[str(a) for a in args]!r})\n"
         "status = open('/proc/self/status').read()\n"
         "peak = int(re.search(r'VmHWM:\\s+(\\d+) kB', status).group(1)) * 1024\n"
         "print('GROWTH', peak - before)\n"
@@ -76,16 +86,66 @@ def test_streaming_peak_memory_is_a_few_layers(big, tmp_path):
                           text=True, timeout=600,
                           env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-2000:]
-    growth = int(done.stdout.split("GROWTH")[1])
-    model_bytes = 24 * LAYER_BYTES
-    # The rest of the start-up (a gloo world, the remaining imports) is the fixed part; the
-    # model is 377 MB: holding it, or the HF copy, would show.
-    assert growth < 4 * LAYER_BYTES + 96 * 2 ** 20 < model_bytes / 2, (growth, LAYER_BYTES)
+    return int(done.stdout.split("GROWTH")[1])
+
+
+# The rest of the start-up (a gloo world, the remaining imports) is the fixed part; the model
+# is 377 MB: holding it, or a second copy, would show.
+FEW_LAYERS = 4 * LAYER_BYTES + 96 * 2 ** 20
+assert FEW_LAYERS < 24 * LAYER_BYTES / 2
+
+
+def test_streaming_export_peak_memory_is_a_few_layers(big, tmp_path):
+    folder, state = big
+    out = tmp_path / "hf"
+    growth = _peak_growth("megatron-to-hf", "--load", folder, "--output", out, "--streaming",
+                          "--no-logit-parity")
+    assert growth < FEW_LAYERS, (growth, LAYER_BYTES)
     assert len(glob.glob(str(out / "*.safetensors"))) == 25  # one per layer + the rest
     expected = megatron_to_hf_state_dict(state, BIG)
     found = _read_folder(out)
     assert sorted(found) == sorted(expected)
     assert all(torch.equal(found[k], expected[k]) for k in expected)
+
+
+def test_streaming_import_peak_memory_is_a_few_layers(big, tmp_path):
+    from megatron_dynamoe.checkpoint.torch_dist import load_checkpoint, read_info
+
+    _, state = big
+    _hf_folder(tmp_path / "hf", BIG, state, torch.float32)
+    out = tmp_path / "ckpt"
+    growth = _peak_growth("hf-to-megatron", "--hf-model", tmp_path / "hf", "--output", out,
+                          "--streaming", "--no-logit-parity")
+    assert growth < FEW_LAYERS, (growth, LAYER_BYTES)
+    # Megatron's own loader reads it; every tensor is the source's, bit for bit.
+    model = build_gpt_model(BIG, transformer_config(BIG, perform_initialization=False))
+    load_checkpoint(model, str(out))
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert read_info(str(out)).extra["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_hf_megatron_hf_round_trip_is_bit_exact(tmp_path, dtype):
+    from megatron_dynamoe.checkpoint.integrity import read_dcp_metadata
+
+    arch = PRESETS["tiny-llama"]
+    torch.manual_seed(5)
+    model = build_gpt_model(arch, transformer_config(arch))
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("._extra_state")}
+    original = _hf_folder(tmp_path / "hf", arch, state, dtype)
+    done = run_tool_here("tools/convert_checkpoint.py", "hf-to-megatron", "--hf-model",
+                         tmp_path / "hf", "--output", tmp_path / "ckpt", "--streaming")
+    assert done.returncode == 0, done.stderr
+    assert "relative logit error" in done.stderr  # the fp32 logit check ran and held
+    stored = read_dcp_metadata(str(tmp_path / "ckpt")).state_dict_metadata
+    assert stored["embedding.word_embeddings.weight"].properties.dtype == dtype
+    done = run_tool_here("tools/convert_checkpoint.py", "megatron-to-hf", "--load",
+                         tmp_path / "ckpt", "--output", tmp_path / "back", "--streaming")
+    assert done.returncode == 0, done.stderr
+    back = _read_folder(tmp_path / "back")
+    assert sorted(back) == sorted(original)
+    assert all(back[k].dtype == dtype and torch.equal(back[k], original[k]) for k in back)
 
 
 def test_bf16_stays_bf16_and_round_trips_exactly(tmp_path):

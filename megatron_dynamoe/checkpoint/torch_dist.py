@@ -263,6 +263,16 @@ def save_checkpoint(model: torch.nn.Module, directory: str, info: CheckpointInfo
     async_queue.schedule_async_request(request)
 
 
+def describe_folder(folder: str, info: CheckpointInfo) -> None:
+    """Write model.json and then checksums.json into a checkpoint folder whose shards were
+    written by other means (one process; e.g. a streaming conversion), as `save_checkpoint`
+    ends its own saves."""
+    from megatron_dynamoe.checkpoint.integrity import write_manifest
+
+    _write_info(folder, info)
+    write_manifest(folder, collective=False)
+
+
 def _discard(tmp: str) -> None:
     """Remove an unfinished save's temporary folder (rank 0)."""
     if _rank() == 0 and os.path.exists(tmp):

@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     h2m.add_argument("--output", required=True, metavar="DIR",
                      help="torch_dist checkpoint folder to write")
     h2m.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    h2m.add_argument("--streaming", action="store_true",
+                     help="safetensors only: make and write one tensor of one layer at a time "
+                          "(peak host memory about one layer; the source dtype is kept); "
+                          "each tensor is checked to convert back exactly")
+    h2m.add_argument("--no-logit-parity", dest="logit_parity", action="store_false",
+                     help="with --streaming: skip the final logit check, which loads both "
+                          "whole models (in fp32) once")
     add_layout_arguments(h2m)
     add_runtime_arguments(h2m)
     _add_parity_arguments(h2m)
@@ -186,6 +193,12 @@ def hf_to_megatron(args) -> int:
     tokenizer = _load_tokenizer(folder, gguf)
     tokens, token_source = _parity_tokens(tokenizer, arch, args)
 
+    if args.streaming:
+        return _stream_to_megatron(args, folder, gguf, config, arch, layout, tokens,
+                                   token_source, started)
+    if not args.logit_parity:
+        raise ToolError("--no-logit-parity applies to --streaming only: the whole-model "
+                        "conversion always checks logits")
     log("loading the Hugging Face weights (fp32)")
     if gguf is None:
         check_safetensors_folder(folder)  # a truncated download: one line, not a traceback
@@ -311,6 +324,64 @@ def megatron_to_hf(args) -> int:
                                tolerance=args.tolerance)
     log(f"done in {time.time() - started:.0f} s: {args.output} (relative logit error "
         f"{error:.2e} on {token_source})")
+    return 0
+
+
+def _stream_to_megatron(args, folder, gguf, config, arch, layout, tokens, token_source,
+                        started) -> int:
+    """hf-to-megatron --streaming: hf_streaming.stream_hf_to_megatron into a temporary
+    folder, model.json and checksums, the logit check (unless --no-logit-parity), then the
+    rename."""
+    import torch
+
+    from megatron_dynamoe.checkpoint.hf import check_safetensors_folder
+    from megatron_dynamoe.checkpoint.hf_streaming import stream_hf_to_megatron
+    from megatron_dynamoe.checkpoint.torch_dist import (
+        CheckpointInfo,
+        describe_folder,
+        load_checkpoint,
+    )
+    from megatron_dynamoe.utils.outputs import atomic_output_dir
+    from megatron_dynamoe.utils.parity import check_parity, megatron_logits
+
+    if gguf is not None:
+        raise ToolError("--streaming reads safetensors: convert a GGUF file without it (the "
+                        "de-quantised model is small enough)")
+    check_safetensors_folder(folder)
+    _start_single_process_world(args)
+    error = None
+    with atomic_output_dir(args.output, args.overwrite, (folder,)) as tmp:
+        log(f"streaming {folder} into {args.output}, one tensor of one layer at a time")
+        dtype = stream_hf_to_megatron(
+            folder, arch, tmp, on_layer=lambda done, total: log(f"  layer {done}/{total}"))
+        if args.logit_parity:
+            from transformers import AutoModelForCausalLM
+
+            log(f"logit check on {token_source} (both whole models once, fp32)")
+            model = _build_dense_model(arch)
+            load_checkpoint(model, tmp, "the streamed checkpoint", verify_checksums=False)
+            ours = megatron_logits(model, tokens)
+            del model
+            hf = AutoModelForCausalLM.from_pretrained(folder, config=config,
+                                                      dtype=torch.float32).eval()
+            with torch.no_grad():
+                reference = hf(tokens).logits
+            error = check_parity(reference, ours, args.tolerance,
+                                 f"streamed Megatron vs Hugging Face on {token_source}")
+        describe_folder(tmp, CheckpointInfo(arch, None, extra=dict(
+            source=os.path.abspath(folder), hf_model_type=config.model_type,
+            dtype=str(dtype).replace("torch.", ""), streamed=True,
+            parity=(dict(relative_logit_error=error, tolerance=args.tolerance,
+                         tokens=token_source) if error is not None else None),
+            validated_layout=dict(
+                tensor_model_parallel_size=layout.tensor_model_parallel_size,
+                pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
+                expert_model_parallel_size=layout.expert_model_parallel_size),
+            tool=TOOL, tool_version=TOOL_VERSION,
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))))
+    log(f"done in {time.time() - started:.0f} s: {args.output} ({dtype})"
+        + (f" (relative logit error {error:.2e} on {token_source})" if error is not None
+           else " (every tensor converts back exactly; logit check skipped)"))
     return 0
 
 
