@@ -18,8 +18,10 @@ bit (`_Rule.to_mcore` and `_Rule.to_hf` are exact inverses).
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import math
 import os
 import re
 from typing import Callable, Dict, List, Optional, Tuple
@@ -63,15 +65,14 @@ def read_tensor_slice(directory: str, metadata, key: str,
     if not isinstance(meta, TensorStorageMetadata):
         raise ValueError(f"{directory} has no tensor {key!r}")
     size = list(meta.size)
-    lead = 0
     if layer is not None:
-        size, lead = size[1:], layer
+        size = size[1:]
     out = None
     covered = 0
     for chunk in meta.chunks:
         offsets, sizes = list(chunk.offsets), list(chunk.sizes)
         if layer is not None:
-            if not offsets[0] <= lead < offsets[0] + sizes[0]:
+            if not offsets[0] <= layer < offsets[0] + sizes[0]:
                 continue
             if sizes[0] != 1:
                 raise ValueError(f"{key!r}: a stored chunk spans layers {offsets[0]}.."
@@ -94,22 +95,17 @@ def read_tensor_slice(directory: str, metadata, key: str,
                 out = torch.empty(size, dtype=meta.properties.dtype)
             out[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))] = part
         covered += part.numel()
-    needed = 1
-    for n in size:
-        needed *= n
+    needed = math.prod(size)
     if covered != needed:
         raise ValueError(f"{key!r}: the stored chunks cover {covered} of {needed} values "
                          f"of {'layer ' + str(layer) if layer is not None else 'the tensor'}")
     return out
 
 
-def sharded_keys(arch: ModelArchitecture) -> Callable[[str], Tuple[str, Optional[int]]]:
-    """name -> (sharded key, layer or None) for the local GPTModel parameter names of `arch`.
-    Megatron-Core stores every transformer layer's tensor of one kind stacked along a leading
-    layer axis, under a key of its own (the local spec renames the norms to the keys Transformer
-    Engine's fused layers use, e.g. "decoder.layers.3.input_layernorm.weight" is layer 3 of
-    "decoder.layers.self_attention.linear_qkv.layer_norm_weight"). The map is read off a
-    one-layer model of the same family with tiny sizes (built in milliseconds)."""
+@functools.lru_cache(maxsize=4)
+def _proxy_sharded_state_dict(arch: ModelArchitecture) -> dict:
+    """The sharded state dict of a one-layer model of `arch`'s family with tiny sizes (built
+    in milliseconds, once per architecture): Megatron-Core's keys and per-layer objects."""
     import dataclasses
 
     from megatron_dynamoe.models.architectures import transformer_config
@@ -118,7 +114,17 @@ def sharded_keys(arch: ModelArchitecture) -> Callable[[str], Tuple[str, Optional
     proxy = dataclasses.replace(arch, num_layers=1, hidden_size=4 * arch.num_attention_heads,
                                 ffn_hidden_size=8, vocab_size=8, max_position_embeddings=8)
     model = build_gpt_model(proxy, transformer_config(proxy, perform_initialization=False))
-    keys = {name: sh.key for name, sh in model.sharded_state_dict().items()
+    return model.sharded_state_dict()
+
+
+def sharded_keys(arch: ModelArchitecture) -> Callable[[str], Tuple[str, Optional[int]]]:
+    """name -> (sharded key, layer or None) for the local GPTModel parameter names of `arch`.
+    Megatron-Core stores every transformer layer's tensor of one kind stacked along a leading
+    layer axis, under a key of its own (the local spec renames the norms to the keys Transformer
+    Engine's fused layers use, e.g. "decoder.layers.3.input_layernorm.weight" is layer 3 of
+    "decoder.layers.self_attention.linear_qkv.layer_norm_weight"). The map is read off a
+    one-layer proxy model (`_proxy_sharded_state_dict`)."""
+    keys = {name: sh.key for name, sh in _proxy_sharded_state_dict(arch).items()
             if not name.endswith("._extra_state")}
 
     def key_of(name: str) -> Tuple[str, Optional[int]]:
@@ -300,18 +306,11 @@ def _lazy_planner():
 
 def _proxy_objects(arch: ModelArchitecture) -> List[Tuple[str, object]]:
     """(key, data) of the per-layer objects (`_extra_state`) Megatron-Core saves for one
-    transformer layer of `arch`'s family, read off a one-layer proxy model."""
-    import dataclasses
-
+    transformer layer of `arch`'s family, read off the one-layer proxy model
+    (`_proxy_sharded_state_dict`)."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    from megatron_dynamoe.models.architectures import transformer_config
-    from megatron_dynamoe.models.builder import build_gpt_model
-
-    proxy = dataclasses.replace(arch, num_layers=1, hidden_size=4 * arch.num_attention_heads,
-                                ffn_hidden_size=8, vocab_size=8, max_position_embeddings=8)
-    model = build_gpt_model(proxy, transformer_config(proxy, perform_initialization=False))
-    return [(sh.key, sh.data) for sh in model.sharded_state_dict().values()
+    return [(sh.key, sh.data) for sh in _proxy_sharded_state_dict(arch).values()
             if isinstance(sh, ShardedObject)]
 
 

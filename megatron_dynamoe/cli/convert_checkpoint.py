@@ -143,6 +143,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ToolError("--parity-sequences must be >= 1 and --parity-seq-length >= 2")
     if not args.tolerance >= 0:
         raise ToolError(f"--tolerance must be >= 0, got {args.tolerance}")
+    if not args.logit_parity and not args.streaming:
+        raise ToolError("--no-logit-parity applies to --streaming only: the whole-model "
+                        "conversion always checks logits")
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
         raise ToolError("convert_checkpoint.py runs as ONE process (launch it with python, not "
                         "torchrun / srun): the torch_dist checkpoint it writes loads at any "
@@ -196,9 +199,6 @@ def hf_to_megatron(args) -> int:
     if args.streaming:
         return _stream_to_megatron(args, folder, gguf, config, arch, layout, tokens,
                                    token_source, started)
-    if not args.logit_parity:
-        raise ToolError("--no-logit-parity applies to --streaming only: the whole-model "
-                        "conversion always checks logits")
     log("loading the Hugging Face weights (fp32)")
     if gguf is None:
         check_safetensors_folder(folder)  # a truncated download: one line, not a traceback
@@ -290,9 +290,6 @@ def megatron_to_hf(args) -> int:
               if args.model else "the architecture flags" if flags
               else "the arguments Megatron-LM saved in common.pt")
     metadata = verify_checkpoint_files(args.load, verify_checksums=args.verify_checksums)
-    if not args.logit_parity and not args.streaming:
-        raise ToolError("--no-logit-parity applies to --streaming only: the whole-model "
-                        "conversion always checks logits")
 
     from megatron_dynamoe.utils.parity import megatron_logits
     from megatron_dynamoe.checkpoint.hf import hf_config_from_architecture, save_hf_pretrained
