@@ -7,12 +7,18 @@ the calibration text (zero-initialised, i.e. uniform levels, without calibration
 then writes the DynaMoE checkpoint (torch_dist + model.json recording the DynaMoE config and
 the router fit).
 
-The checkpoint is layout-independent (shells are keyed by importance order, not by EP rank):
-it loads at any TP / PP / EP. The layout flags are validated against the model and the
-DynaMoE config before any work is done.
+Runs as one process or as a distributed job at any TP / PP (launch TP x PP ranks with
+torchrun or srun): both models are built at that layout (each rank holds its pipeline stage's
+tensor-parallel slices), calibration runs through Megatron's forward-only schedule, each FFN
+is gathered over TP one layer at a time to be permuted and cut, each stage fits its own
+routers, and the theta = 1 parity is checked on the distributed model. The checkpoint is the
+same as one process writes and layout-independent (shells are keyed by importance order, not
+by EP rank): it loads at any TP / PP / EP.
 
     python tools/moefy.py --load ckpt/smollm2 --output ckpt/smollm2-dynamoe --tokenizer smollm2
     python tools/moefy.py --load plain_ckpt --model tiny-llama --dynamoe-importance weight ...
+    torchrun --nproc-per-node 8 tools/moefy.py --load ckpt/llama70b --output ckpt/l70-dyn \
+        --tokenizer hf/llama70b --tensor-model-parallel-size 8 --device cuda
 """
 
 from __future__ import annotations
@@ -80,8 +86,12 @@ def main(argv=None) -> int:
     from megatron_dynamoe.cli.common import layout_from_args, start_runtime
     from megatron_dynamoe.utils.errors import ToolError
     from megatron_dynamoe.utils.log import log, progress
-    from megatron_dynamoe.utils.parity import check_parity, megatron_logits, model_batches
-    from megatron_dynamoe.dynamoe.moefy import calibrate_importance, moefy_state_dict
+    from megatron_dynamoe.utils.parity import check_error, layout_logit_error, model_batches
+    from megatron_dynamoe.dynamoe.moefy import (
+        calibrate_importance,
+        check_moefied_layers,
+        moefy_state_dict,
+    )
     from megatron_dynamoe.dynamoe.router_fit import fit_routers as fit_routers_to_labels
     from megatron_dynamoe.models.builder import build_gpt_model
     from megatron_dynamoe.dynamoe.control import set_sensitivity
@@ -94,7 +104,11 @@ def main(argv=None) -> int:
     if info is not None and info.dynamoe is not None:
         raise ToolError(f"{args.load} is already a DynaMoE checkpoint; MoEfy a dense one")
     # Refuse a layout that does not fit before loading anything.
+    check_moefied_layers(dyn, arch.num_layers)
     transformer_config(arch, layout, dyn)
+    if layout.expert_model_parallel_size != 1:
+        raise ToolError("MoEfy runs at --expert-model-parallel-size 1 (TP and PP split the "
+                        "work; the checkpoint it writes loads at any EP)")
     if dyn.importance == "activation" and args.tokenizer is None:
         raise ToolError("activation importance needs calibration text: pass --tokenizer "
                         "(a Hugging Face folder, or 'smollm2'), or use --dynamoe-importance weight")
@@ -105,13 +119,20 @@ def main(argv=None) -> int:
         raise ToolError("--dynamoe-fit-routers needs calibration text: pass --tokenizer (a "
                         "Hugging Face folder, or 'smollm2'), or --no-dynamoe-fit-routers")
     log(f"MoEfying {args.load}: {dyn.num_shells} shells, levels {list(dyn.level_fractions)}, "
-        f"{dyn.importance} importance; layout TP={layout.tensor_model_parallel_size} "
-        f"PP={layout.pipeline_model_parallel_size} EP={layout.expert_model_parallel_size} "
-        f"validated (the checkpoint loads at any layout)")
+        f"{dyn.importance} importance at TP={layout.tensor_model_parallel_size} "
+        f"PP={layout.pipeline_model_parallel_size} (the checkpoint loads at any layout)")
 
-    start_runtime(args, local_weights=True)
+    start_runtime(args, layout, local_weights=True)
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    model_parallel = layout.tensor_model_parallel_size * layout.pipeline_model_parallel_size
+    if world != model_parallel:
+        raise ToolError(f"MoEfy runs one model replica: launch TP x PP = {model_parallel} "
+                        f"ranks, not {world}")
     # Both models take their weights from checkpoints: no random-init work.
-    dense = build_gpt_model(arch, transformer_config(arch, perform_initialization=False))
+    dense = build_gpt_model(arch, transformer_config(arch, layout,
+                                                     perform_initialization=False))
     load_checkpoint(dense, args.load, verify_checksums=args.verify_checksums)
 
     if args.tokenizer is not None:
@@ -127,9 +148,15 @@ def main(argv=None) -> int:
         importance = calibrate_importance(dense, batches, gated=arch.gated,
                                           activation=arch.activation_func)
 
-    model = build_gpt_model(arch, transformer_config(arch, dynamoe=dyn,
+    model = build_gpt_model(arch, transformer_config(arch, layout, dyn,
                                                      perform_initialization=False), dyn)
-    model.load_state_dict(moefy_state_dict(dense.state_dict(), dyn, arch.gated, importance))
+    from megatron.core import parallel_state
+
+    first_layer = min(layer.layer_number for layer in dense.decoder.layers) - 1
+    model.load_state_dict(moefy_state_dict(
+        dense.state_dict(), dyn, arch.gated, importance, layer_offset=first_layer,
+        tp_group=parallel_state.get_tensor_model_parallel_group(),
+        expert_tp_group=parallel_state.get_expert_tensor_parallel_group()))
     router_fit = None
     if fit_routers:
         batches = progress(model_batches(tokens, args.batch_size), "router labels",
@@ -147,8 +174,8 @@ def main(argv=None) -> int:
             f"level accuracy {sum(f.accuracy for f in fits) / len(fits):.3f}")
     set_sensitivity(model, 1.0)
     probe = tokens[:2]
-    error = check_parity(megatron_logits(dense, probe), megatron_logits(model, probe),
-                         args.tolerance, "DynaMoE theta = 1 vs dense")
+    error = check_error(layout_logit_error(dense, model, probe, args.batch_size),
+                        args.tolerance, "DynaMoE theta = 1 vs dense")
     set_sensitivity(model, dyn.sensitivity)
     extra = dict(source=os.path.abspath(args.load), importance=dyn.importance,
                  calibration_text=args.calibration_text if importance is not None else None,

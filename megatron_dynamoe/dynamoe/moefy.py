@@ -1,12 +1,15 @@
 """MoEfication of a dense GPTModel: calibration importance and the dense -> DynaMoE weights.
 
 - `calibrate_importance` runs a dense model on calibration tokens and ranks each FFN's
-  neurons by E|act_n| x ||fc2[:, n]|| (works at any TP size: each rank ranks its own neuron
-  slice and the slices are all-gathered in neuron order).
-- `moefy_state_dict` maps a dense model's full (TP=1, PP=1) state dict to the state dict of
-  the DynaMoE model built from the same architecture at EP=1: each MoEfied layer's FFN is
-  permuted by importance and cut into shells; routers are zero-initialised; every other
-  tensor is copied unchanged.
+  neurons by E|act_n| x ||fc2[:, n]|| (at any TP / PP layout: batches go through Megatron's
+  forward-only schedule, each pipeline stage ranks its own layers, each tensor-parallel rank
+  its own neuron slice, and the slices are all-gathered in neuron order).
+- `moefy_state_dict` maps a dense model's state dict to the state dict of the DynaMoE model
+  built from the same architecture at the same TP / PP layout and EP = 1: each MoEfied
+  layer's FFN is gathered over TP (one layer at a time), permuted by importance, cut into
+  shells and each shell split over the expert-TP ranks the way Megatron splits it; routers
+  are zero-initialised; every other tensor is copied unchanged. At TP = PP = 1 no
+  collective runs.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
+from megatron_dynamoe.runtime.forward_only import pipeline_forward
 from megatron_dynamoe.dynamoe.shells import (
     activation_importance,
     importance_order,
@@ -44,7 +48,7 @@ def calibrate_importance(model, batches: Iterable[dict], gated: bool,
     """Activation importance of every FFN neuron of a dense GPTModel on calibration data.
 
     Args:
-        model: dense GPTModel (this rank's stage; any TP size).
+        model: dense GPTModel (this rank's pipeline stage; any TP size).
         batches: dicts with `tokens` [b, s], `position_ids` [b, s], `attention_mask`.
         gated: SwiGLU-style FFN; activation: the FFN activation (config.activation_func).
     Returns:
@@ -74,12 +78,12 @@ def calibrate_importance(model, batches: Iterable[dict], gated: bool,
     model.eval()
     try:
         for batch in batches:
-            model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+            pipeline_forward(model, batch)
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    if not counts:
+    if layers and not counts:
         raise ValueError("calibration produced no tokens: give at least one batch")
 
     tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -125,37 +129,106 @@ def split_ffn_weights(dense_state: Dict[str, torch.Tensor], is_moe: Callable[[in
     return rest, ffn
 
 
-def moefy_state_dict(dense_state: Dict[str, torch.Tensor], dynamoe: DynaMoEConfig,
-                     gated: bool, importance: Optional[Dict[int, torch.Tensor]] = None
-                     ) -> Dict[str, torch.Tensor]:
-    """Dense GPTModel state dict (TP=1, PP=1) -> DynaMoE GPTModel state dict (EP=1, TP=1).
+def _tensor_parallel(group) -> Tuple[int, int]:
+    """(size, rank) of `group`, (1, 0) without one."""
+    if group is None or not dist.is_initialized():
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def gather_tensor_parallel_ffn(fc1: torch.Tensor, fc2: torch.Tensor, gated: bool, group
+                               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One layer's full FFN from its tensor-parallel slices.
 
     Args:
-        dense_state: `model.state_dict()` of the dense model.
+        fc1: this rank's [F / TP (x 2 gated), H] slice (ColumnParallelLinear; a gated FFN holds
+            [gate_r; up_r], Megatron's SwiGLU split); fc2: [H, F / TP] (RowParallelLinear).
+        group: the tensor-parallel group (None or size 1: returned as they are).
+    Returns:
+        (fc1 [F (x 2), H] = [gate; up] for gated, fc2 [H, F]), neurons in global order.
+    """
+    size, _ = _tensor_parallel(group)
+    if size == 1:
+        return fc1, fc2
+    parts1 = [torch.empty_like(fc1) for _ in range(size)]
+    parts2 = [torch.empty_like(fc2) for _ in range(size)]
+    dist.all_gather(parts1, fc1.contiguous(), group=group)
+    dist.all_gather(parts2, fc2.contiguous(), group=group)
+    if gated:
+        halves = [p.chunk(2, dim=0) for p in parts1]
+        full1 = torch.cat([h[0] for h in halves] + [h[1] for h in halves])
+    else:
+        full1 = torch.cat(parts1)
+    return full1, torch.cat(parts2, dim=1)
+
+
+def tensor_parallel_slice(fc1: torch.Tensor, fc2: torch.Tensor, gated: bool, rank: int,
+                          size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rank `rank`'s slice of a full FFN (or shell) among `size` tensor-parallel ranks: the
+    inverse of `gather_tensor_parallel_ffn` (fc1 [F (x 2), H] -> [F / size (x 2), H], fc2
+    [H, F] -> [H, F / size]; contiguous copies, so the full tensors can be freed)."""
+    if size == 1:
+        return fc1, fc2
+    neurons = fc2.shape[1]
+    if neurons % size:
+        raise ValueError(f"{neurons} FFN neurons do not split over {size} tensor-parallel "
+                         f"ranks")
+    width = neurons // size
+    cols = slice(rank * width, (rank + 1) * width)
+    if gated:
+        gate, up = fc1.chunk(2, dim=0)
+        local1 = torch.cat([gate[cols], up[cols]])
+    else:
+        local1 = fc1[cols].clone()
+    return local1, fc2[:, cols].contiguous()
+
+
+def moefy_state_dict(dense_state: Dict[str, torch.Tensor], dynamoe: DynaMoEConfig,
+                     gated: bool, importance: Optional[Dict[int, torch.Tensor]] = None, *,
+                     layer_offset: int = 0, tp_group=None, expert_tp_group=None
+                     ) -> Dict[str, torch.Tensor]:
+    """Dense GPTModel state dict -> DynaMoE GPTModel state dict (same TP / PP layout, EP=1).
+
+    Args:
+        dense_state: `model.state_dict()` of this rank's dense model (its pipeline stage,
+            its tensor-parallel slices).
         dynamoe: the DynaMoE config (which layers, how many shells, levels).
         gated: SwiGLU FFN (fc1 = [gate; up]).
-        importance: {layer index: [F]} from `calibrate_importance`; layers without an entry
-            use the data-free weight-norm ranking.
+        importance: {global layer index: [F]} from `calibrate_importance`; layers without an
+            entry use the data-free weight-norm ranking.
+        layer_offset: global index of this stage's first layer (state dict keys count from
+            0 on every stage).
+        tp_group / expert_tp_group: the tensor-parallel group the dense FFN is split over and
+            the expert-TP group the shells are split over (None at TP = 1).
     Returns:
         A new state dict; tensors outside MoEfied FFNs are the dense ones (shared storage).
     """
-    out, ffn = split_ffn_weights(dense_state, dynamoe.is_moefied)
-    for index, (fc1, fc2) in ffn.items():
+    out, ffn = split_ffn_weights(dense_state, lambda i: dynamoe.is_moefied(i + layer_offset))
+    expert_size, expert_rank = _tensor_parallel(expert_tp_group)
+    for local_index, (fc1, fc2) in ffn.items():
+        index = local_index + layer_offset
+        fc1, fc2 = gather_tensor_parallel_ffn(fc1, fc2, gated, tp_group)
         scores = (importance[index] if importance is not None and index in importance
                   else weight_importance(fc1, fc2, gated))
         order = importance_order(scores)
         fc1_p, fc2_p, _ = permute_ffn(fc1, fc2, order, gated)
-        prefix = f"decoder.layers.{index}.mlp."
+        prefix = f"decoder.layers.{local_index}.mlp."
         for shell, (fc1_s, fc2_s) in enumerate(split_into_shells(fc1_p, fc2_p,
                                                                  dynamoe.num_shells, gated)):
+            fc1_s, fc2_s = tensor_parallel_slice(fc1_s, fc2_s, gated, expert_rank, expert_size)
             out[f"{prefix}experts.local_experts.{shell}.linear_fc1.weight"] = fc1_s
             out[f"{prefix}experts.local_experts.{shell}.linear_fc2.weight"] = fc2_s
         hidden = fc1.shape[1]
         out[f"{prefix}router.weight"] = torch.zeros(dynamoe.num_levels, hidden,
-                                                    dtype=torch.float32)
-        out[f"{prefix}router.bias"] = torch.zeros(dynamoe.num_levels, dtype=torch.float32)
-    missing = [i for i in (dynamoe.moefied_layers or []) if i not in ffn]
+                                                    dtype=torch.float32, device=fc1.device)
+        out[f"{prefix}router.bias"] = torch.zeros(dynamoe.num_levels, dtype=torch.float32,
+                                                  device=fc1.device)
+    return out
+
+
+def check_moefied_layers(dynamoe: DynaMoEConfig, num_layers: int) -> None:
+    """ValueError when --dynamoe-layers names a layer the model does not have."""
+    missing = [i for i in (dynamoe.moefied_layers or []) if not 0 <= i < num_layers]
     if missing:
         raise ValueError(f"--dynamoe-layers {missing} have no dense FFN weights in the "
                          f"checkpoint (layer count mismatch?)")
-    return out

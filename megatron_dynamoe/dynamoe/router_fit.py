@@ -11,6 +11,10 @@ Flow: `collect_router_data` runs the model once over calibration batches with ev
 DynaMoE layer in label-collecting mode at theta = 1 (the dense function, so each layer sees
 the dense model's inputs); `fit_router` minimises the router cross-entropy on one layer's
 (input, target) pairs by full-batch Adam; `fit_routers` does both for every layer.
+
+At any TP / PP layout: batches go through Megatron's forward-only schedule, each pipeline
+stage fits its own layers' routers, tensor-parallel rank 0 fits and broadcasts (a router is
+replicated over TP), and every rank returns every layer's RouterFit in layer order.
 """
 
 from __future__ import annotations
@@ -19,8 +23,12 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state
 
 from megatron_dynamoe.dynamoe import routing
+from megatron_dynamoe.runtime.forward_only import pipeline_forward
 
 
 @dataclass(frozen=True)
@@ -51,19 +59,19 @@ class RouterFit:
 @torch.no_grad()
 def collect_router_data(model, batches: Iterable[dict]
                         ) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
-    """Router inputs and label targets of every DynaMoE layer of `model` (TP = PP = 1).
+    """Router inputs and label targets of every DynaMoE layer of `model` (this rank's
+    pipeline stage; any TP size: the router inputs are the full hidden states).
 
     Args:
         model: DynaMoE GPTModel; batches: dicts with `tokens` [b, s], `position_ids`,
-            `attention_mask`.
+            `attention_mask`, the same on every rank.
     Returns:
-        {global layer index: (inputs [N, H] fp32, targets [N, K] fp32)} over all N tokens.
+        {global layer index: (inputs [N, H] fp32, targets [N, K] fp32)} over all N tokens,
+        for this stage's layers.
     """
     from megatron_dynamoe.dynamoe.control import dynamoe_layers
 
     layers = dynamoe_layers(model)
-    if not layers:
-        raise ValueError("the model has no DynaMoE layers to fit routers for")
     saved = [(layer.router.sensitivity, layer.router.static_level) for layer in layers]
     inputs: Dict[int, List[torch.Tensor]] = {layer.layer_number - 1: [] for layer in layers}
     targets: Dict[int, List[torch.Tensor]] = {index: [] for index in inputs}
@@ -77,7 +85,7 @@ def collect_router_data(model, batches: Iterable[dict]
             layer.router.set_sensitivity(1.0)
             layer.router.set_static_level(None)
         for batch in batches:
-            model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+            pipeline_forward(model, batch)
             for layer in layers:
                 index = layer.layer_number - 1
                 inputs[index].append(layer.last_stats["router_inputs"])
@@ -88,7 +96,7 @@ def collect_router_data(model, batches: Iterable[dict]
             layer.router.set_sensitivity(theta)
             layer.router.set_static_level(static)
         model.train(was_training)
-    if not any(inputs.values()):
+    if layers and not any(inputs.values()):
         raise ValueError("router fitting got no calibration batches")
     return {index: (torch.cat(inputs[index]), torch.cat(targets[index])) for index in inputs}
 
@@ -141,15 +149,40 @@ def fit_routers(model, batches: Iterable[dict], steps: int = 300, lr: float = 1e
     """Collect labels on `batches` and fit every DynaMoE router of `model` to them.
 
     `progress` wraps the per-layer loop (e.g. a progress bar). Returns one RouterFit per
-    layer, in layer order.
+    DynaMoE layer of the whole model (every pipeline stage), in layer order, on every rank.
     """
     from megatron_dynamoe.dynamoe.control import dynamoe_layers
 
     data = collect_router_data(model, batches)
     routers = {layer.layer_number - 1: layer.router for layer in dynamoe_layers(model)}
     indices = sorted(data)
+    tp_size, tp_rank, tp_group = 1, 0, None
+    if dist.is_initialized():
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        tp_size, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
     fits = []
     for index in (progress(indices) if progress is not None else indices):
         x, t = data.pop(index)
-        fits.append(fit_router(routers[index], x, t, index, steps=steps, lr=lr))
-    return fits
+        router = routers[index]
+        if tp_rank == 0:
+            fits.append(fit_router(router, x, t, index, steps=steps, lr=lr))
+        if tp_size > 1:
+            # Replicas of one router must stay bit-identical: rank 0's fit is the fit.
+            src = parallel_state.get_tensor_model_parallel_src_rank()
+            dist.broadcast(router.weight.data, src=src, group=tp_group)
+            dist.broadcast(router.bias.data, src=src, group=tp_group)
+    return _gather_fits(fits)
+
+
+def _gather_fits(fits: List[RouterFit]) -> List[RouterFit]:
+    """Every stage's fits (held by its TP rank 0) on every rank, in layer order: a small
+    Python object exchange once per MoEfy, not a hot path."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        everyone = [fits]
+    else:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, fits)
+    merged = {fit.layer: fit for part in everyone for fit in (part or [])}
+    if not merged:
+        raise ValueError("the model has no DynaMoE layers to fit routers for")
+    return [merged[index] for index in sorted(merged)]

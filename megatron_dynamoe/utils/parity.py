@@ -29,7 +29,11 @@ def relative_logit_error(reference: torch.Tensor, candidate: torch.Tensor) -> fl
 def check_parity(reference: torch.Tensor, candidate: torch.Tensor, tolerance: float,
                  what: str) -> float:
     """Raise ParityError unless relative_logit_error <= tolerance; return the error."""
-    error = relative_logit_error(reference, candidate)
+    return check_error(relative_logit_error(reference, candidate), tolerance, what)
+
+
+def check_error(error: float, tolerance: float, what: str) -> float:
+    """Log a relative logit error; raise ParityError unless it is <= tolerance (NaN fails)."""
     log(f"parity ({what}): max |logit diff| / max |logit| = {error:.2e} "
         f"(tolerance {tolerance:.0e})")
     if not error <= tolerance:  # also catches NaN
@@ -63,3 +67,33 @@ def megatron_logits(model, tokens: torch.Tensor, batch_size: int = 4) -> torch.T
                           for b in model_batches(tokens, batch_size)])
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def layout_logit_error(reference_model, candidate_model, tokens: torch.Tensor,
+                       batch_size: int = 4) -> float:
+    """`relative_logit_error` of two GPTModels built at the same layout (any TP / PP), on
+    `tokens` [n, s]: max |candidate - reference| / max |reference| over every batch and the
+    whole vocabulary, without gathering it; every rank returns the same number."""
+    from megatron_dynamoe.runtime.forward_only import (
+        pipeline_forward,
+        vocab_parallel_max_abs_diff,
+    )
+
+    states = [(m, m.training) for m in (reference_model, candidate_model)]
+    diff, scale = 0.0, 0.0
+    try:
+        for model, _ in states:
+            model.eval()
+        for b in model_batches(tokens, batch_size):
+            kept = []
+            pipeline_forward(reference_model, b, head=lambda logits: kept.append(logits) or ())
+            (stats,) = pipeline_forward(
+                candidate_model, b, head=lambda logits: (vocab_parallel_max_abs_diff(
+                    kept.pop(), logits),), out_specs=[((2,), torch.float32)])
+            batch_diff, batch_scale = stats.tolist()  # one host read per batch
+            diff, scale = max(diff, batch_diff), max(scale, batch_scale)
+    finally:
+        for model, training in states:
+            model.train(training)
+    return diff / max(scale, 1e-12)
