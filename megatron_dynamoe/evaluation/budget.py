@@ -19,6 +19,9 @@ measures real forwards and never trusts a prediction it has not measured.
   target). Fixed-point iteration: every layer's theta is re-solved on its recorded q, then
   measured again, until every layer is within tolerance (or the forwards run out; the best
   measured solution is returned).
+
+At any TP / PP layout every rank runs the same solver on the same numbers: the recorder
+gathers every layer's fractions and q over the pipeline stages.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from megatron_dynamoe.dynamoe import routing
-from megatron_dynamoe.dynamoe.control import dynamoe_layers, set_layer_sensitivities
-from megatron_dynamoe.evaluation.recorder import FFNComputeRecorder
+from megatron_dynamoe.dynamoe.control import set_layer_sensitivities
+from megatron_dynamoe.evaluation.recorder import FFNComputeRecorder, model_layer_info
+from megatron_dynamoe.runtime.forward_only import pipeline_forward
 
 BUDGET_MODES = ("global", "per-layer")
 # Thetas closer than this spend the same compute on any realistic calibration set; a bracket
@@ -66,7 +70,7 @@ class BudgetSolution:
 def fraction_at(q: torch.Tensor, level_fractions: torch.Tensor, theta: float) -> float:
     """Mean FFN fraction of tokens with cumulative level probabilities q [T, K] at theta."""
     levels = routing.levels_at_sensitivity(q, theta)
-    return float(level_fractions[levels - 1].double().mean())
+    return float(level_fractions.to(levels.device)[levels - 1].double().mean())
 
 
 def theta_for_target(qs: Sequence[torch.Tensor], level_fractions: Sequence[torch.Tensor],
@@ -96,9 +100,9 @@ def measure(model, windows: torch.Tensor, batch_size: int = 4
     model.eval()
     try:
         with FFNComputeRecorder(model, keep_router_probs=True) as recorder, torch.no_grad():
-            chunks: List[List[torch.Tensor]] = [[] for _ in recorder.layers]
+            chunks: List[List[torch.Tensor]] = [[] for _ in recorder.layer_info]
             for b in model_batches(windows, batch_size):
-                model(b["tokens"], b["position_ids"], b["attention_mask"])
+                pipeline_forward(model, b)
                 recorder.commit(torch.ones_like(b["tokens"], dtype=torch.bool))
                 for i, q in enumerate(recorder.last_q):
                     if q is not None:
@@ -112,14 +116,13 @@ def measure(model, windows: torch.Tensor, batch_size: int = 4
 def _dynamoe_targets(model, target: float):
     """(DynaMoE layer indices among decoder layers, their level fractions, the per-DynaMoE-
     layer target that makes the model mean hit `target`); ValueError when unreachable."""
-    recorder = FFNComputeRecorder(model)
-    moe = [i for i, layer in enumerate(recorder.layers)
-           if layer.mlp in set(dynamoe_layers(model))]
+    info = model_layer_info(model)
+    moe = [i for i, layer in enumerate(info) if layer.kind == "dynamoe"]
     if not moe:
         raise ValueError("the model has no DynaMoE layer: an FFN budget needs a DynaMoE "
                          "checkpoint")
-    fractions = [recorder.layers[i].mlp.level_compute_fraction for i in moe]
-    total, dense = len(recorder.layers), len(recorder.layers) - len(moe)
+    fractions = [torch.tensor(info[i].level_fractions, dtype=torch.float64) for i in moe]
+    total, dense = len(info), len(info) - len(moe)
     lowest = (dense + sum(float(f[0]) for f in fractions)) / total
     if not lowest - 1e-9 <= target <= 1.0:
         raise ValueError(f"--ffn-budget {target} is out of reach: this model spends between "

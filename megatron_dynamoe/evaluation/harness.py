@@ -22,7 +22,6 @@ puts a model at a variant's setting and returns one result row (a dict, JSON-abl
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
@@ -30,12 +29,12 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from megatron_dynamoe.evaluation import tasks as task_lib
-from megatron_dynamoe.baselines.topk import Variant, apply_variant, topk_routers
+from megatron_dynamoe.baselines.topk import Variant, apply_variant
 from megatron_dynamoe.models.flops import causal_mean_context, relative_forward_flops
 from megatron_dynamoe.evaluation.perplexity import perplexity
-from megatron_dynamoe.evaluation.recorder import FFNComputeRecorder
+from megatron_dynamoe.evaluation.recorder import FFNComputeRecorder, LayerInfo
+from megatron_dynamoe.utils.log import progress_counter
 from megatron_dynamoe.evaluation.scoring import Encoded, encode_request, score_requests
-from megatron_dynamoe.dynamoe.control import dynamoe_layers
 
 
 @dataclass
@@ -71,24 +70,15 @@ def prepare_data(tokenizer, task_names: Sequence[str], limit: Optional[int],
     return EvalData(windows, docs, requests, dict(ood_windows or {}))
 
 
-def _progress_bar(total: int, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
-
-
-def router_outputs(model) -> int:
-    """Router outputs per MoE layer (K levels for DynaMoE, S shells for top-k, 0 dense)."""
-    layers = dynamoe_layers(model)
-    if layers:
-        return layers[0].dynamoe_config.num_levels
-    routers = topk_routers(model)
-    return routers[0].num_experts if routers else 0
+def router_outputs(layer_info: Sequence[LayerInfo]) -> int:
+    """Router outputs per MoE layer (K levels for DynaMoE, S shells for top-k, 0 dense), from
+    `recorder.model_layer_info` (every pipeline stage's layers)."""
+    return next((info.router_outputs for info in layer_info if info.router_outputs), 0)
 
 
-def routed_layers(model) -> int:
-    """How many decoder layers have a router."""
-    return len(dynamoe_layers(model)) or len(topk_routers(model))
+def routed_layers(layer_info: Sequence[LayerInfo]) -> int:
+    """How many decoder layers of the whole model have a router."""
+    return sum(1 for info in layer_info if info.kind != "dense")
 
 
 def evaluate_variant(model, variant: Variant, data: EvalData, arch, *, max_length: int,
@@ -99,7 +89,7 @@ def evaluate_variant(model, variant: Variant, data: EvalData, arch, *, max_lengt
     static variant of the checkpoint fine-tuned with static-sampled routing)."""
     started = time.time()
     apply_variant(model, variant)
-    bar = _progress_bar(data.units, f"{variant.family} {variant.setting}")
+    bar = progress_counter(data.units, f"{variant.family} {variant.setting}")
     try:
         with FFNComputeRecorder(model) as text_rec:
             ppl = perplexity(model, data.windows, batch_size, recorder=text_rec,
@@ -143,6 +133,6 @@ def evaluate_variant(model, variant: Variant, data: EvalData, arch, *, max_lengt
         layer_ffn_fraction=layer_fractions,
         relative_flops=relative_forward_flops(
             arch, layer_fractions, causal_mean_context(data.windows.shape[1]),
-            router_outputs(model), routed_layers(model)),
+            router_outputs(text_rec.layer_info), routed_layers(text_rec.layer_info)),
         tokens=tokens, seconds=time.time() - started)
     return row

@@ -3,6 +3,9 @@
 Every window is scored on its own (no context carried between windows): position p predicts
 token p + 1, so a window of s tokens contributes s - 1 predictions. Perplexity is
 exp(total negative log-likelihood / predictions); per-token losses are summed in float64.
+At any TP / PP layout: batches go through Megatron's forward-only schedule and the losses
+come from the vocabulary-parallel logits (`runtime.forward_only`); every rank returns the
+same result.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from megatron_dynamoe.runtime.forward_only import pipeline_forward, vocab_parallel_logprobs
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,7 @@ class PerplexityResult:
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4, recorder=None,
                progress=None) -> PerplexityResult:
-    """Perplexity of `model` (TP = PP = 1 GPTModel) on `windows` [n, s] int64.
+    """Perplexity of `model` (this rank's GPTModel, any TP / PP) on `windows` [n, s] int64.
 
     `recorder` (an installed `FFNComputeRecorder`) is given every window's tokens as valid;
     `progress(n)` is told how many windows each batch finished.
@@ -44,12 +48,16 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, recorder=None,
     total, count = 0.0, 0
     try:
         for b in model_batches(windows, batch_size):
-            logits = model(b["tokens"], b["position_ids"], b["attention_mask"])
-            # Per-token losses in fp32 (a float64 copy of the logits would double the memory
-            # traffic), summed in float64.
-            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                  b["tokens"][:, 1:].reshape(-1), reduction="none")
-            total += float(nll.double().sum())  # one host copy per batch
+            targets = b["tokens"][:, 1:]
+
+            def batch_nll(logits, targets=targets):
+                # Per-token log-probabilities in fp32 (a float64 copy of the logits would
+                # double the memory traffic), summed in float64.
+                logprobs, _ = vocab_parallel_logprobs(logits[:, :-1], targets, torch.float32)
+                return (-logprobs.double().sum()).reshape(1),
+
+            (nll,) = pipeline_forward(model, b, batch_nll, [((1,), torch.float64)])
+            total += float(nll)  # one host copy per batch
             count += b["tokens"][:, 1:].numel()
             if recorder is not None:
                 recorder.commit(torch.ones_like(b["tokens"], dtype=torch.bool))

@@ -10,14 +10,22 @@ re-derives the levels with the layer's own router (`DifficultyRouter.decide`, de
 and cheap: one [T, H] x [H, K] product), and a forward hook on any other MoE layer's router
 reads its routing map. Callers `commit(valid)` after each forward so that padding tokens are
 not counted.
+
+At any TP / PP layout: hooks sit on this pipeline stage's layers (their router inputs are the
+full hidden states at every TP rank), and `commit` all-gathers the stages' per-token results
+over the pipeline group, so every rank sees every layer of the model, in layer order
+(`layer_info` describes them).
 """
 
 from __future__ import annotations
 
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
+from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_dynamoe.dynamoe import routing
@@ -25,8 +33,50 @@ from megatron_dynamoe.dynamoe.layer import DynaMoELayer
 
 
 def decoder_layers(model) -> list:
-    """The decoder layers of a single-stage GPTModel (TP = PP = 1 evaluation)."""
+    """The decoder layers of this rank's pipeline stage of a GPTModel."""
     return list(model.decoder.layers)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What the recorder knows of one decoder layer of the whole model: `kind` 'dynamoe',
+    'moe' (another router over the same shells) or 'dense'; a DynaMoE layer's FFN fraction
+    per level; the router's outputs (K levels, S shells, 0)."""
+
+    kind: str
+    level_fractions: Optional[Tuple[float, ...]] = None
+    router_outputs: int = 0
+
+
+def _layer_info(layer) -> LayerInfo:
+    mlp = layer.mlp
+    if isinstance(mlp, DynaMoELayer):
+        return LayerInfo("dynamoe", tuple(mlp.level_compute_fraction.tolist()),
+                         mlp.dynamoe_config.num_levels)
+    if isinstance(mlp, MoELayer):
+        return LayerInfo("moe", None, mlp.router.weight.shape[0])
+    return LayerInfo("dense")
+
+
+def _pipeline_group():
+    """The pipeline-parallel group when there is more than one stage, else None."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return None
+    return parallel_state.get_pipeline_model_parallel_group()
+
+
+def model_layer_info(model) -> List[LayerInfo]:
+    """LayerInfo of every decoder layer of the whole model, in layer order, on every rank
+    (the pipeline stages' lists are exchanged once: a small Python object exchange)."""
+    local = [_layer_info(layer) for layer in decoder_layers(model)]
+    group = _pipeline_group()
+    if group is None:
+        return local
+    stages: List[Optional[List[LayerInfo]]] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(stages, local, group=group)
+    return [info for stage in stages for info in stage]
 
 
 class FFNComputeRecorder:
@@ -40,14 +90,16 @@ class FFNComputeRecorder:
     """
 
     def __init__(self, model, keep_router_probs: bool = False):
-        self.layers = decoder_layers(model)
+        self.layers = decoder_layers(model)  # this stage's: the hooks' targets
+        self.layer_info = model_layer_info(model)  # the whole model's: what results cover
         self.keep_router_probs = keep_router_probs
-        count = len(self.layers)
+        self._group = _pipeline_group()
+        local, count = len(self.layers), len(self.layer_info)
         self.fraction_sums = torch.zeros(count, dtype=torch.float64)
         self.tokens = 0
-        self._fractions: List[Optional[torch.Tensor]] = [None] * count  # [s, b] each
-        self._levels: List[Optional[torch.Tensor]] = [None] * count
-        self._q: List[Optional[torch.Tensor]] = [None] * count
+        self._fractions: List[Optional[torch.Tensor]] = [None] * local  # [s, b] each
+        self._levels: List[Optional[torch.Tensor]] = [None] * local
+        self._q: List[Optional[torch.Tensor]] = [None] * local
         self.last_levels: Optional[torch.Tensor] = None
         self.last_q: List[Optional[torch.Tensor]] = [None] * count
         self._handles = []
@@ -94,27 +146,39 @@ class FFNComputeRecorder:
     # ---- results ---------------------------------------------------------------------------
     def commit(self, valid: torch.Tensor) -> torch.Tensor:
         """Account the last forward's valid tokens ([b, s] bool); returns its per-token
-        fractions [L, b, s] (1 for dense layers) and clears the per-forward state."""
+        fractions [L, b, s] (1 for dense layers) of every layer of the model and clears the
+        per-forward state (every rank of the pipeline group calls it after each forward)."""
         batch, seq = valid.shape
-        per_token = torch.ones(len(self.layers), batch, seq, dtype=torch.float64)
-        levels = torch.zeros(len(self.layers), batch, seq, dtype=torch.long)
-        # Every layer's fractions and levels reach the host in one copy (not one per layer).
-        pieces, slots = [], []
+        device = valid.device
+        # Row 0: fractions (1 for dense layers), row 1: DynaMoE levels (0 elsewhere); built
+        # where the hooks left them, gathered over the stages, copied to the host once.
+        local = torch.zeros(2, len(self.layers), batch, seq, dtype=torch.float64,
+                            device=device)
+        local[0] = 1.0
+        levels_k = max((info.router_outputs for info in self.layer_info
+                        if info.kind == "dynamoe"), default=0)
+        q_local = None
+        if self.keep_router_probs and levels_k:
+            q_local = torch.zeros(len(self.layers), batch, seq, levels_k, dtype=torch.float32,
+                                  device=device)
         for i, fraction in enumerate(self._fractions):
             if fraction is not None:
                 if fraction.shape != (seq, batch):
                     raise RuntimeError(f"layer {i}: routed {tuple(fraction.shape)} tokens, "
                                        f"the batch is {(seq, batch)}")
-                pieces.append(fraction.t().double())
-                slots.append((per_token, i))
+                local[0, i] = fraction.t()
             if self._levels[i] is not None:
-                pieces.append(self._levels[i].t().double())   # exact: levels are small ints
-                slots.append((levels, i))
-            self.last_q[i] = None if self._q[i] is None else self._q[i].transpose(0, 1)
-        if pieces:
-            host = torch.stack(pieces).cpu()
-            for (target, i), values in zip(slots, host):
-                target[i] = values
+                local[1, i] = self._levels[i].t().double()  # exact: levels are small ints
+            if q_local is not None and self._q[i] is not None:
+                q_local[i] = self._q[i].transpose(0, 1).float()
+        if self._group is not None:
+            local = self._gather_stages(local, dim=1)
+            if q_local is not None:
+                q_local = self._gather_stages(q_local, dim=0)
+        self.last_q = [q_local[i] if q_local is not None and info.kind == "dynamoe" else None
+                       for i, info in enumerate(self.layer_info)]
+        host = local.cpu()
+        per_token, levels = host[0], host[1].long()
         valid = valid.cpu()
         self.fraction_sums += (per_token * valid.unsqueeze(0)).sum(dim=(1, 2))
         self.tokens += int(valid.sum())
@@ -123,6 +187,13 @@ class FFNComputeRecorder:
         self._levels = [None] * len(self.layers)
         self._q = [None] * len(self.layers)
         return per_token
+
+    def _gather_stages(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """`tensor` of every pipeline stage (equal shapes: PP divides the layers), joined
+        along `dim` in stage order."""
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(self._group))]
+        dist.all_gather(parts, tensor.contiguous(), group=self._group)
+        return torch.cat(parts, dim=dim)
 
     def reset(self) -> None:
         """Forget the accumulated sums (hooks stay installed)."""

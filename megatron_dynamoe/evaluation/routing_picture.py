@@ -16,8 +16,8 @@ import torch
 
 from megatron_dynamoe.evaluation.recorder import FFNComputeRecorder
 from megatron_dynamoe.models.builder import causal_attention_mask
-from megatron_dynamoe.dynamoe.control import dynamoe_layers
 from megatron_dynamoe.runtime.device import place_batch
+from megatron_dynamoe.runtime.forward_only import pipeline_forward
 
 # Sequential palette, level 1 (lightest) .. level K (darkest); interpolated for other K.
 _PALETTE = ["#f7fbff", "#c6dbef", "#6baed6", "#2171b5", "#08306b"]
@@ -27,10 +27,8 @@ _PALETTE = ["#f7fbff", "#c6dbef", "#6baed6", "#2171b5", "#08306b"]
 def token_levels(model, tokenizer, text: str, max_tokens: int = 96
                  ) -> Tuple[List[str], torch.Tensor, int]:
     """(token strings, levels [L_moe, s] int64, K) of the first `max_tokens` tokens of `text`
-    at the model's current sensitivity; one row per DynaMoE layer, in layer order."""
-    layers = dynamoe_layers(model)
-    if not layers:
-        raise ValueError("the routing picture needs a DynaMoE model")
+    at the model's current sensitivity; one row per DynaMoE layer, in layer order (every
+    pipeline stage's; every rank of a TP / PP layout calls it and gets the same)."""
     ids = tokenizer(text, add_special_tokens=False).input_ids[:max_tokens]
     if len(ids) < 2:
         raise ValueError("the routing picture needs a text of at least 2 tokens")
@@ -39,15 +37,17 @@ def token_levels(model, tokenizer, text: str, max_tokens: int = 96
     model.eval()
     try:
         with FFNComputeRecorder(model) as recorder:
-            b = place_batch(dict(tokens=tokens, positions=torch.arange(len(ids)).unsqueeze(0),
-                                 mask=causal_attention_mask(len(ids))))
-            model(b["tokens"], b["positions"], b["mask"])
+            rows = [i for i, info in enumerate(recorder.layer_info) if info.kind == "dynamoe"]
+            if not rows:
+                raise ValueError("the routing picture needs a DynaMoE model")
+            b = place_batch(dict(tokens=tokens, position_ids=torch.arange(len(ids)).unsqueeze(0),
+                                 attention_mask=causal_attention_mask(len(ids))))
+            pipeline_forward(model, b)
             recorder.commit(torch.ones_like(b["tokens"], dtype=torch.bool))
     finally:
         model.train(was_training)
-    rows = [i for i, layer in enumerate(recorder.layers) if layer.mlp in set(layers)]
     pieces = [tokenizer.decode([i]) for i in ids]
-    return pieces, recorder.last_levels[rows, 0], layers[0].dynamoe_config.num_levels
+    return pieces, recorder.last_levels[rows, 0], recorder.layer_info[rows[0]].router_outputs
 
 
 def _color(level: float, num_levels: int) -> str:

@@ -1,4 +1,4 @@
-"""Batched log-likelihood of continuations given contexts, on a Megatron-Core GPTModel (TP=1).
+"""Batched log-likelihood of continuations given contexts, on a Megatron-Core GPTModel.
 
 A request is (context, continuation). Tokenisation follows lm-eval-harness
 (`_encode_pair`): trailing spaces of the context move to the continuation, the pair is
@@ -12,6 +12,10 @@ Speed on CPU: requests are sorted by length (longest first) and packed into righ
 batches of at most `tokens_per_batch` tokens (padding included). Right padding is exact: the
 causal mask keeps real tokens from seeing the padding after them, and padding positions are
 never scored (nor counted by an `FFNComputeRecorder`).
+
+At any TP / PP layout: batches go through Megatron's forward-only schedule, the scores come
+from the vocabulary-parallel logits (`runtime.forward_only.vocab_parallel_logprobs`, nothing
+gathers the vocabulary) and every rank returns the same scores.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
+
+from megatron_dynamoe.runtime.forward_only import pipeline_forward, vocab_parallel_logprobs
 
 Encoded = Tuple[List[int], List[int]]  # (context ids, continuation ids)
 
@@ -51,12 +57,14 @@ def continuation_logprobs(logits: torch.Tensor, targets: torch.Tensor, ends: tor
     """Sum of log-probabilities and greedy flag of each row's continuation.
 
     Args:
-        logits: [b, s, V] next-token logits (position p predicts token p + 1).
+        logits: [b, s, V / TP] next-token logits (position p predicts token p + 1), this
+            tensor-parallel rank's vocabulary columns (all of them at TP = 1).
         targets: [b, s] int64, targets[r, p] = the token that position p should predict.
         ends: [b] int64, number of real (unpadded) positions of each row.
         lengths: [b] int64, continuation tokens of each row: positions ends - lengths .. ends - 1.
     Returns:
-        ([b] float64 log-likelihoods, [b] bool greedy flags).
+        ([b] float64 log-likelihoods, [b] float64 count of continuation tokens that are not
+        the greedy choice: 0 means the continuation is the greedy one).
     """
     rows, positions = [], []
     for r, (end, length) in enumerate(zip(ends.tolist(), lengths.tolist())):
@@ -65,16 +73,15 @@ def continuation_logprobs(logits: torch.Tensor, targets: torch.Tensor, ends: tor
     device = logits.device
     rows_t = torch.tensor(rows, device=device)
     positions_t = torch.tensor(positions, device=device)
-    picked = logits[rows_t, positions_t].double()                     # [n, V]
+    picked = logits[rows_t, positions_t]                              # [n, V / TP]
     wanted = targets.to(device)[rows_t, positions_t]                  # [n]
-    token_lp = torch.log_softmax(picked, dim=-1).gather(1, wanted[:, None]).squeeze(1)
-    hit = picked.argmax(dim=-1) == wanted
+    token_lp, hit = vocab_parallel_logprobs(picked, wanted, torch.float64)
     batch = logits.shape[0]
     loglik = torch.zeros(batch, dtype=torch.float64, device=device).index_add_(0, rows_t,
                                                                               token_lp)
-    misses = torch.zeros(batch, dtype=torch.long, device=device).index_add_(
-        0, rows_t, (~hit).long())
-    return loglik, misses == 0
+    misses = torch.zeros(batch, dtype=torch.float64, device=device).index_add_(
+        0, rows_t, (~hit).double())
+    return loglik, misses
 
 
 def pack_batches(lengths: Sequence[int], tokens_per_batch: int) -> Iterator[List[int]]:
@@ -96,7 +103,8 @@ def pack_batches(lengths: Sequence[int], tokens_per_batch: int) -> Iterator[List
 def score_requests(model, requests: Sequence[Encoded], *, max_length: int,
                    tokens_per_batch: int = 2048, recorder=None, pad_id: int = 0,
                    progress=None) -> List[ContinuationScore]:
-    """Score encoded requests with `model` (a TP = PP = 1 GPTModel, put in eval mode).
+    """Score encoded requests with `model` (this rank's GPTModel at any TP / PP, put in
+    eval mode; every rank passes the same requests).
 
     Args:
         requests: (context ids, continuation ids) pairs; contexts must be non-empty,
@@ -141,9 +149,13 @@ def score_requests(model, requests: Sequence[Encoded], *, max_length: int,
             b = place_batch(dict(tokens=tokens, positions=torch.arange(width).expand(
                 len(batch), width), mask=causal_attention_mask(width),
                 valid=torch.arange(width).unsqueeze(0) < ends.unsqueeze(1)))
-            logits = model(b["tokens"], b["positions"], b["mask"])
             lengths = torch.tensor([cont_lengths[i] for i in batch])
-            loglik, greedy = continuation_logprobs(logits, targets, ends, lengths)
+            loglik, misses = pipeline_forward(
+                model, dict(tokens=b["tokens"], position_ids=b["positions"],
+                            attention_mask=b["mask"]),
+                lambda logits: continuation_logprobs(logits, targets, ends, lengths),
+                [((len(batch),), torch.float64)] * 2)
+            greedy = misses == 0
             if recorder is not None:
                 recorder.commit(b["valid"])
             # One device-to-host copy per batch.

@@ -31,3 +31,12 @@ def progress(iterable: Iterable, desc: str, total: Optional[int] = None) -> Iter
 
     return iter(tqdm(iterable, desc=desc, total=total, file=sys.stderr, leave=False,
                      dynamic_ncols=True))
+
+
+def progress_counter(total: int, desc: str):
+    """A tqdm bar on stderr that the caller advances with `.update(n)` and `.close()`s (rank 0
+    only; a silent stand-in elsewhere)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True,
+                disable=_rank() != 0)
