@@ -12,7 +12,6 @@ compute per layer, the solved budget's theta.
 import json
 
 import pytest
-import torch
 
 from megatron_dynamoe.checkpoint.torch_dist import CheckpointInfo, save_checkpoint
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
