@@ -151,3 +151,31 @@ def test_distributed_moefy_refuses_a_layout_with_replicas(dense_checkpoint, tmp_
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "expert" in result.stderr.strip().splitlines()[-1]
     assert not os.path.exists(output)
+
+
+def test_moefy_bf16_keeps_theta_one_within_bf16_rounding(dense_checkpoint, tmp_path):
+    """--bf16: both models in bf16 (half the memory), shells fitted in groups of one layer
+    (--router-fit-memory-gib below one layer's data); the checkpoint records bfloat16 and,
+    loaded in fp32 at theta = 1, stays within bf16 rounding of the dense model."""
+    from megatron_dynamoe.checkpoint.torch_dist import load_checkpoint, read_info
+    from megatron_dynamoe.dynamoe.control import set_sensitivity
+    from megatron_dynamoe.models.builder import build_gpt_model
+    from megatron_dynamoe.utils.parity import megatron_logits, relative_logit_error
+    from tests.tool_runner import run_tool_here
+
+    output = str(tmp_path / "bf16")
+    result = run_tool_here("tools/moefy.py", "--load", dense_checkpoint, "--output", output,
+                           *CALIBRATION, "--bf16", "--router-fit-memory-gib", "0.0001")
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = read_info(output)
+    assert info.extra["params_dtype"] == "bfloat16"
+    assert 1e-5 < info.extra["theta1_parity"] <= 2e-2  # bf16 rounding, not fp32 exactness
+    assert len(info.extra["router_fit"]["layers"]) == ARCH.num_layers
+    dense = build_gpt_model(ARCH, transformer_config(ARCH))
+    load_checkpoint(dense, dense_checkpoint)
+    model = build_gpt_model(ARCH, transformer_config(ARCH, dynamoe=info.dynamoe), info.dynamoe)
+    load_checkpoint(model, output)
+    set_sensitivity(model, 1.0)
+    tokens = _tokens()[:2]
+    assert relative_logit_error(megatron_logits(dense, tokens),
+                                megatron_logits(model, tokens)) <= 2e-2

@@ -123,3 +123,23 @@ def test_standalone_layer_refuses_residual_labels_without_a_residual():
     x = torch.randn(4, 2, ARCH.hidden_size)
     with pytest.raises(RuntimeError, match="label_reference='ffn'"):
         layer(x)
+
+
+def test_fitting_in_groups_under_a_memory_bound_equals_one_pass():
+    """--router-fit-memory-gib: a bound below one layer's data fits one layer per pass (two
+    passes here) and gives the routers and statistics of the single pass (1e-6)."""
+    _, whole = _model()
+    _, grouped = _model()
+    one = fit_routers(whole, _batches(), steps=50, lr=5e-2)
+    passes = []
+    per_layer = 96 * (ARCH.hidden_size + 4) * 4  # fp32 inputs + targets of 96 tokens
+    two = fit_routers(grouped, _batches(), steps=50, lr=5e-2, max_bytes=per_layer * 1.5,
+                      progress=lambda xs: passes.append(len(xs)) or xs)
+    assert passes == [2]
+    assert [f.layer for f in two] == [f.layer for f in one] == [0, 1]
+    for a, b in zip(one, two):
+        assert a.tokens == b.tokens and b.loss == pytest.approx(a.loss, rel=1e-6)
+    for a, b in zip(dynamoe_layers(whole), dynamoe_layers(grouped)):
+        assert torch.allclose(a.router.weight, b.router.weight, rtol=0, atol=1e-6)
+        assert torch.allclose(a.router.bias, b.router.bias, rtol=0, atol=1e-6)
+        assert not b.collect_router_data

@@ -297,12 +297,14 @@ def dynamoe_config_from_args(args) -> DynaMoEConfig:
     return config_from_args(args, DynaMoEConfig, _DYNAMOE_FLAGS, "dynamoe_")
 
 
-def add_parity_arguments(group, sequences: int, tolerance_help: str) -> None:
+def add_parity_arguments(group, sequences: int, tolerance_help: str,
+                         tolerance: Optional[float] = 1e-4) -> None:
     """The calibration-text flags (`add_calibration_arguments`) plus --batch-size and the
-    --tolerance of the tool's logit parity check (`utils.parity.check_parity`)."""
+    --tolerance of the tool's logit parity check (`utils.parity.check_parity`; default
+    `tolerance`, None when the tool picks it by precision)."""
     add_calibration_arguments(group, sequences)
     group.add_argument("--batch-size", type=COUNT, default=4)
-    group.add_argument("--tolerance", type=NON_NEGATIVE, default=1e-4,
+    group.add_argument("--tolerance", type=NON_NEGATIVE, default=tolerance,
                        help=f"{tolerance_help}: max |logit diff| / max |logit|")
 
 

@@ -43,6 +43,12 @@ from megatron_dynamoe.cli.common import (
 )
 
 
+FP32_TOLERANCE = 1e-4
+# theta = 1 sums the shells' bf16 outputs in another order than the dense FFN's one product:
+# bf16 rounding (2^-8 relative) shows in the logits at about 1e-2 of their scale.
+BF16_TOLERANCE = 2e-2
+
+
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -60,11 +66,22 @@ def parse_args(argv=None):
     d.add_argument("--router-fit-steps", type=NON_NEGATIVE_INT, default=300,
                    help="full-batch Adam steps per router (convex problem)")
     d.add_argument("--router-fit-lr", type=POSITIVE, default=1e-2)
+    d.add_argument("--router-fit-memory-gib", type=POSITIVE, default=4.0,
+                   help="router data one rank holds at once (fp32 inputs and targets of "
+                        "every calibration token; 1 GiB per layer for 32k tokens of a 70B "
+                        "model): layers are fitted in groups, one calibration pass per group")
     c = p.add_argument_group("calibration and parity text")
     c.add_argument("--tokenizer", help="Hugging Face folder with a tokenizer, or 'smollm2'; "
                                        "needed for activation importance")
     c.add_argument("--gguf-file", help="GGUF file inside --tokenizer's folder")
-    add_parity_arguments(c, sequences=16, tolerance_help="theta = 1 parity")
+    add_parity_arguments(c, sequences=16, tolerance=None,
+                         tolerance_help=f"theta = 1 parity (default {FP32_TOLERANCE:g}, "
+                                        f"{BF16_TOLERANCE:g} with --bf16)")
+    p.add_argument("--bf16", action="store_true",
+                   help="build both models in bf16 (a bf16 source loses nothing; half the "
+                        "memory: a 70B model MoEfies on one node of 80 GB GPUs at TP=8); "
+                        "importance and router fits still accumulate in fp64 / fp32; the "
+                        "parity tolerance default becomes 2e-2")
     add_layout_arguments(p)
     add_architecture_arguments(p)
     add_runtime_arguments(p)
@@ -131,7 +148,10 @@ def main(argv=None) -> int:
         raise ToolError(f"MoEfy runs one model replica: launch TP x PP = {model_parallel} "
                         f"ranks, not {world}")
     # Both models take their weights from checkpoints: no random-init work.
-    dense = build_gpt_model(arch, transformer_config(arch, layout,
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    if args.tolerance is None:
+        args.tolerance = BF16_TOLERANCE if args.bf16 else FP32_TOLERANCE
+    dense = build_gpt_model(arch, transformer_config(arch, layout, params_dtype=dtype,
                                                      perform_initialization=False))
     load_checkpoint(dense, args.load, verify_checksums=args.verify_checksums)
 
@@ -148,7 +168,7 @@ def main(argv=None) -> int:
         importance = calibrate_importance(dense, batches, gated=arch.gated,
                                           activation=arch.activation_func)
 
-    model = build_gpt_model(arch, transformer_config(arch, layout, dyn,
+    model = build_gpt_model(arch, transformer_config(arch, layout, dyn, params_dtype=dtype,
                                                      perform_initialization=False), dyn)
     from megatron.core import parallel_state
 
@@ -159,11 +179,10 @@ def main(argv=None) -> int:
         expert_tp_group=parallel_state.get_expert_tensor_parallel_group()))
     router_fit = None
     if fit_routers:
-        batches = progress(model_batches(tokens, args.batch_size), "router labels",
-                           total=-(-tokens.shape[0] // args.batch_size))
-        fits = fit_routers_to_labels(model, batches, steps=args.router_fit_steps,
-                                     lr=args.router_fit_lr,
-                                     progress=lambda xs: progress(xs, "router fit"))
+        fits = fit_routers_to_labels(model, model_batches(tokens, args.batch_size),
+                                     steps=args.router_fit_steps, lr=args.router_fit_lr,
+                                     progress=lambda xs: progress(xs, "router labels + fit"),
+                                     max_bytes=args.router_fit_memory_gib * 2 ** 30)
         router_fit = dict(steps=args.router_fit_steps, lr=args.router_fit_lr,
                           tokens=fits[0].tokens, layers=[f.to_dict() for f in fits])
         gap = sum(f.loss - f.target_entropy for f in fits) / len(fits)
@@ -181,7 +200,10 @@ def main(argv=None) -> int:
                  calibration_text=args.calibration_text if importance is not None else None,
                  calibration_tokens=int(tokens.numel()) if importance is not None else 0,
                  theta1_parity=error, tokenizer=args.tokenizer, gguf_file=args.gguf_file,
-                 router_fit=router_fit, tool="tools/moefy.py")
+                 router_fit=router_fit, params_dtype=str(dtype).replace("torch.", ""),
+                 layout=dict(tensor_model_parallel_size=layout.tensor_model_parallel_size,
+                             pipeline_model_parallel_size=layout.pipeline_model_parallel_size),
+                 tool="tools/moefy.py")
     save_checkpoint(model, args.output, CheckpointInfo(arch, dyn, extra), args.overwrite)
     log(f"wrote DynaMoE checkpoint {args.output}")
     return 0

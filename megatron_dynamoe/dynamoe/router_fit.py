@@ -20,7 +20,7 @@ replicated over TP), and every rank returns every layer's RouterFit in layer ord
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -57,47 +57,60 @@ class RouterFit:
 
 
 @torch.no_grad()
-def collect_router_data(model, batches: Iterable[dict]
-                        ) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
-    """Router inputs and label targets of every DynaMoE layer of `model` (this rank's
-    pipeline stage; any TP size: the router inputs are the full hidden states).
+def collect_router_data(model, batches: Iterable[dict], layers: Optional[Sequence[int]] = None,
+                        keep: bool = True) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
+    """Router inputs and label targets of DynaMoE layers of `model` (this rank's pipeline
+    stage; any TP size: the router inputs are the full hidden states).
 
     Args:
         model: DynaMoE GPTModel; batches: dicts with `tokens` [b, s], `position_ids`,
             `attention_mask`, the same on every rank.
+        layers: global indices of this stage's layers to collect (default: all of them);
+            the others run at theta = 1 without computing labels.
+        keep: False runs the forwards (a collective at TP / PP > 1) and keeps nothing.
     Returns:
         {global layer index: (inputs [N, H] fp32, targets [N, K] fp32)} over all N tokens,
-        for this stage's layers.
+        for the collected layers ({} with keep=False).
     """
     from megatron_dynamoe.dynamoe.control import dynamoe_layers
 
-    layers = dynamoe_layers(model)
-    saved = [(layer.router.sensitivity, layer.router.static_level) for layer in layers]
-    inputs: Dict[int, List[torch.Tensor]] = {layer.layer_number - 1: [] for layer in layers}
+    every = dynamoe_layers(model)
+    wanted = None if layers is None else set(layers)
+    collected = [layer for layer in every
+                 if wanted is None or layer.layer_number - 1 in wanted]
+    saved = [(layer.router.sensitivity, layer.router.static_level) for layer in every]
+    inputs: Dict[int, List[torch.Tensor]] = {layer.layer_number - 1: [] for layer in collected}
     targets: Dict[int, List[torch.Tensor]] = {index: [] for index in inputs}
     was_training = model.training
     model.eval()
+    count = 0
     try:
-        for layer in layers:
-            layer.collect_router_data = True
+        for layer in every:
             # theta = 1: every layer computes the dense function, so downstream layers see
             # the dense model's activations whatever the routers say.
             layer.router.set_sensitivity(1.0)
             layer.router.set_static_level(None)
+        for layer in collected:
+            layer.collect_router_data = True
         for batch in batches:
             pipeline_forward(model, batch)
-            for layer in layers:
+            count += 1
+            for layer in collected:
                 index = layer.layer_number - 1
-                inputs[index].append(layer.last_stats["router_inputs"])
-                targets[index].append(layer.last_stats["label_targets"])
+                if keep:
+                    inputs[index].append(layer.last_stats["router_inputs"])
+                    targets[index].append(layer.last_stats["label_targets"])
+                layer.last_stats = {}  # nothing of a discarded batch stays referenced
     finally:
-        for layer, (theta, static) in zip(layers, saved):
+        for layer, (theta, static) in zip(every, saved):
             layer.collect_router_data = False
             layer.router.set_sensitivity(theta)
             layer.router.set_static_level(static)
         model.train(was_training)
-    if layers and not any(inputs.values()):
+    if not count:
         raise ValueError("router fitting got no calibration batches")
+    if not keep:
+        return {}
     return {index: (torch.cat(inputs[index]), torch.cat(targets[index])) for index in inputs}
 
 
@@ -145,33 +158,69 @@ def fit_router(router, inputs: torch.Tensor, targets: torch.Tensor, layer: int,
 
 
 def fit_routers(model, batches: Iterable[dict], steps: int = 300, lr: float = 1e-2,
-                progress: Optional[Callable[[Iterable], Iterable]] = None) -> List[RouterFit]:
+                progress: Optional[Callable[[Iterable], Iterable]] = None,
+                max_bytes: Optional[float] = None) -> List[RouterFit]:
     """Collect labels on `batches` and fit every DynaMoE router of `model` to them.
 
-    `progress` wraps the per-layer loop (e.g. a progress bar). Returns one RouterFit per
+    The router data of a layer is [N, H + K] fp32 for N calibration tokens (1 GiB for 32k
+    tokens of a 70B model); `max_bytes` bounds what one rank holds at once: the layers are
+    collected and fitted in groups, one forward pass over the batches per group (every
+    pipeline stage runs as many passes as the stage that needs most). Only tensor-parallel
+    rank 0 keeps the data and fits; it broadcasts each fitted router over TP.
+    `progress` wraps the loop over passes (e.g. a progress bar). Returns one RouterFit per
     DynaMoE layer of the whole model (every pipeline stage), in layer order, on every rank.
     """
     from megatron_dynamoe.dynamoe.control import dynamoe_layers
 
-    data = collect_router_data(model, batches)
+    batches = list(batches)  # token batches: small, and every pass reads them again
     routers = {layer.layer_number - 1: layer.router for layer in dynamoe_layers(model)}
-    indices = sorted(data)
+    indices = sorted(routers)
     tp_size, tp_rank, tp_group = 1, 0, None
     if dist.is_initialized():
         tp_group = parallel_state.get_tensor_model_parallel_group()
         tp_size, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+    groups = _layer_groups([routers[i] for i in indices], indices, batches, max_bytes)
     fits = []
-    for index in (progress(indices) if progress is not None else indices):
-        x, t = data.pop(index)
-        router = routers[index]
-        if tp_rank == 0:
-            fits.append(fit_router(router, x, t, index, steps=steps, lr=lr))
-        if tp_size > 1:
-            # Replicas of one router must stay bit-identical: rank 0's fit is the fit.
-            src = parallel_state.get_tensor_model_parallel_src_rank()
-            dist.broadcast(router.weight.data, src=src, group=tp_group)
-            dist.broadcast(router.bias.data, src=src, group=tp_group)
+    passes = range(len(groups))
+    for group in (progress(passes) if progress is not None else passes):
+        data = collect_router_data(model, batches, groups[group], keep=tp_rank == 0)
+        for index in groups[group]:
+            router = routers[index]
+            if tp_rank == 0:
+                x, t = data.pop(index)
+                fits.append(fit_router(router, x, t, index, steps=steps, lr=lr))
+                del x, t
+            if tp_size > 1:
+                # Replicas of one router must stay bit-identical: rank 0's fit is the fit.
+                src = parallel_state.get_tensor_model_parallel_src_rank()
+                dist.broadcast(router.weight.data, src=src, group=tp_group)
+                dist.broadcast(router.bias.data, src=src, group=tp_group)
     return _gather_fits(fits)
+
+
+def _layer_groups(routers: list, indices: List[int], batches: List[dict],
+                  max_bytes: Optional[float]) -> List[List[int]]:
+    """This stage's DynaMoE layer indices in groups whose router data fits `max_bytes`
+    (at least one layer per group), padded with empty groups to the number of groups of the
+    pipeline stage that needs most (every stage takes part in every pass's forwards)."""
+    if not indices:
+        per_pass = 1
+    elif max_bytes is None:
+        per_pass = len(indices)
+    else:
+        tokens = sum(int(b["tokens"].numel()) for b in batches)
+        levels, hidden = routers[0].weight.shape
+        per_layer = tokens * (hidden + levels) * 4  # fp32 inputs [N, H] + targets [N, K]
+        per_pass = max(1, int(max_bytes // per_layer))
+    groups = [indices[i:i + per_pass] for i in range(0, len(indices), per_pass)]
+    count = len(groups)
+    if dist.is_initialized() and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        device = batches[0]["tokens"].device if batches else None
+        most = torch.tensor([count], dtype=torch.int64, device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX,
+                        group=parallel_state.get_pipeline_model_parallel_group())
+        count = int(most.item())
+    return groups + [[] for _ in range(count - len(groups))]
 
 
 def _gather_fits(fits: List[RouterFit]) -> List[RouterFit]:
