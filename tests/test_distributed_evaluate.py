@@ -142,3 +142,23 @@ def test_distributed_evaluate_refuses_expert_parallel(checkpoints, tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "expert-model-parallel-size 1" in last
     assert not out.exists()
+
+
+def test_evaluate_bf16_stays_within_bf16_rounding_of_fp32(checkpoints, one_process, tmp_path):
+    """--bf16 builds the models in bf16 (what evaluate_70b.sh runs): the same rows, each
+    perplexity within 2 % of the fp32 one, and results.json says which precision ran."""
+    expected, _ = one_process
+    out = tmp_path / "eval-bf16"
+    result = run_tool_here("tools/evaluate.py", "--load", checkpoints / "dynamoe",
+                           "--dense-load", checkpoints / "dense", "--output-dir", out,
+                           *EVALUATE, "--bf16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # In order; a budget row's theta may move by bf16 rounding (its setting names it).
+    got = list(_rows(out).values())
+    assert [r["family"] for r in got] == [r["family"] for r in expected.values()]
+    for row, other in zip(expected.values(), got):
+        assert other["perplexity"] == pytest.approx(row["perplexity"], rel=0.02), row["setting"]
+        assert other["ffn_fraction"] == pytest.approx(row["ffn_fraction"], abs=0.02)
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert meta["precision"] == "bf16"
+    assert meta["layout"] == {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1}

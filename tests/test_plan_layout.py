@@ -399,3 +399,51 @@ def test_dense_request_has_only_dense_layer_activations():
     memory = stage_memory(dense, 1)  # a middle stage: layers only
     # 2 (PP - 1 - 1) + (VPP - 1) PP + 1 = 21 chunks of 4 layers in flight on stage 1.
     assert memory.activations == pytest.approx(21 * 4 * per_layer)
+
+
+def test_conversion_job_estimate_by_hand():
+    """planning/conversion.py on llama2-70b at TP=8 in bf16 on H100s, against hand arithmetic
+    (h 8192, F 28672, 8 query groups of 128, vocab 32000, 80 layers)."""
+    from megatron_dynamoe.planning.conversion import INTERPRETER_BYTES, JobAssumptions, estimate
+    from megatron_dynamoe.runtime.gpus import GPUS
+
+    arch = get_architecture("llama2-70b")
+    dyn = DynaMoEConfig(num_shells=8)
+    e = estimate(arch, dyn, GPUS["h100"], tp=8, pp=1, bf16=True)
+    layer = 8192 * (8192 + 2 * 1024) + 8192 * 8192 + 3 * 8192 * 28672 + 2 * 8192
+    assert layer == 855_654_400
+    params = arch.num_parameters()
+    assert params == 80 * layer + 2 * 32000 * 8192 + 8192
+    assert e.source_bytes == 2 * params
+    assert e.convert_host_bytes == 3 * layer * 2 + INTERPRETER_BYTES  # a layer > embedding
+    assert e.convert_seconds == pytest.approx(3 * 2 * params / 1e9)
+    assert e.logit_check_host_bytes == 8 * params + INTERPRETER_BYTES
+    # Router data: 32768 tokens x (8192 + 4) fp32 per layer; 4 GiB holds 3 layers.
+    assert 3 * 32768 * 8196 * 4 <= 4 * 2 ** 30 < 4 * 32768 * 8196 * 4
+    assert e.moefy_router_groups == -(-80 // 3) == 27
+    # Two bf16 models' TP shares dominate each GPU: between 2 x 2 x params / 8 and + 20 GiB.
+    assert 4 * params / 8 < e.moefy_gpu_bytes < 4 * params / 8 + 20 * 2 ** 30
+    fp32 = estimate(arch, dyn, GPUS["h100"], tp=8, pp=1, bf16=False)
+    assert fp32.moefy_gpu_bytes > 79.6 * 2 ** 30 > e.moefy_gpu_bytes
+    halved = estimate(arch, dyn, GPUS["h100"], tp=8, pp=2, bf16=False)
+    assert halved.moefy_gpu_bytes < 0.65 * fp32.moefy_gpu_bytes  # fixed costs stay
+    # More router memory: fewer passes, less time.
+    roomy = estimate(arch, dyn, GPUS["h100"], tp=8, pp=1,
+                     assume=JobAssumptions(router_fit_bytes=16 * 2 ** 30))
+    assert roomy.moefy_router_groups == -(-80 // 15) and roomy.moefy_seconds < e.moefy_seconds
+    # One forward of 1M tokens at 25 % of 8 x 989.4 TFLOP/s.
+    assert e.evaluate_seconds_per_million_tokens == pytest.approx(
+        2 * params * 1e6 / (8 * 989.4e12 * 0.25))
+
+
+def test_plan_layout_job_convert_prints_and_refuses(capsys):
+    flags = ["--job", "convert", "--model", "llama2-70b", "--gpu", "h100",
+             "--tensor-model-parallel-size", "8", "--host-memory-gib", "2000"]
+    assert run_tool_here("tools/plan_layout.py", *flags, "--bf16").returncode == 0
+    out = capsys.readouterr().out
+    assert "step 1, streaming hf-to-megatron" in out and "(fits this node)" in out
+    assert "step 2, MoEfy on 8 GPUs" in out and "verdict: fits" in out
+    result = run_tool_here("tools/plan_layout.py", *flags)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the convert job needs") and "use --bf16" in last

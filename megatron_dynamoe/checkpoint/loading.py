@@ -51,11 +51,12 @@ def model_family(info: Optional[CheckpointInfo]) -> str:
 def load_for_evaluation(path: str, preset: Optional[str] = None,
                         verify_checksums: bool = True,
                         architecture_flags: Optional[dict] = None,
-                        layout=None) -> LoadedModel:
+                        layout=None, params_dtype=None) -> LoadedModel:
     """Build the checkpoint's model at `layout` (default TP = PP = EP = 1; the parallel
     groups must be initialised at it), load this rank's part and put it in eval mode
     (`preset` / `architecture_flags`: the architecture of a plain Megatron checkpoint,
-    `resolve_architecture`). Raises CheckpointError for a missing / corrupt checkpoint
+    `resolve_architecture`; `params_dtype`: e.g. torch.bfloat16, default fp32). Raises
+    CheckpointError for a missing / corrupt checkpoint
     (`verify_checksums`: check its files against their checksums.json first)."""
     from megatron_dynamoe.models.registry import family_of, provider_for
     from megatron_dynamoe.runtime.parallel import ParallelLayout
@@ -67,8 +68,9 @@ def load_for_evaluation(path: str, preset: Optional[str] = None,
     family = family_of(info)
     provider = provider_for(info, family)
     # Built on the device policy's device without random-init work (the load replaces it).
+    dtype = {} if params_dtype is None else dict(params_dtype=params_dtype)
     model = provider.build(provider.transformer_config(layout or ParallelLayout(),
-                                                       perform_initialization=False))
+                                                       perform_initialization=False, **dtype))
     load_checkpoint(model, folder, origin=f"the {family} model of {folder}",
                     verify_checksums=verify_checksums)
     if family == "dynamoe":

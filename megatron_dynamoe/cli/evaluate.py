@@ -109,6 +109,10 @@ def parse_args(argv=None):
     p.add_argument("--title", default="")
     from megatron_dynamoe.cli.common import add_layout_arguments, add_runtime_arguments
 
+    p.add_argument("--bf16", action="store_true",
+                   help="build the models in bf16 (half the memory of the default fp32: a "
+                        "70B model and one baseline on one node of 80 GB GPUs at TP=8); "
+                        "log-likelihoods are still computed in fp64 / fp32 from the logits")
     add_layout_arguments(p)
     add_architecture_arguments(p, seq_length=False)
     add_runtime_arguments(p)
@@ -286,6 +290,9 @@ def main(argv=None) -> int:
         raise ToolError(f"evaluation runs one model replica: launch TP x PP = "
                         f"{model_parallel} ranks, not {world}")
     writer = not dist.is_initialized() or dist.get_rank() == 0
+    import torch
+
+    precision = dict(layout=layout, params_dtype=torch.bfloat16 if args.bf16 else None)
     tokenizer = load_tokenizer(args.tokenizer, args.gguf_file)
     held_out, calibration, first_held_out, ood_windows = _texts(args, tokenizer, ood)
     data = harness.prepare_data(tokenizer, task_names, args.limit, held_out, ood_windows)
@@ -298,7 +305,7 @@ def main(argv=None) -> int:
 
     main_model = load_for_evaluation(args.load, args.model,
                                      verify_checksums=args.verify_checksums,
-                                     architecture_flags=architecture_flags(args), layout=layout)
+                                     architecture_flags=architecture_flags(args), **precision)
     arch = main_model.info.architecture
     dyn = main_model.info.dynamoe
     rows, solutions = [], []
@@ -321,7 +328,7 @@ def main(argv=None) -> int:
             if args.dense_load:
                 dense = load_for_evaluation(args.dense_load,
                                             verify_checksums=args.verify_checksums,
-                                            layout=layout)
+                                            **precision)
                 run(dense.model, Variant("dense"))
                 del dense
             else:
@@ -350,7 +357,7 @@ def main(argv=None) -> int:
         if "static-trained" in baselines:
             static = load_for_evaluation(args.static_load,
                                          verify_checksums=args.verify_checksums,
-                                         layout=layout)
+                                         **precision)
             # Every level, K included: the fine-tuned full FFN is this baseline's own.
             for level in range(1, static.info.dynamoe.num_levels + 1):
                 run(static.model, Variant("static", level=level), family="static-trained")
@@ -358,7 +365,7 @@ def main(argv=None) -> int:
         if "topk" in baselines:
             topk = load_for_evaluation(args.topk_load,
                                        verify_checksums=args.verify_checksums,
-                                       layout=layout)
+                                       **precision)
             if topk.family != "topk":
                 raise ToolError(f"--topk-load {args.topk_load} is a {topk.family} checkpoint, "
                                 f"not a top-k baseline")
@@ -371,6 +378,10 @@ def main(argv=None) -> int:
                     eval_tokens=int(held_out.numel()), seq_length=args.seq_length,
                     max_length=args.max_length, budgets=solutions,
                     budget_mode=args.budget_mode, seconds=time.time() - started,
+                    precision="bf16" if args.bf16 else "fp32",
+                    layout=dict(tensor_model_parallel_size=layout.tensor_model_parallel_size,
+                                pipeline_model_parallel_size=(
+                                    layout.pipeline_model_parallel_size)),
                     command="python tools/evaluate.py " + " ".join(sys.argv[1:] if argv is None
                                                                    else argv))
         if out is not None:

@@ -13,6 +13,15 @@ activations) and each kind of communication per step. Exit 0: the layout fits. E
 that fits is then printed as ready-to-paste environment variables (for slurm/*.sh) and
 launch/train.py flags. `--json` prints the same as one JSON object on stdout. The memory and
 communication model is documented in megatron_dynamoe/planning/planner.py.
+
+`--job convert` / `--job evaluate` estimate a conversion job instead (streaming conversion's
+host memory, distributed MoEfy's and evaluation's GPU memory, and the time of each step at
+the layout's TP x PP; model and assumptions in megatron_dynamoe/planning/conversion.py), as
+slurm/convert_70b.sh and slurm/evaluate_70b.sh print them before they start; exit 2 when a
+GPU step does not fit the GPU:
+
+    python tools/plan_layout.py --job convert --model llama2-70b --gpu h100 \
+        --tensor-model-parallel-size 8 --bf16 --host-memory-gib 1000
 """
 
 from __future__ import annotations
@@ -103,6 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list every expert grid (ETP x EP) for this attention layout, "
                         "fastest estimated FFN time first")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    j = p.add_argument_group("conversion and evaluation jobs (--job convert|evaluate)")
+    j.add_argument("--job", choices=("train", "convert", "evaluate"), default="train",
+                   help="train (default): check a training layout; convert / evaluate: "
+                        "estimate that job's memory and time at the layout's TP x PP")
+    j.add_argument("--host-memory-gib", type=POSITIVE, default=None,
+                   help="host memory of the node (convert: decides whether the whole-model "
+                        "logit check fits)")
+    j.add_argument("--disk-gbps", type=POSITIVE, default=1.0,
+                   help="checkpoint file system's sustained GB/s (default 1)")
+    j.add_argument("--calibration-tokens", type=COUNT, default=64 * 512)
+    j.add_argument("--eval-tokens", type=COUNT, default=10 ** 6,
+                   help="tokens per evaluated row (evaluate; default 1M)")
+    j.add_argument("--router-fit-memory-gib", type=POSITIVE, default=4.0)
     return p
 
 
@@ -293,8 +315,71 @@ def _profile(args, request):
         raise ToolError(f"--level-profile: {e}") from None
 
 
+def job_report(args) -> int:
+    """--job convert|evaluate: print the estimate (planning/conversion.py); ToolError when a
+    GPU step needs more than the GPU has."""
+    from megatron_dynamoe.models.architectures import get_architecture
+    from megatron_dynamoe.planning.conversion import JobAssumptions, estimate
+
+    gpu_name = args.gpu or "h100"
+    gpu = GPUS[gpu_name]
+    memory = args.gpu_memory_gib or gpu.memory_gib
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    arch = get_architecture(args.model)
+    try:
+        dyn = dynamoe_config_from_args(args)
+    except ValueError as e:
+        raise ToolError(str(e)) from None
+    assume = JobAssumptions(disk_bytes_per_s=args.disk_gbps * 1e9,
+                            calibration_tokens=args.calibration_tokens,
+                            router_fit_bytes=args.router_fit_memory_gib * GIB)
+    e = estimate(arch, dyn, gpu, tp, pp, bf16=args.bf16, assume=assume)
+    dtype = "bf16" if args.bf16 else "fp32"
+
+    def gib(nbytes: float) -> str:
+        return f"{nbytes / GIB:.1f} GiB"
+
+    lines = [f"{args.model}: {arch.num_parameters() / 1e9:.1f}B parameters, "
+             f"{gib(e.source_bytes)} in bf16; models in {dtype} at TP={tp} PP={pp} on "
+             f"{tp * pp} x {gpu_name} ({memory:g} GiB)"]
+    gpu_bytes = e.moefy_gpu_bytes
+    if args.job == "convert":
+        check = ("" if args.host_memory_gib is None else
+                 " (fits this node)" if e.logit_check_host_bytes <= 0.9 * args.host_memory_gib
+                 * GIB else f" (more than 90 % of this node's {args.host_memory_gib:g} GiB: "
+                            f"skip it with --no-logit-parity)")
+        lines += [
+            f"step 1, streaming hf-to-megatron (one CPU process): host memory "
+            f"{gib(e.convert_host_bytes)}, {e.convert_seconds / 60:.0f} min at "
+            f"{args.disk_gbps:g} GB/s; the final whole-model logit check needs "
+            f"{gib(e.logit_check_host_bytes)} of host memory{check}",
+            f"step 2, MoEfy on {tp * pp} GPUs: {gib(e.moefy_gpu_bytes)} per GPU, "
+            f"{e.moefy_router_groups} router-fit group(s) per stage, about "
+            f"{e.moefy_seconds / 60:.0f} min ({args.calibration_tokens} calibration tokens)"]
+    else:
+        gpu_bytes = e.evaluate_gpu_bytes
+        lines.append(
+            f"evaluation on {tp * pp} GPUs: {gib(e.evaluate_gpu_bytes)} per GPU (the "
+            f"checkpoint and one baseline loaded at once), about "
+            f"{e.evaluate_seconds_per_million_tokens * args.eval_tokens / 1e6 / 60:.1f} min "
+            f"per row of {args.eval_tokens} tokens")
+    lines.append(f"assumed: {args.disk_gbps:g} GB/s checkpoint I/O, "
+                 f"{assume.efficiency:.0%} of {gpu_name} peak {dtype} FLOP/s per GPU, one batch "
+                 f"through the pipeline at a time")
+    print("\n".join(lines))
+    if gpu_bytes > memory * GIB:
+        hint = ("" if args.bf16 else "use --bf16 (MoEfy --bf16), or ") + \
+            f"raise PP (a {tp} x {2 * pp} layout halves each GPU's share)"
+        raise ToolError(f"the {args.job} job needs {gib(gpu_bytes)} per GPU but a {gpu_name} "
+                        f"has {memory:g} GiB: {hint}")
+    print(f"verdict: fits ({gib(gpu_bytes)} <= {memory:g} GiB per GPU)")
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.job != "train":
+        return job_report(args)
     request = request_from_args(args)
     profile = _profile(args, request)
     gpu = args.gpu or "h100"
