@@ -74,6 +74,7 @@ def _peak_growth(*args) -> int:
     process's) against its resident size once torch, transformers and Megatron are in."""
     code = (
         "import re, sys, psutil, torch, transformers, safetensors, megatron.core\n"
+        "import transformers.models.llama.modeling_llama\n"
         "from megatron_dynamoe.cli.common import run_tool\n"
         "from megatron_dynamoe.cli.convert_checkpoint import main\n"
         "before = psutil.Process().memory_info().rss\n"
@@ -168,3 +169,57 @@ def test_no_logit_parity_needs_streaming(big, tmp_path):
                          "--output", tmp_path / "x", "--no-logit-parity")
     assert done.returncode == 2 and "--streaming only" in done.stderr.splitlines()[-1]
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2"])
+def test_layer_by_layer_parity_holds_for_a_correct_conversion(tmp_path, preset):
+    """Both directions log one error per layer and record the worst, within fp32 precision,
+    with --no-logit-parity too (what a 70B conversion runs); GPT-2 as well as LLaMA."""
+    from megatron_dynamoe.checkpoint.torch_dist import read_info
+
+    arch = PRESETS[preset]
+    state = _checkpoint(tmp_path / "src", arch, seed=7)
+    _hf_folder(tmp_path / "hf", arch, state, torch.float32)
+    done = run_tool_here("tools/convert_checkpoint.py", "hf-to-megatron", "--hf-model",
+                         tmp_path / "hf", "--output", tmp_path / "ckpt", "--streaming",
+                         "--no-logit-parity")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("relative logit error") >= arch.num_layers
+    recorded = read_info(str(tmp_path / "ckpt")).extra["layer_parity"]
+    assert recorded["max_relative_logit_error"] <= 1e-5
+    done = run_tool_here("tools/convert_checkpoint.py", "megatron-to-hf", "--load",
+                         tmp_path / "ckpt", "--output", tmp_path / "back", "--streaming",
+                         "--no-logit-parity")
+    assert done.returncode == 0, done.stderr
+    assert "parity (every layer, Hugging Face vs Megatron)" in done.stderr
+
+
+def test_layer_by_layer_parity_catches_an_invertible_but_wrong_mapping(tmp_path, monkeypatch):
+    """A conversion rule that swaps the SwiGLU gate and up halves converts back bit for bit
+    (the per-tensor check passes) but computes another function: the layer check fails the
+    conversion (exit 3, the layer named) and nothing is written."""
+    from megatron_dynamoe.checkpoint import hf_streaming
+
+    arch = PRESETS["tiny-llama"]
+    state = _checkpoint(tmp_path / "src", arch, seed=8)
+    _hf_folder(tmp_path / "hf", arch, state, torch.float32)
+    right = hf_streaming._rules
+
+    def swapped(a):
+        rules = []
+        for rule in right(a):
+            if rule.mcore.endswith("mlp.linear_fc1.weight"):
+                rule = dataclasses.replace(
+                    rule, to_mcore=lambda gate, up: torch.cat([up, gate]),
+                    to_hf=lambda t: tuple(reversed(t.chunk(2))))
+            rules.append(rule)
+        return rules
+
+    monkeypatch.setattr(hf_streaming, "_rules", swapped)
+    done = run_tool_here("tools/convert_checkpoint.py", "hf-to-megatron", "--hf-model",
+                         tmp_path / "hf", "--output", tmp_path / "ckpt", "--streaming",
+                         "--no-logit-parity")
+    assert done.returncode == 3, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert "decoder layer 0" in last and "another function" in last
+    assert not (tmp_path / "ckpt").exists()

@@ -351,6 +351,7 @@ def _stream_to_megatron(args, folder, gguf, config, arch, layout, tokens, token_
         log(f"streaming {folder} into {args.output}, one tensor of one layer at a time")
         dtype = stream_hf_to_megatron(
             folder, arch, tmp, on_layer=lambda done, total: log(f"  layer {done}/{total}"))
+        layer_error = _layer_parity(folder, tmp, None, arch, args.tolerance)
         if args.logit_parity:
             from transformers import AutoModelForCausalLM
 
@@ -370,6 +371,8 @@ def _stream_to_megatron(args, folder, gguf, config, arch, layout, tokens, token_
             dtype=str(dtype).replace("torch.", ""), streamed=True,
             parity=(dict(relative_logit_error=error, tolerance=args.tolerance,
                          tokens=token_source) if error is not None else None),
+            layer_parity=dict(max_relative_logit_error=layer_error,
+                              tolerance=args.tolerance),
             validated_layout=dict(
                 tensor_model_parallel_size=layout.tensor_model_parallel_size,
                 pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
@@ -378,7 +381,8 @@ def _stream_to_megatron(args, folder, gguf, config, arch, layout, tokens, token_
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))))
     log(f"done in {time.time() - started:.0f} s: {args.output} ({dtype})"
         + (f" (relative logit error {error:.2e} on {token_source})" if error is not None
-           else " (every tensor converts back exactly; logit check skipped)"))
+           else " (every tensor converts back exactly, every layer computes the same; "
+                "whole-model logit check skipped)"))
     return 0
 
 
@@ -400,6 +404,7 @@ def _stream_to_hf(args, arch, origin, metadata, tokenizer, tokens, token_source,
         log(f"streaming {args.load} ({dtype}) into {args.output}, one layer at a time")
         stream_megatron_to_hf(args.load, metadata, arch, tmp,
                               on_shard=lambda done, total: log(f"  shard {done}/{total}"))
+        _layer_parity(tmp, args.load, metadata, arch, args.tolerance)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if args.logit_parity:
@@ -417,13 +422,35 @@ def _stream_to_hf(args, arch, origin, metadata, tokenizer, tokens, token_source,
                                  "streamed HF folder vs Megatron")
     log(f"done in {time.time() - started:.0f} s: {args.output}"
         + (f" (relative logit error {error:.2e} on {token_source})" if error is not None
-           else " (every tensor converts back exactly; logit check skipped)"))
+           else " (every tensor converts back exactly, every layer computes the same; "
+                "whole-model logit check skipped)"))
     return 0
 
 
 # ---------------------------------------------------------------------------------------------
 # Shared steps
 # ---------------------------------------------------------------------------------------------
+def _layer_parity(hf_folder: str, megatron_dir: str, metadata, arch, tolerance: float
+                  ) -> float:
+    """`checkpoint.layer_parity.layer_by_layer_parity` of a streamed conversion, logged per
+    layer (`metadata`: the Megatron folder's DCP metadata, read here when None)."""
+    from megatron_dynamoe.checkpoint.layer_parity import layer_by_layer_parity
+
+    if metadata is None:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        metadata = FileSystemReader(megatron_dir).read_metadata()
+    log("layer-by-layer check: each decoder layer as a one-layer Hugging Face model and a "
+        "one-layer Megatron model, fp32")
+    error = layer_by_layer_parity(
+        hf_folder, megatron_dir, metadata, arch, tolerance,
+        on_layer=lambda done, total, e: log(f"  layer {done}/{total}: relative logit error "
+                                            f"{e:.2e}"))
+    log(f"parity (every layer, Hugging Face vs Megatron): max |logit diff| / max |logit| = "
+        f"{error:.2e} (tolerance {tolerance:.0e})")
+    return error
+
+
 def _describe_source(folder: str, gguf: Optional[str]) -> str:
     return os.path.join(folder, gguf) if gguf else folder
 
