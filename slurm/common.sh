@@ -39,6 +39,28 @@ dyn_resolve_allocation() {
   NUM_RANKS=$((NODES * GPUS_PER_NODE))
 }
 
+# A one-node tool job (convert_70b.sh, evaluate_70b.sh): refuse to run outside sbatch unless
+# DRY_RUN=1; HF_MODEL is required ($1 says what it is for), a placeholder in a dry run.
+dyn_tool_job_inputs() {
+  if [[ -z "${SLURM_JOB_ID:-}" && "${DRY_RUN:-0}" != 1 ]]; then
+    dyn_die "submit with sbatch (or DRY_RUN=1 bash $0 to see the plan)"
+  fi
+  if [[ -z "$HF_MODEL" ]]; then
+    [[ "${DRY_RUN:-0}" == 1 ]] || dyn_die "set HF_MODEL to the Hugging Face folder of $MODEL ($1)"
+    HF_MODEL='<HF_MODEL>'
+  fi
+}
+
+# A distributed tool's TP x PP ($1 $2, named $3 and $4 in messages) must be the job's GPUs
+# ($5 nodes x $6 GPUs per node): one model replica, one task per GPU.
+dyn_require_gpus() {
+  local ranks=$(($1 * $2))
+  if ((ranks != $5 * $6)); then
+    dyn_die "$3 x $4 = $ranks GPUs but the job has $5 node(s) x $6 GPUs: submit with" \
+            "sbatch --nodes=$((ranks / $6))"
+  fi
+}
+
 # ---- run folder ----------------------------------------------------------------------------
 # RUN_DIR keeps checkpoints, TensorBoard events and one snapshot per (re)start. A fixed RUN_DIR
 # is what makes a requeued or resubmitted job resume: --load and --save are both $SAVE_DIR.

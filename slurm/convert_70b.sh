@@ -70,18 +70,10 @@ CPUS_PER_TASK=${CPUS_PER_TASK:-${SLURM_CPUS_PER_TASK:-8}}
 RUN_DIR=${RUN_DIR:-$CKPT_ROOT/convert-$MODEL}
 DRY_RUN=${DRY_RUN:-0}
 
-if [[ -z "${SLURM_JOB_ID:-}" && "$DRY_RUN" != 1 ]]; then
-  dyn_die "submit with sbatch (or DRY_RUN=1 bash $0 to see the plan)"
-fi
-if [[ -z "$HF_MODEL" ]]; then
-  [[ "$DRY_RUN" == 1 ]] || dyn_die "set HF_MODEL to the Hugging Face folder of $MODEL"
-  HF_MODEL='<HF_MODEL>'
-fi
+dyn_tool_job_inputs "weights and tokenizer"
+dyn_require_gpus "$CONVERT_TP" "$CONVERT_PP" CONVERT_TP CONVERT_PP "$CONVERT_NODES" \
+  "$CONVERT_GPUS_PER_NODE"
 moefy_ranks=$((CONVERT_TP * CONVERT_PP))
-if ((moefy_ranks != CONVERT_NODES * CONVERT_GPUS_PER_NODE)); then
-  dyn_die "CONVERT_TP x CONVERT_PP = $moefy_ranks GPUs but the job has $CONVERT_NODES node(s)" \
-          "x $CONVERT_GPUS_PER_NODE GPUs: submit with sbatch --nodes=$((moefy_ranks / CONVERT_GPUS_PER_NODE))"
-fi
 dyn_run_paths
 dyn_container_args "$CKPT_ROOT" "$DENSE_CKPT" "$DYNAMOE_CKPT" "$HF_MODEL" "$CALIBRATION_TEXT"
 dyn_nccl_env

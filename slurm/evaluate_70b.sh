@@ -60,18 +60,8 @@ RUN_DIR=${RUN_DIR:-$REPO/runs/evaluate_70b-$MODEL}
 OUTPUT_DIR=${OUTPUT_DIR:-$RUN_DIR/results}
 DRY_RUN=${DRY_RUN:-0}
 
-if [[ -z "${SLURM_JOB_ID:-}" && "$DRY_RUN" != 1 ]]; then
-  dyn_die "submit with sbatch (or DRY_RUN=1 bash $0 to see the plan)"
-fi
-if [[ -z "$HF_MODEL" ]]; then
-  [[ "$DRY_RUN" == 1 ]] || dyn_die "set HF_MODEL to the Hugging Face folder of $MODEL (its tokenizer)"
-  HF_MODEL='<HF_MODEL>'
-fi
-ranks=$((EVAL_TP * EVAL_PP))
-if ((ranks != EVAL_NODES * EVAL_GPUS_PER_NODE)); then
-  dyn_die "EVAL_TP x EVAL_PP = $ranks GPUs but the job has $EVAL_NODES node(s) x" \
-          "$EVAL_GPUS_PER_NODE GPUs: submit with sbatch --nodes=$((ranks / EVAL_GPUS_PER_NODE))"
-fi
+dyn_tool_job_inputs "its tokenizer"
+dyn_require_gpus "$EVAL_TP" "$EVAL_PP" EVAL_TP EVAL_PP "$EVAL_NODES" "$EVAL_GPUS_PER_NODE"
 dyn_run_paths
 dyn_container_args "$LOAD" "$DENSE_LOAD" "$HF_MODEL" "$OUTPUT_DIR"
 dyn_nccl_env
