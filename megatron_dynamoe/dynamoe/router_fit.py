@@ -173,6 +173,8 @@ def fit_routers(model, batches: Iterable[dict], steps: int = 300, lr: float = 1e
     from megatron_dynamoe.dynamoe.control import dynamoe_layers
 
     batches = list(batches)  # token batches: small, and every pass reads them again
+    if not batches:
+        raise ValueError("router fitting got no calibration batches")
     routers = {layer.layer_number - 1: layer.router for layer in dynamoe_layers(model)}
     indices = sorted(routers)
     tp_size, tp_rank, tp_group = 1, 0, None
@@ -215,8 +217,7 @@ def _layer_groups(routers: list, indices: List[int], batches: List[dict],
     groups = [indices[i:i + per_pass] for i in range(0, len(indices), per_pass)]
     count = len(groups)
     if dist.is_initialized() and parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        device = batches[0]["tokens"].device if batches else None
-        most = torch.tensor([count], dtype=torch.int64, device=device)
+        most = torch.tensor([count], dtype=torch.int64, device=batches[0]["tokens"].device)
         dist.all_reduce(most, op=dist.ReduceOp.MAX,
                         group=parallel_state.get_pipeline_model_parallel_group())
         count = int(most.item())
