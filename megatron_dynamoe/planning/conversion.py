@@ -7,8 +7,10 @@ The model of each step (every number is an estimate; the assumptions are fields 
 - streaming HF -> Megatron (`convert_checkpoint.py hf-to-megatron --streaming`, one CPU
   process): host memory = 3 x the largest tensor group held at once (one decoder layer, or
   the embedding / output matrix: the source tensor, the converted tensor, the copy converted
-  back for the exactness check) + the interpreter; time = reading the source, writing the
-  checkpoint and reading it again for checksums, at `disk_bytes_per_s`. The optional final
+  back for the exactness check), or the layer-by-layer check's two fp32 one-layer models and
+  the layer's stored tensors of both sides, whichever is more, + the interpreter; time =
+  reading the source, writing the checkpoint and reading it again for checksums, and the
+  layer check reading both, at `disk_bytes_per_s`. The optional final
   logit check builds both whole models in fp32 (8 bytes per parameter + the interpreter).
 - distributed MoEfy (`moefy.py` at TP x PP, `--bf16` or fp32): per GPU, the dense and the
   DynaMoE model's parameters of the busiest stage (`planner.stage_parameters`), one layer's
@@ -94,8 +96,9 @@ def estimate(arch: ModelArchitecture, dyn: DynaMoEConfig, gpu: GpuSpec, tp: int,
     layer = split + replicated
     largest = max(layer, v * h)
     source = params * source_bytes_per_param
-    convert_host = 3 * largest * source_bytes_per_param + INTERPRETER_BYTES
-    convert_seconds = 3 * source / assume.disk_bytes_per_s
+    layer_check = 2 * layer * 4 + 2 * layer * source_bytes_per_param
+    convert_host = max(3 * largest * source_bytes_per_param, layer_check) + INTERPRETER_BYTES
+    convert_seconds = 5 * source / assume.disk_bytes_per_s
     logit_host = 8 * params + INTERPRETER_BYTES
 
     width = 2 if bf16 else 4
