@@ -121,7 +121,10 @@ def _dynamoe_targets(model, target: float):
     if not moe:
         raise ValueError("the model has no DynaMoE layer: an FFN budget needs a DynaMoE "
                          "checkpoint")
-    fractions = [torch.tensor(info[i].level_fractions, dtype=torch.float64) for i in moe]
+    from megatron_dynamoe.runtime.device import model_device
+
+    fractions = [torch.tensor(info[i].level_fractions, dtype=torch.float64,
+                              device=model_device()) for i in moe]
     total, dense = len(info), len(info) - len(moe)
     lowest = (dense + sum(float(f[0]) for f in fractions)) / total
     if not lowest - 1e-9 <= target <= 1.0:
