@@ -107,7 +107,8 @@ def main(argv=None) -> int:
     from megatron_dynamoe.dynamoe.moefy import (
         calibrate_importance,
         check_moefied_layers,
-        moefy_state_dict,
+        load_moefied,
+        moefy_state_items,
     )
     from megatron_dynamoe.dynamoe.router_fit import fit_routers as fit_routers_to_labels
     from megatron_dynamoe.models.builder import build_gpt_model
@@ -173,7 +174,8 @@ def main(argv=None) -> int:
     from megatron.core import parallel_state
 
     first_layer = min(layer.layer_number for layer in dense.decoder.layers) - 1
-    model.load_state_dict(moefy_state_dict(
+    # Layer by layer: the DynaMoE weights never exist twice beside the dense ones.
+    load_moefied(model, moefy_state_items(
         dense.state_dict(), dyn, arch.gated, importance, layer_offset=first_layer,
         tp_group=parallel_state.get_tensor_model_parallel_group(),
         expert_tp_group=parallel_state.get_expert_tensor_parallel_group()))

@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -183,11 +183,13 @@ def tensor_parallel_slice(fc1: torch.Tensor, fc2: torch.Tensor, gated: bool, ran
     return local1, fc2[:, cols].contiguous()
 
 
-def moefy_state_dict(dense_state: Dict[str, torch.Tensor], dynamoe: DynaMoEConfig,
-                     gated: bool, importance: Optional[Dict[int, torch.Tensor]] = None, *,
-                     layer_offset: int = 0, tp_group=None, expert_tp_group=None
-                     ) -> Dict[str, torch.Tensor]:
-    """Dense GPTModel state dict -> DynaMoE GPTModel state dict (same TP / PP layout, EP=1).
+def moefy_state_items(dense_state: Dict[str, torch.Tensor], dynamoe: DynaMoEConfig,
+                      gated: bool, importance: Optional[Dict[int, torch.Tensor]] = None, *,
+                      layer_offset: int = 0, tp_group=None, expert_tp_group=None
+                      ) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Dense GPTModel state dict -> (key, tensor) items of the DynaMoE GPTModel's state dict
+    (same TP / PP layout, EP=1), one MoEfied layer at a time, so that a caller copying them
+    into a model holds one layer's shells at most (a 70B model's FFNs are 2/3 of it).
 
     Args:
         dense_state: `model.state_dict()` of this rank's dense model (its pipeline stage,
@@ -200,10 +202,12 @@ def moefy_state_dict(dense_state: Dict[str, torch.Tensor], dynamoe: DynaMoEConfi
             0 on every stage).
         tp_group / expert_tp_group: the tensor-parallel group the dense FFN is split over and
             the expert-TP group the shells are split over (None at TP = 1).
-    Returns:
-        A new state dict; tensors outside MoEfied FFNs are the dense ones (shared storage).
+    Yields:
+        Tensors outside MoEfied FFNs (the dense ones, shared storage), then each MoEfied
+        layer's shells and its zero-initialised router.
     """
-    out, ffn = split_ffn_weights(dense_state, lambda i: dynamoe.is_moefied(i + layer_offset))
+    rest, ffn = split_ffn_weights(dense_state, lambda i: dynamoe.is_moefied(i + layer_offset))
+    yield from rest.items()
     expert_size, expert_rank = _tensor_parallel(expert_tp_group)
     for local_index, (fc1, fc2) in ffn.items():
         index = local_index + layer_offset
@@ -216,14 +220,43 @@ def moefy_state_dict(dense_state: Dict[str, torch.Tensor], dynamoe: DynaMoEConfi
         for shell, (fc1_s, fc2_s) in enumerate(split_into_shells(fc1_p, fc2_p,
                                                                  dynamoe.num_shells, gated)):
             fc1_s, fc2_s = tensor_parallel_slice(fc1_s, fc2_s, gated, expert_rank, expert_size)
-            out[f"{prefix}experts.local_experts.{shell}.linear_fc1.weight"] = fc1_s
-            out[f"{prefix}experts.local_experts.{shell}.linear_fc2.weight"] = fc2_s
+            yield f"{prefix}experts.local_experts.{shell}.linear_fc1.weight", fc1_s
+            yield f"{prefix}experts.local_experts.{shell}.linear_fc2.weight", fc2_s
         hidden = fc1.shape[1]
-        out[f"{prefix}router.weight"] = torch.zeros(dynamoe.num_levels, hidden,
+        yield f"{prefix}router.weight", torch.zeros(dynamoe.num_levels, hidden,
                                                     dtype=torch.float32, device=fc1.device)
-        out[f"{prefix}router.bias"] = torch.zeros(dynamoe.num_levels, dtype=torch.float32,
+        yield f"{prefix}router.bias", torch.zeros(dynamoe.num_levels, dtype=torch.float32,
                                                   device=fc1.device)
-    return out
+
+
+def moefy_state_dict(dense_state: Dict[str, torch.Tensor], dynamoe: DynaMoEConfig,
+                     gated: bool, importance: Optional[Dict[int, torch.Tensor]] = None,
+                     **layout) -> Dict[str, torch.Tensor]:
+    """`moefy_state_items` as one state dict (every layer's shells at once: small models,
+    tests); `layout`: its layer_offset / tp_group / expert_tp_group."""
+    return dict(moefy_state_items(dense_state, dynamoe, gated, importance, **layout))
+
+
+@torch.no_grad()
+def load_moefied(model, items: Iterable[Tuple[str, torch.Tensor]]) -> None:
+    """Copy `moefy_state_items` into the DynaMoE `model`'s parameters and buffers as they
+    come (each layer's shells are freed before the next layer's are made); raises ValueError
+    naming keys the model lacks or that were never given."""
+    target = {k: v for k, v in model.state_dict(keep_vars=True).items()
+              if not k.endswith("._extra_state")}
+    seen = set()
+    for key, value in items:
+        if key not in target:
+            raise ValueError(f"MoEfy made {key!r}, which the DynaMoE model does not have")
+        if tuple(target[key].shape) != tuple(value.shape):
+            raise ValueError(f"{key}: MoEfy made {list(value.shape)}, the DynaMoE model "
+                             f"holds {list(target[key].shape)}")
+        target[key].data.copy_(value)
+        seen.add(key)
+    missing = sorted(target.keys() - seen)
+    if missing:
+        raise ValueError(f"MoEfy left {len(missing)} tensors of the DynaMoE model unset, "
+                         f"e.g. {missing[:3]}")
 
 
 def check_moefied_layers(dynamoe: DynaMoEConfig, num_layers: int) -> None:

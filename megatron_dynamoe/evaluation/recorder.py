@@ -54,7 +54,7 @@ def _layer_info(layer) -> LayerInfo:
         cfg = mlp.dynamoe_config
         # The layer's level_compute_fraction, recomputed on the host from its config (the
         # same float32 values; the buffer may live on a device, or on `meta` in tests).
-        shells = torch.tensor(cfg.level_shells, dtype=torch.float32)
+        shells = torch.tensor(cfg.level_shells, dtype=torch.float32, device="cpu")
         return LayerInfo("dynamoe", tuple((shells / cfg.num_shells).tolist()), cfg.num_levels)
     if isinstance(mlp, MoELayer):
         return LayerInfo("moe", None, mlp.router.weight.shape[0])
