@@ -108,7 +108,8 @@ def _worker(rank, world_size, layout_flags, root, out, reference):
     assert code == 0, f"rank {rank}: evaluate exited {code}"
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+# TP=2 in the default run; PP=2 with the slow tests (`make test-all`): CI's time budget.
+@pytest.mark.parametrize("layout", [pytest.param("pp2", marks=pytest.mark.slow), "tp2"])
 def test_distributed_evaluate_gives_the_one_process_numbers(layout, checkpoints, one_process,
                                                             tmp_path):
     expected, scored = one_process
@@ -144,6 +145,7 @@ def test_distributed_evaluate_refuses_expert_parallel(checkpoints, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_evaluate_bf16_stays_within_bf16_rounding_of_fp32(checkpoints, one_process, tmp_path):
     """--bf16 builds the models in bf16 (what evaluate_70b.sh runs): the same rows, each
     perplexity within 2 % of the fp32 one, and results.json says which precision ran."""

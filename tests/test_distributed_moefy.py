@@ -153,6 +153,7 @@ def test_distributed_moefy_refuses_a_layout_with_replicas(dense_checkpoint, tmp_
     assert not os.path.exists(output)
 
 
+@pytest.mark.slow
 def test_moefy_bf16_keeps_theta_one_within_bf16_rounding(dense_checkpoint, tmp_path):
     """--bf16: both models in bf16 (half the memory), shells fitted in groups of one layer
     (--router-fit-memory-gib below one layer's data); the checkpoint records bfloat16 and,
