@@ -58,6 +58,20 @@ def tiny_smollm2_pair(dyn: DynaMoEConfig, seed: int = 11, router_seed: int = 4):
     return dense, state, gen
 
 
+def save_tiny_smollm2_pair(root, dyn: DynaMoEConfig):
+    """`tiny_smollm2_pair` saved as checkpoints `root/dense` and `root/dynamoe` (model.json
+    with the architecture and `dyn`); returns (the DynaMoE model, its state, the generator)."""
+    from megatron_dynamoe.checkpoint.torch_dist import CheckpointInfo, save_checkpoint
+
+    arch = get_architecture("tiny-smollm2")
+    dense, state, gen = tiny_smollm2_pair(dyn)
+    save_checkpoint(dense, str(root / "dense"), CheckpointInfo(arch, None, {}))
+    model = build_gpt_model(arch, transformer_config(arch, dynamoe=dyn), dyn)
+    model.load_state_dict(state)
+    save_checkpoint(model, str(root / "dynamoe"), CheckpointInfo(arch, dyn, {}))
+    return model, state, gen
+
+
 def batch(batch_size: int = 2, seq_len: int = 16, seed: int = 0):
     """Random tokens / positions / causal mask / labels for the tiny vocabulary."""
     gen = torch.Generator().manual_seed(seed)

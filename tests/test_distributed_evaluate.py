@@ -13,16 +13,12 @@ import json
 
 import pytest
 
-from megatron_dynamoe.checkpoint.torch_dist import CheckpointInfo, save_checkpoint
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
-from megatron_dynamoe.models.architectures import get_architecture, transformer_config
-from megatron_dynamoe.models.builder import build_gpt_model
-from tests.builders import tiny_smollm2_pair
+from tests.builders import save_tiny_smollm2_pair
 from tests.multiproc import run_processes
 from tests.tool_runner import run_tool_here
 
 pytestmark = pytest.mark.usefixtures("single_rank")
-ARCH = get_architecture("tiny-smollm2")
 DYN = DynaMoEConfig(num_shells=4)
 LAYOUTS = {"tp2": ("--tensor-model-parallel-size", "2"),
            "pp2": ("--pipeline-model-parallel-size", "2")}
@@ -52,11 +48,7 @@ def _scored(model):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_parallel")
-    dense, state, _ = tiny_smollm2_pair(DYN)
-    save_checkpoint(dense, str(root / "dense"), CheckpointInfo(ARCH, None, {}))
-    model = build_gpt_model(ARCH, transformer_config(ARCH, dynamoe=DYN), DYN)
-    model.load_state_dict(state)
-    save_checkpoint(model, str(root / "dynamoe"), CheckpointInfo(ARCH, DYN, {}))
+    save_tiny_smollm2_pair(root, DYN)
     return root
 
 

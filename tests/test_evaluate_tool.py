@@ -25,7 +25,7 @@ from megatron_dynamoe.checkpoint.torch_dist import CheckpointInfo, read_info, sa
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
 from megatron_dynamoe.baselines.topk_init import write_topk_init
 from megatron_dynamoe.models.builder import build_gpt_model
-from tests.builders import tiny_smollm2_pair
+from tests.builders import save_tiny_smollm2_pair
 from tests.tool_runner import run_tool_here
 
 pytestmark = pytest.mark.usefixtures("single_rank")
@@ -36,11 +36,7 @@ DYN = DynaMoEConfig(num_shells=4)
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_ckpts")
-    dense, state, gen = tiny_smollm2_pair(DYN)
-    save_checkpoint(dense, str(root / "dense"), CheckpointInfo(ARCH, None, {}))
-    model = build_gpt_model(ARCH, transformer_config(ARCH, dynamoe=DYN), DYN)
-    model.load_state_dict(state)
-    save_checkpoint(model, str(root / "dynamoe"), CheckpointInfo(ARCH, DYN, {}))
+    model, state, gen = save_tiny_smollm2_pair(root, DYN)
     write_topk_init(str(root / "dynamoe"), str(root / "topk"))
     static = {"training_routing": "static-sampled"}
     # The trained static baseline: other weights (as after its own fine-tune), same shells.

@@ -138,6 +138,18 @@ def add_layout_arguments(parser) -> None:
     group.add_argument("--expert-model-parallel-size", type=int, default=1)
 
 
+def require_one_replica(layout: ParallelLayout, tool: str) -> None:
+    """ToolError unless the running world is exactly TP x PP ranks (`start_runtime` first): a
+    tool that computes one result with one model replica (MoEfy, evaluation)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    model_parallel = layout.tensor_model_parallel_size * layout.pipeline_model_parallel_size
+    if world != model_parallel:
+        raise ToolError(f"{tool} runs one model replica: launch TP x PP = {model_parallel} "
+                        f"ranks, not {world}")
+
+
 def add_runtime_arguments(parser) -> None:
     """--device and --transformer-impl: where the tool runs and which layer implementation
     Megatron-Core builds (read by `start_runtime`)."""

@@ -252,7 +252,7 @@ def main(argv=None) -> int:
 
     from megatron_dynamoe.checkpoint.torch_dist import read_info
     from megatron_dynamoe.utils.outputs import atomic_output_dir, check_output_path
-    from megatron_dynamoe.cli.common import start_runtime
+    from megatron_dynamoe.cli.common import require_one_replica, start_runtime
     from megatron_dynamoe.utils.errors import ToolError
     from megatron_dynamoe.utils.log import log
     from megatron_dynamoe.evaluation import budget, harness, report
@@ -282,13 +282,9 @@ def main(argv=None) -> int:
     started = time.time()
     layout = _layout(args)
     start_runtime(args, layout)
+    require_one_replica(layout, "evaluation")
     import torch.distributed as dist
 
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    model_parallel = layout.tensor_model_parallel_size * layout.pipeline_model_parallel_size
-    if world != model_parallel:
-        raise ToolError(f"evaluation runs one model replica: launch TP x PP = "
-                        f"{model_parallel} ranks, not {world}")
     writer = not dist.is_initialized() or dist.get_rank() == 0
     import torch
 

@@ -100,7 +100,7 @@ def main(argv=None) -> int:
         save_checkpoint,
     )
     from megatron_dynamoe.utils.outputs import check_output_path, tree_size
-    from megatron_dynamoe.cli.common import layout_from_args, start_runtime
+    from megatron_dynamoe.cli.common import layout_from_args, require_one_replica, start_runtime
     from megatron_dynamoe.utils.errors import ToolError
     from megatron_dynamoe.utils.log import log, progress
     from megatron_dynamoe.utils.parity import check_error, layout_logit_error, model_batches
@@ -141,13 +141,7 @@ def main(argv=None) -> int:
         f"PP={layout.pipeline_model_parallel_size} (the checkpoint loads at any layout)")
 
     start_runtime(args, layout, local_weights=True)
-    import torch.distributed as dist
-
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    model_parallel = layout.tensor_model_parallel_size * layout.pipeline_model_parallel_size
-    if world != model_parallel:
-        raise ToolError(f"MoEfy runs one model replica: launch TP x PP = {model_parallel} "
-                        f"ranks, not {world}")
+    require_one_replica(layout, "MoEfy")
     # Both models take their weights from checkpoints: no random-init work.
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     if args.tolerance is None:

@@ -14,6 +14,7 @@ import torch
 
 from megatron_dynamoe.dynamoe.config import check_sensitivity
 from megatron_dynamoe.dynamoe.layer import DynaMoELayer
+from megatron_dynamoe.runtime.forward_only import pipeline_group
 
 
 def dynamoe_layers(model: torch.nn.Module) -> List[DynaMoELayer]:
@@ -64,7 +65,7 @@ def set_layer_sensitivities(model, thetas: Sequence[float]) -> None:
     stage, its own layers take theirs (by global layer number)."""
     layers = dynamoe_layers(model)
     if not layers:
-        if thetas and model_pipeline_stages() == 1:
+        if thetas and pipeline_group() is None:
             raise ValueError(f"{len(thetas)} sensitivities for 0 DynaMoE layers")
         return
     config = layers[0].dynamoe_config
@@ -74,16 +75,6 @@ def set_layer_sensitivities(model, thetas: Sequence[float]) -> None:
     position = {index: k for k, index in enumerate(moefied)}
     for layer in layers:
         layer.set_sensitivity(float(thetas[position[layer.layer_number - 1]]))
-
-
-def model_pipeline_stages() -> int:
-    """Pipeline-parallel size of the running world (1 without one)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return parallel_state.get_pipeline_model_parallel_world_size()
 
 
 def apply_checkpoint_sensitivities(model, info) -> None:

@@ -4,8 +4,9 @@
   neurons by E|act_n| x ||fc2[:, n]|| (at any TP / PP layout: batches go through Megatron's
   forward-only schedule, each pipeline stage ranks its own layers, each tensor-parallel rank
   its own neuron slice, and the slices are all-gathered in neuron order).
-- `moefy_state_dict` maps a dense model's state dict to the state dict of the DynaMoE model
-  built from the same architecture at the same TP / PP layout and EP = 1: each MoEfied
+- `moefy_state_items` maps a dense model's state dict to the state dict items of the DynaMoE
+  model built from the same architecture at the same TP / PP layout and EP = 1 (one layer at
+  a time; `load_moefied` copies them in, `moefy_state_dict` collects them): each MoEfied
   layer's FFN is gathered over TP (one layer at a time), permuted by importance, cut into
   shells and each shell split over the expert-TP ranks the way Megatron splits it; routers
   are zero-initialised; every other tensor is copied unchanged. At TP = PP = 1 no

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_dynamoe.dynamoe import routing
-from megatron_dynamoe.runtime.forward_only import pipeline_forward
+from megatron_dynamoe.runtime.forward_only import pipeline_forward, pipeline_group, tensor_group
 
 
 @dataclass(frozen=True)
@@ -177,10 +177,8 @@ def fit_routers(model, batches: Iterable[dict], steps: int = 300, lr: float = 1e
         raise ValueError("router fitting got no calibration batches")
     routers = {layer.layer_number - 1: layer.router for layer in dynamoe_layers(model)}
     indices = sorted(routers)
-    tp_size, tp_rank, tp_group = 1, 0, None
-    if dist.is_initialized():
-        tp_group = parallel_state.get_tensor_model_parallel_group()
-        tp_size, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+    tp_group = tensor_group()
+    tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
     groups = _layer_groups([routers[i] for i in indices], indices, batches, max_bytes)
     fits = []
     passes = range(len(groups))
@@ -192,7 +190,7 @@ def fit_routers(model, batches: Iterable[dict], steps: int = 300, lr: float = 1e
                 x, t = data.pop(index)
                 fits.append(fit_router(router, x, t, index, steps=steps, lr=lr))
                 del x, t
-            if tp_size > 1:
+            if tp_group is not None:
                 # Replicas of one router must stay bit-identical: rank 0's fit is the fit.
                 src = parallel_state.get_tensor_model_parallel_src_rank()
                 dist.broadcast(router.weight.data, src=src, group=tp_group)
@@ -216,10 +214,10 @@ def _layer_groups(routers: list, indices: List[int], batches: List[dict],
         per_pass = max(1, int(max_bytes // per_layer))
     groups = [indices[i:i + per_pass] for i in range(0, len(indices), per_pass)]
     count = len(groups)
-    if dist.is_initialized() and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+    stages = pipeline_group()
+    if stages is not None:
         most = torch.tensor([count], dtype=torch.int64, device=batches[0]["tokens"].device)
-        dist.all_reduce(most, op=dist.ReduceOp.MAX,
-                        group=parallel_state.get_pipeline_model_parallel_group())
+        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=stages)
         count = int(most.item())
     return groups + [[] for _ in range(count - len(groups))]
 

@@ -25,11 +25,11 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_dynamoe.dynamoe import routing
 from megatron_dynamoe.dynamoe.layer import DynaMoELayer
+from megatron_dynamoe.runtime.forward_only import pipeline_group
 
 
 def decoder_layers(model) -> list:
@@ -61,20 +61,11 @@ def _layer_info(layer) -> LayerInfo:
     return LayerInfo("dense")
 
 
-def _pipeline_group():
-    """The pipeline-parallel group when there is more than one stage, else None."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return None
-    return parallel_state.get_pipeline_model_parallel_group()
-
-
 def model_layer_info(model) -> List[LayerInfo]:
     """LayerInfo of every decoder layer of the whole model, in layer order, on every rank
     (the pipeline stages' lists are exchanged once: a small Python object exchange)."""
     local = [_layer_info(layer) for layer in decoder_layers(model)]
-    group = _pipeline_group()
+    group = pipeline_group()
     if group is None:
         return local
     stages: List[Optional[List[LayerInfo]]] = [None] * dist.get_world_size(group)
@@ -96,7 +87,10 @@ class FFNComputeRecorder:
         self.layers = decoder_layers(model)  # this stage's: the hooks' targets
         self.layer_info = model_layer_info(model)  # the whole model's: what results cover
         self.keep_router_probs = keep_router_probs
-        self._group = _pipeline_group()
+        self._group = pipeline_group()
+        # K of the DynaMoE layers (0 without any): the width of the gathered q.
+        self._num_levels = max((info.router_outputs for info in self.layer_info
+                                if info.kind == "dynamoe"), default=0)
         local, count = len(self.layers), len(self.layer_info)
         self.fraction_sums = torch.zeros(count, dtype=torch.float64)
         self.tokens = 0
@@ -158,12 +152,10 @@ class FFNComputeRecorder:
         local = torch.zeros(2, len(self.layers), batch, seq, dtype=torch.float64,
                             device=device)
         local[0] = 1.0
-        levels_k = max((info.router_outputs for info in self.layer_info
-                        if info.kind == "dynamoe"), default=0)
         q_local = None
-        if self.keep_router_probs and levels_k:
-            q_local = torch.zeros(len(self.layers), batch, seq, levels_k, dtype=torch.float32,
-                                  device=device)
+        if self.keep_router_probs and self._num_levels:
+            q_local = torch.zeros(len(self.layers), batch, seq, self._num_levels,
+                                  dtype=torch.float32, device=device)
         for i, fraction in enumerate(self._fractions):
             if fraction is not None:
                 if fraction.shape != (seq, batch):

@@ -26,14 +26,19 @@ from megatron.core import parallel_state
 TensorSpec = Tuple[Tuple[int, ...], torch.dtype]  # (shape, dtype) of one head output
 
 
-def _pipeline_size() -> int:
+def pipeline_group():
+    """The pipeline-parallel group when the running world has more than one stage, else
+    None (no world, or PP = 1)."""
     if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return parallel_state.get_pipeline_model_parallel_world_size()
+        return None
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return None
+    return parallel_state.get_pipeline_model_parallel_group()
 
 
-def _tensor_group():
-    """The tensor-parallel group, or None when there is no parallelism to reduce over."""
+def tensor_group():
+    """The tensor-parallel group when the running world has more than one TP rank, else
+    None (nothing to reduce over)."""
     if not (dist.is_available() and dist.is_initialized()):
         return None
     group = parallel_state.get_tensor_model_parallel_group()
@@ -56,7 +61,7 @@ def pipeline_forward(model, batch: dict,
     Returns:
         The head's tensors on every rank (broadcast from the last pipeline stage).
     """
-    if _pipeline_size() == 1:
+    if pipeline_group() is None:
         logits = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
         return tuple(head(logits)) if head is not None else ()
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -83,7 +88,7 @@ def pipeline_forward(model, batch: dict,
     else:
         outputs = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in out_specs]
     src = parallel_state.get_pipeline_model_parallel_last_rank()
-    group = parallel_state.get_pipeline_model_parallel_group()
+    group = pipeline_group()
     for tensor in outputs:
         dist.broadcast(tensor, src=src, group=group)
     return tuple(outputs)
@@ -104,7 +109,7 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor,
         (log-probabilities [...] in `dtype`, greedy [...] bool: the target's logit is the
         maximum over the whole vocabulary).
     """
-    group = _tensor_group()
+    group = tensor_group()
     x = logits.to(dtype)
     width = x.shape[-1]
     start = 0 if group is None else dist.get_rank(group) * width
@@ -134,7 +139,7 @@ def vocab_parallel_max_abs_diff(reference: torch.Tensor, candidate: torch.Tensor
                          f"{tuple(reference.shape)}")
     diff = (candidate.float() - reference.float()).abs().nan_to_num(nan=float("inf"))
     stats = torch.stack([diff.max(), reference.float().abs().max()])
-    group = _tensor_group()
+    group = tensor_group()
     if group is not None:
         dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=group)
     return stats
