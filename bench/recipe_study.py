@@ -64,6 +64,15 @@ VARIANTS: Dict[str, Tuple[str, Dict[str, object], List[str]]] = {
     "label-fraction-0.5": ("labels (full-FFN pass) on half the steps", {},
                            ["--dynamoe-label-fraction", "0.5"]),
     "iters-32": ("32 iterations (twice the tokens)", {"train_iters": 32}, []),
+    # The fine-tuning data blended with the dense model's own samples (the job folder needs
+    # them: `cli.demo --self-sample-weight W` writes data/self-samples.bin).
+    "self-mix-0.25": ("a quarter of the data the dense model's own samples",
+                      {"self_sample_weight": 0.25}, []),
+    "self-mix-0.5": ("half of the data the dense model's own samples",
+                     {"self_sample_weight": 0.5}, []),
+    "self-mix-0.5-seed-2": ("half of the data the dense model's own samples, seed 2",
+                            {"self_sample_weight": 0.5}, ["--seed", "2"]),
+    "theta-0.1-1": ("theta drawn from [0.1, 1]", {"sensitivity_min": 0.1}, []),
 }
 DEFAULT_VARIANTS = ",".join(VARIANTS)
 OOD = demo.OOD_TEXT
@@ -115,7 +124,7 @@ def _train_command(job_args, job: str, name: str, save: str, tb: str) -> List[st
         "-m", "megatron_dynamoe.cli.train", "--pretrained-checkpoint",
         os.path.join(ckpt, "smollm2-dynamoe"), "--save", save, "--tensorboard-dir", tb,
         *demo.recipe_flags(job_args, os.path.join(ckpt, "smollm2")),
-        *demo.fine_tune_flags(job_args, os.path.join(job, "data", "sotu"),
+        *demo.fine_tune_flags(job_args, os.path.join(job, "data"),
                               os.path.join(job, "data", "cache")), *flags]
 
 
@@ -231,10 +240,15 @@ def main(argv=None) -> int:
         args.eval_sequences, args.lambada_limit = 1, 1
     else:
         job = os.path.abspath(args.job)
-        for need in ("ckpt/smollm2", "ckpt/smollm2-dynamoe", "data/sotu.bin"):
+        needs = ["ckpt/smollm2", "ckpt/smollm2-dynamoe", "data/sotu.bin"]
+        if any(VARIANTS[v][1].get("self_sample_weight") for v in args.variants.split(",")):
+            needs.append(f"data/{demo.SELF_SAMPLES_PREFIX}.bin")
+        for need in needs:
             if not os.path.exists(os.path.join(job, need)):
                 raise ToolError(f"--job {args.job} has no {need}: run `python -m "
-                                f"megatron_dynamoe.cli.demo --output-dir {args.job}` first")
+                                f"megatron_dynamoe.cli.demo --output-dir {args.job}"
+                                f"{' --self-sample-weight 0.5' if 'self' in need else ''}` "
+                                f"first")
         job_args = demo.parse_args(args.main_job_args.split())
     rows = []
     try:

@@ -8,6 +8,8 @@
 - the micro-batch sampler: deterministic, split across 2 DP ranks (disjoint, union = the
   single-rank order), resuming at consumed_samples = k gives batches k.. of a full pass;
 - the pure-Python dataset helpers equal Megatron's compiled ones;
+- the DataLoader-worker batch loader: the source's batches in the planned order, held for a
+  second reader, refused out of order;
 - bad input: one clear line, nothing left behind.
 """
 
@@ -327,6 +329,47 @@ def test_sampler_splits_across_dp_ranks_and_resumes_exactly():
         MicroBatchSampler(total, 200, mbs)
     with pytest.raises(DataError, match="dp_rank 2"):
         MicroBatchSampler(total, 0, mbs, dp_rank=2, dp_size=2)
+
+
+def test_batch_loader_reads_the_planned_positions_ahead_in_workers():
+    """`run_positions` is the trainer's order (iteration by iteration, each DP rank's
+    micro-batch starts); a `BatchLoader` with 2 forked workers returns the source's batches
+    there bit for bit, serves a held batch again (the teacher's, then the student's read),
+    drops what `release_before` releases and refuses a position off its plan in one line."""
+    from megatron_dynamoe.data.batch_loader import BatchLoader, run_positions
+    from megatron_dynamoe.data.sampling import micro_batch_starts
+
+    def source(position, mbs):
+        rows = torch.arange(position, position + mbs, dtype=torch.long)
+        return {"tokens": rows[:, None] * 100 + torch.arange(5), "pid": torch.tensor(os.getpid())}
+
+    gbs, mbs, micro, dp = 8, 2, 2, 2
+    for rank in range(dp):
+        planned = list(run_positions(16, gbs, 3, mbs, micro, rank, dp))
+        assert planned == [p for it in range(3)
+                           for p in micro_batch_starts(16 + it * gbs, mbs, micro, rank, dp)]
+    positions = lambda: run_positions(16, gbs, 3, mbs, micro, 1, dp)  # noqa: E731
+    loader = BatchLoader(source, mbs, positions, 6, num_workers=2)
+    try:
+        for it in range(3):
+            start = 16 + it * gbs
+            loader.release_before(start)
+            wanted = micro_batch_starts(start, mbs, micro, 1, dp)
+            for reader in ("teacher", "student"):
+                for position in wanted:
+                    batch = loader(position, mbs)
+                    assert torch.equal(batch["tokens"], source(position, mbs)["tokens"])
+                    assert int(batch["pid"]) != os.getpid()  # read in a worker process
+            assert loader.held_positions() == wanted
+        with pytest.raises(DataError, match="asked for sample position 18, which is not"):
+            loader(18, mbs)
+        with pytest.raises(DataError, match="micro-batches of 2 samples, not 3"):
+            loader(34, 3)
+    finally:
+        loader.close()
+    assert loader.held_positions() == []
+    with pytest.raises(DataError, match="at least one worker"):
+        BatchLoader(source, mbs, positions, 6, num_workers=0)
 
 
 def test_micro_batches_are_deterministic_and_resume_at_consumed_samples(adapter, corpus,

@@ -41,6 +41,26 @@ def test_refuses_existing_output(tmp_path, capsys):
     assert (tmp_path / "out" / "keep").read_text() == "x"
 
 
+def test_self_sample_weight_blends_the_fine_tuning_data(capsys):
+    """--self-sample-weight W: every fine-tune reads a Megatron blend of the speeches (1 - W)
+    and the dense model's own samples (W); 0 (the default) the speeches alone; W outside
+    [0, 1) is refused with one line."""
+    from megatron_dynamoe.cli.demo import fine_tune_flags, parse_args
+
+    def data_path(argv):
+        flags = fine_tune_flags(parse_args(argv), "/job/data", "/job/data/cache")
+        start = flags.index("--data-path") + 1
+        return flags[start:flags.index("--micro-batch-size")]
+
+    assert data_path([]) == ["/job/data/sotu"]
+    assert data_path(["--self-sample-weight", "0.25"]) == [
+        "0.75", "/job/data/sotu", "0.25", "/job/data/self-samples"]
+    for bad in ("1", "-0.1"):
+        with pytest.raises(SystemExit):
+            parse_args(["--self-sample-weight", bad])
+        assert "--self-sample-weight" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_quick_main_job_end_to_end(tmp_path):
@@ -54,7 +74,7 @@ def test_quick_main_job_end_to_end(tmp_path):
     assert list((out / "tensorboard" / "topk").glob("events.out.tfevents.*"))
     summary = json.loads((out / "main_job.json").read_text())
     assert [s["step"] for s in summary["steps"]] == [
-        "convert", "sample calibration text", "moefy", "preprocess", "fine-tune dynamoe", "fine-tune static",
+        "convert", "sample text", "moefy", "preprocess", "fine-tune dynamoe", "fine-tune static",
         "top-k init", "fine-tune top-k", "evaluate"]
     rows = json.loads((out / "results" / "results.json").read_text())["rows"]
     assert {r["family"] for r in rows} == {"dense", "dynamoe", "static", "static-trained",

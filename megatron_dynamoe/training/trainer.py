@@ -606,6 +606,10 @@ class Trainer:
         tp_group = parallel_state.get_tensor_model_parallel_group()
         self._tp_broadcast = ((tp_group, parallel_state.get_tensor_model_parallel_src_rank(),
                                cfg.seq_length) if tp_group.size() > 1 else None)
+        # --num-workers: worker processes read this rank's micro-batches ahead (only where a
+        # chunk reads, and only on the TP rank that reads for its group).
+        self._loader = self._data_loader(logger)
+        self._read = self._loader if self._loader is not None else source
         # The log's TFLOP/s per GPU and MFU (training.throughput): the step's model FLOPs as
         # a function of the FFN fraction the DynaMoE layers ran at and of a labelled step.
         from megatron_dynamoe.runtime.device import current as current_device
@@ -618,11 +622,43 @@ class Trainer:
         device = current_device()
         self.peak_flops = (peak_flops(torch.cuda.get_device_name(device.device), cfg.bf16)
                            if device.is_cuda else None)
+        if self._loader is not None:
+            self._loader.start()  # the workers read the first iteration's batches now
+
+    def _data_loader(self, logger):
+        """A `BatchLoader` over the rest of the run's positions on this rank, or None when
+        this rank reads nothing or --num-workers resolves to 0 (reads in this process)."""
+        from megatron_dynamoe.data.batch_loader import BatchLoader, run_positions
+        from megatron_dynamoe.runtime.device import current as current_device
+
+        cfg = self.cfg
+        on_gpu = current_device().is_cuda
+        workers = cfg.data_loader_workers(on_gpu)
+        reads = any(self._chunk_reads) and (self._tp_broadcast is None
+                                            or dist.get_rank() == self._tp_broadcast[1])
+        if workers == 0 or not reads or self.iteration >= cfg.train_iters:
+            return None
+        iterations = cfg.train_iters - self.iteration
+        positions = functools.partial(run_positions, self.consumed_samples,
+                                      cfg.global_batch_size, iterations, cfg.micro_batch_size,
+                                      self.num_microbatches, self._dp_rank, self._dp_size)
+        if logger:
+            logger.text(f"data: {workers} worker processes read micro-batches ahead"
+                        f"{' (pinned memory)' if on_gpu else ''}")
+        return BatchLoader(self.source, cfg.micro_batch_size, positions,
+                           iterations * self.num_microbatches, workers, pin_memory=on_gpu)
+
+    def close_data(self) -> None:
+        """Stop the data loader's worker processes (a no-op without them); later reads, if
+        any, go to the source directly."""
+        if self._loader is not None:
+            self._loader.close()
+        self._loader, self._read = None, self.source
 
     def _micro_batches(self, start: int, teacher_logits=None) -> list:
         # One iterator per model chunk (the interleaved schedule pulls from each); kept, so
         # that the step can report its data wait.
-        iterators = [_MicroBatches(self.source, start, self.cfg.micro_batch_size,
+        iterators = [_MicroBatches(self._read, start, self.cfg.micro_batch_size,
                                    self.num_microbatches, self._dp_rank, self._dp_size,
                                    teacher_logits,
                                    None if reads else self._middle_stage_batch,
@@ -653,6 +689,8 @@ class Trainer:
         cfg = self.cfg
         tic = time.time()
         self._iterators = []
+        if self._loader is not None:
+            self._loader.release_before(self.consumed_samples)
         theta = sample_sensitivity(cfg, self.iteration)
         set_sensitivity(self.model, theta)
         level = None
@@ -839,6 +877,7 @@ class Trainer:
             # The run's last checkpoint is complete (and `latest` names it) on return.
             self.finalize_saves(blocking=True)
         finally:
+            self.close_data()
             reset_megatron_moe_state()
         self.sync_params()
         result.iteration, result.consumed_samples = self.iteration, self.consumed_samples
