@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITERS = 16
@@ -33,6 +35,10 @@ def _env():
     return dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
+# The default run has the same check through bench/gpu_smoke.sh --quick (a real SIGTERM to
+# launch/train.py, resumed bit for bit: tests/test_gpu_smoke.py) and through SLURM's requeue
+# (tests/test_slurm.py); this one runs with the slow tests (make test-all).
+@pytest.mark.slow
 def test_sigterm_then_resume_reproduces_the_uninterrupted_run(sotu_prefix, tmp_path):
     # Uninterrupted reference.
     full = subprocess.run(_train_command(sotu_prefix, str(tmp_path / "full"),
