@@ -18,8 +18,10 @@ import glob
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -335,7 +337,8 @@ def test_batch_loader_reads_the_planned_positions_ahead_in_workers():
     """`run_positions` is the trainer's order (iteration by iteration, each DP rank's
     micro-batch starts); a `BatchLoader` with 2 forked workers returns the source's batches
     there bit for bit, serves a held batch again (the teacher's, then the student's read),
-    drops what `release_before` releases and refuses a position off its plan in one line."""
+    drops what `release_before` releases, reads on after SIGTERM reaches a worker, and
+    refuses a position off its plan in one line."""
     from megatron_dynamoe.data.batch_loader import BatchLoader, run_positions
     from megatron_dynamoe.data.sampling import micro_batch_starts
 
@@ -361,6 +364,11 @@ def test_batch_loader_reads_the_planned_positions_ahead_in_workers():
                     assert torch.equal(batch["tokens"], source(position, mbs)["tokens"])
                     assert int(batch["pid"]) != os.getpid()  # read in a worker process
             assert loader.held_positions() == wanted
+            if it == 0:
+                # A job's preemption signal reaches the workers too (SLURM and torchrun
+                # signal the process group): they ignore it and keep reading.
+                os.kill(int(batch["pid"]), signal.SIGTERM)
+                time.sleep(0.5)
         with pytest.raises(DataError, match="asked for sample position 18, which is not"):
             loader(18, mbs)
         with pytest.raises(DataError, match="micro-batches of 2 samples, not 3"):

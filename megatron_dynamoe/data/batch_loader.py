@@ -61,6 +61,15 @@ class _PositionReads(torch.utils.data.Dataset):
         return position, self._source(position, self._mbs)
 
 
+def _shielded_worker(worker_id: int) -> None:
+    """DataLoader worker start-up: a job's preemption signal (SLURM and torchrun signal the
+    whole process group) must not kill the workers while their rank finishes the step and
+    saves; they die with the rank instead (runtime.helper_processes)."""
+    from megatron_dynamoe.runtime.helper_processes import shield_helper_process
+
+    shield_helper_process()
+
+
 class BatchLoader:
     """A `BatchSource` whose micro-batches `num_workers` worker processes read ahead.
 
@@ -74,7 +83,9 @@ class BatchLoader:
 
     Workers are forked (a BatchSource is a closure over memory-mapped datasets; forking
     shares them instead of pickling them), so worker processes need Linux's fork start
-    method; they read only host memory and never touch the GPU.
+    method; they read only host memory and never touch the GPU. They ignore the job's
+    preemption signals (the rank reads on while it finishes the step and saves) and die
+    with their rank.
     """
 
     def __init__(self, source: Callable[[int, int], Dict], micro_batch_size: int,
@@ -92,6 +103,7 @@ class BatchLoader:
             _PositionReads(source, micro_batch_size), batch_size=None,
             sampler=_Positions(positions, num_positions), num_workers=num_workers,
             pin_memory=pin_memory, prefetch_factor=prefetch_factor,
+            worker_init_fn=_shielded_worker,
             multiprocessing_context=multiprocessing.get_context("fork"))
         self._iterator: Optional[Iterator] = None
         self.num_workers = num_workers

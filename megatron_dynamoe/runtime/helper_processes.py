@@ -25,8 +25,10 @@ _PR_SET_PDEATHSIG = 1
 _MANAGER = None
 
 
-def _shielded_child() -> None:
-    """Initializer of a helper process: ignore the job's signals, die with the parent."""
+def shield_helper_process() -> None:
+    """Initializer of a helper process (the checkpoint writer's Manager, the DataLoader's
+    workers): ignore the job's signals, so that the rank they serve can finish the step and
+    the save a signal asks for, and die with the parent."""
     for sig in PREEMPTION_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     try:
@@ -51,7 +53,7 @@ def start_checkpoint_writer_manager() -> None:
 
     # What Megatron would start (`mp.get_context("spawn").Manager()`), plus the initializer.
     _MANAGER = SyncManager(ctx=mp.get_context("spawn"))
-    _MANAGER.start(initializer=_shielded_child)
+    _MANAGER.start(initializer=shield_helper_process)
     filesystem_async._results_queue = _MANAGER.Queue()
 
 
