@@ -240,14 +240,14 @@ def main(argv=None) -> int:
         args.eval_sequences, args.lambada_limit = 1, 1
     else:
         job = os.path.abspath(args.job)
-        needs = ["ckpt/smollm2", "ckpt/smollm2-dynamoe", "data/sotu.bin"]
+        # (what the job folder needs, the main-job flag that makes it)
+        needs = [("ckpt/smollm2", ""), ("ckpt/smollm2-dynamoe", ""), ("data/sotu.bin", "")]
         if any(VARIANTS[v][1].get("self_sample_weight") for v in args.variants.split(",")):
-            needs.append(f"data/{demo.SELF_SAMPLES_PREFIX}.bin")
-        for need in needs:
+            needs.append((f"data/{demo.SELF_SAMPLES_PREFIX}.bin", " --self-sample-weight 0.5"))
+        for need, flag in needs:
             if not os.path.exists(os.path.join(job, need)):
                 raise ToolError(f"--job {args.job} has no {need}: run `python -m "
-                                f"megatron_dynamoe.cli.demo --output-dir {args.job}"
-                                f"{' --self-sample-weight 0.5' if 'self' in need else ''}` "
+                                f"megatron_dynamoe.cli.demo --output-dir {args.job}{flag}` "
                                 f"first")
         job_args = demo.parse_args(args.main_job_args.split())
     rows = []

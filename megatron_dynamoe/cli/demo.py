@@ -211,12 +211,13 @@ def main(argv=None) -> int:
 
         check_text_source(args.calibration_text)  # before minutes of conversion
     py = sys.executable
-    ckpt, data = os.path.join(out, "ckpt"), os.path.join(out, "data", "sotu")
+    ckpt, data_dir = os.path.join(out, "ckpt"), os.path.join(out, "data")
+    data = os.path.join(data_dir, TRAIN_TEXT)
     job = Job(out)
     job.run("convert", [py, "-m", "megatron_dynamoe.cli.convert_checkpoint", "hf-to-megatron",
                         "--hf-model", "smollm2", "--output", f"{ckpt}/smollm2"])
     calibration = args.calibration_text
-    samples = os.path.join(out, "data", "self-samples.jsonl")
+    samples = os.path.join(data_dir, f"{SELF_SAMPLES_PREFIX}.jsonl")
     count = max(self_sample_count(args.calibration_sequences) if calibration == SELF_SAMPLES
                 else 0, args.self_samples if args.self_sample_weight else 0)
     if count:
@@ -241,8 +242,8 @@ def main(argv=None) -> int:
         job.run("preprocess samples", [
             py, "-m", "megatron_dynamoe.cli.preprocess_data", "--input", samples,
             "--tokenizer", "smollm2", "--output-prefix",
-            os.path.join(out, "data", SELF_SAMPLES_PREFIX)])
-    common = fine_tune_flags(args, os.path.dirname(data), os.path.join(out, "data", "cache"))
+            os.path.join(data_dir, SELF_SAMPLES_PREFIX)])
+    common = fine_tune_flags(args, data_dir, os.path.join(data_dir, "cache"))
     torchrun = torchrun_command(args.nproc)
     recipe = recipe_flags(args, f"{ckpt}/smollm2")
     job.run("fine-tune dynamoe", torchrun + [

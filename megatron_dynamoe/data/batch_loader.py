@@ -106,7 +106,6 @@ class BatchLoader:
             worker_init_fn=_shielded_worker,
             multiprocessing_context=multiprocessing.get_context("fork"))
         self._iterator: Optional[Iterator] = None
-        self.num_workers = num_workers
 
     def __call__(self, position: int, micro_batch_size: int) -> Dict:
         if micro_batch_size != self._mbs:

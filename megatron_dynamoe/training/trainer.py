@@ -609,7 +609,6 @@ class Trainer:
         # --num-workers: worker processes read this rank's micro-batches ahead (only where a
         # chunk reads, and only on the TP rank that reads for its group).
         self._loader = self._data_loader(logger)
-        self._read = self._loader if self._loader is not None else source
         # The log's TFLOP/s per GPU and MFU (training.throughput): the step's model FLOPs as
         # a function of the FFN fraction the DynaMoE layers ran at and of a labelled step.
         from megatron_dynamoe.runtime.device import current as current_device
@@ -653,12 +652,13 @@ class Trainer:
         any, go to the source directly."""
         if self._loader is not None:
             self._loader.close()
-        self._loader, self._read = None, self.source
+        self._loader = None
 
     def _micro_batches(self, start: int, teacher_logits=None) -> list:
         # One iterator per model chunk (the interleaved schedule pulls from each); kept, so
         # that the step can report its data wait.
-        iterators = [_MicroBatches(self._read, start, self.cfg.micro_batch_size,
+        read = self.source if self._loader is None else self._loader
+        iterators = [_MicroBatches(read, start, self.cfg.micro_batch_size,
                                    self.num_microbatches, self._dp_rank, self._dp_size,
                                    teacher_logits,
                                    None if reads else self._middle_stage_batch,
