@@ -289,6 +289,11 @@ def main(argv=None) -> int:
     import torch
 
     precision = dict(layout=layout, params_dtype=torch.bfloat16 if args.bf16 else None)
+    # The checkpoint before the data: a corrupt or mismatched --load fails before the tasks'
+    # documents and the texts are tokenized (most of a small evaluation's start-up).
+    main_model = load_for_evaluation(args.load, args.model,
+                                     verify_checksums=args.verify_checksums,
+                                     architecture_flags=architecture_flags(args), **precision)
     tokenizer = load_tokenizer(args.tokenizer, args.gguf_file)
     held_out, calibration, first_held_out, ood_windows = _texts(args, tokenizer, ood)
     data = harness.prepare_data(tokenizer, task_names, args.limit, held_out, ood_windows)
@@ -299,9 +304,6 @@ def main(argv=None) -> int:
     kwargs = dict(max_length=args.max_length, tokens_per_batch=args.tokens_per_batch,
                   batch_size=args.batch_size)
 
-    main_model = load_for_evaluation(args.load, args.model,
-                                     verify_checksums=args.verify_checksums,
-                                     architecture_flags=architecture_flags(args), **precision)
     arch = main_model.info.architecture
     dyn = main_model.info.dynamoe
     rows, solutions = [], []
