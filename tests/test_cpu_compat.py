@@ -173,6 +173,36 @@ def test_uneven_gather_and_reduce_scatter_over_gloo():
     run_processes(_uneven_collectives, 2)
 
 
+def _reinitialise(rank, world_size):
+    import os
+
+    from megatron.core import parallel_state
+
+    from megatron_dynamoe.runtime.parallel import ParallelLayout, initialize_parallel
+
+    def threads():
+        return len(os.listdir(f"/proc/{os.getpid()}/task"))
+
+    layouts = [ParallelLayout(tensor_model_parallel_size=2), ParallelLayout(),
+               ParallelLayout(expert_model_parallel_size=2)] * 2
+    counts = []
+    for layout in layouts:
+        initialize_parallel(layout)
+        counts.append(threads())
+        # The new groups work: a sum over this layout's tensor-parallel group.
+        x = torch.tensor([float(rank + 1)])
+        dist.all_reduce(x, group=parallel_state.get_tensor_model_parallel_group())
+        assert x.item() == (3.0 if layout.tensor_model_parallel_size == 2 else rank + 1.0)
+    # The same layout again holds the same threads: the previous groups were destroyed, not
+    # only forgotten (each gloo group keeps two threads until it is destroyed).
+    assert counts[3:] == counts[:3], counts
+
+
+@pytest.mark.multiproc
+def test_reinitialising_the_layout_releases_the_previous_groups():
+    run_processes(_reinitialise, 2)
+
+
 def test_cuda_literal_proxy_follows_a_replaced_torch_function(monkeypatch):
     # A tool that replaces a torch function for a while (a profiler, a test's monkeypatch)
     # must not leave Megatron's modules calling the replacement after it is undone.
