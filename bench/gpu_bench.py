@@ -29,6 +29,7 @@ Exit 1 when a layer row misses its target (not in --quick mode, where fixed over
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -108,6 +109,7 @@ def training_rows(args, device, peak, deadline: float) -> list:
                               dynamoe_sensitivity_min=fraction,
                               dynamoe_sensitivity_max=fraction)))
         if device.type == "cuda":
+            gc.collect()  # the previous case's model and optimizer state (train() frees them)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         times, last = [], [time.perf_counter()]

@@ -262,6 +262,69 @@ def test_distillation_kl_is_zero_at_theta_one(initial_weights):
     assert -1e-8 <= result.distill_kl[1] < 1e-7, result.distill_kl
 
 
+@pytest.mark.usefixtures("single_rank")
+def test_a_finished_run_releases_its_model():
+    """After `train()` returns and the caller drops the result, the model, its DDP wrappers
+    and the optimizer are freed: a process that trains several times (a benchmark's cases,
+    a notebook) does not keep every earlier run's weights, gradient buffers and optimizer
+    state. Before `Trainer.close()` the TransformerConfig's training hooks kept them."""
+    import gc
+    import weakref
+
+    from megatron_dynamoe.runtime.parallel import initialize_parallel
+    from megatron_dynamoe.training.trainer import Trainer
+
+    result = _run(train_iters=3, lr_warmup_iters=1)
+    model = weakref.ref(result.model[0])
+    del result
+    gc.collect()
+    assert model() is None
+    cfg = TrainConfig(**{**BASE, "train_iters": 3, "lr_warmup_iters": 1})
+    initialize_parallel(cfg.layout, seed=cfg.seed)
+    trainer = Trainer(cfg, INFO, synthetic_source())
+    trainer.run()
+    trainer.close()
+    with pytest.raises(RuntimeError, match="train_step after Trainer.close"):
+        trainer.train_step()
+
+
+@pytest.mark.usefixtures("single_rank")
+def test_trainable_params_ffn_trains_only_the_ffns(tmp_path, initial_weights):
+    """--trainable-params ffn: after 4 steps (with distillation) every parameter outside the
+    FFNs equals the pre-trained one bit for bit, the shells and routers moved, the optimizer
+    holds only the FFN parameters, and a resume with --trainable-params all is refused."""
+    from megatron_dynamoe.runtime.parallel import initialize_parallel
+    from megatron_dynamoe.training.trainer import Trainer
+
+    student, teacher = initial_weights
+    save = str(tmp_path / "ckpt")
+    cfg = TrainConfig(**{**BASE, "model": None, "pretrained_checkpoint": student,
+                         "train_iters": 4, "trainable_params": "ffn", "save": save,
+                         "dynamoe_distill_teacher": teacher, **DISTILL})
+    initialize_parallel(cfg.layout, seed=cfg.seed)
+    trainer = Trainer(cfg, INFO, synthetic_source())
+    before = {n: p.detach().clone() for n, p in trainer.model[0].named_parameters()}
+    ffn = {n for n in before if ".mlp." in n}
+    assert any("router" in n for n in ffn) and any("experts" in n for n in ffn)
+    assert trainer.trainable_numel == sum(before[n].numel() for n in ffn)
+    # (the distributed optimizer's own fp32 shards: at one data-parallel rank, all of them)
+    assert sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"]) \
+        == trainer.trainable_numel
+    result = trainer.run()
+    assert result.iteration == 4
+    after = dict(trainer.model[0].named_parameters())
+    for name, value in before.items():
+        if name in ffn:
+            assert not torch.equal(after[name], value), name
+        else:
+            assert torch.equal(after[name], value), name
+    with pytest.raises(ValueError, match="--trainable-params all: --load .* resumes a run "
+                                         "that trained ffn parameters"):
+        _run(train_iters=6, model=None, load=save, save=save)
+    with pytest.raises(ValueError, match="--trainable-params 'attention': choose one of all"):
+        TrainConfig(**{**BASE, "trainable_params": "attention"})
+
+
 def _overlap_worker(rank, world_size, out, weights, overlap):
     from megatron_dynamoe.dynamoe.layer import is_label_step
     from megatron_dynamoe.runtime.parallel import initialize_parallel

@@ -28,6 +28,10 @@ LR_DECAY_STYLES = ("constant", "linear", "cosine")
 # iteration at one level drawn for that iteration.
 DYNAMOE_ROUTINGS = ("learned", "static-sampled")
 STATIC_SAMPLED = "static-sampled"
+# --trainable-params: 'all' trains every parameter; 'ffn' only the FFNs (the MoE layers'
+# experts and routers, the dense MLPs of layers not MoEfied): attention, norms and
+# embeddings keep the pre-trained values.
+TRAINABLE_PARAMS = ("all", "ffn")
 
 
 @dataclass
@@ -107,6 +111,10 @@ class TrainConfig:
     # Learning-rate multiplier of the MoE routers' parameters (DynaMoE difficulty routers,
     # top-k / adaptive gates): their own warm-up and decay from --lr x mult to --min-lr x mult.
     router_lr_mult: float = 1.0
+    # Which parameters the run trains (TRAINABLE_PARAMS): a short fine-tune that repairs
+    # MoEfied FFNs can leave attention and embeddings as pre-trained ('ffn'), so that the
+    # fine-tuning text adapts less of the model to itself.
+    trainable_params: str = "all"
     weight_decay: float = 0.0
     clip_grad: float = 1.0
     adam_beta1: float = 0.9
@@ -240,6 +248,9 @@ class TrainConfig:
             raise ValueError("--curriculum-mode must be 'window' or 'global'")
         if self.curriculum_window is not None and self.curriculum_scores is None:
             raise ValueError("--curriculum-window needs --curriculum-scores FILE")
+        if self.trainable_params not in TRAINABLE_PARAMS:
+            raise ValueError(f"--trainable-params {self.trainable_params!r}: choose one of "
+                             f"{', '.join(TRAINABLE_PARAMS)}")
         if self.dynamoe_routing not in DYNAMOE_ROUTINGS:
             raise ValueError(f"--dynamoe-routing {self.dynamoe_routing!r}: choose one of "
                              f"{', '.join(DYNAMOE_ROUTINGS)}")

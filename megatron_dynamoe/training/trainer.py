@@ -43,6 +43,7 @@ BatchSource = Callable[[int, int], Dict[str, torch.Tensor]]
 # model.json `extra` of a static-sampled run's saves: the routing it was trained with, its
 # target FFN fraction and level probabilities. A learned run's saves carry none of them.
 ROUTING_KEY = "training_routing"
+TRAINABLE_KEY = "trainable_params"
 STATIC_TARGET_KEY = "static_target_fraction"
 STATIC_PROBS_KEY = "static_level_probs"
 
@@ -125,16 +126,38 @@ def _freeze_routers(model) -> None:
             param.requires_grad_(False)
 
 
+def freeze_outside_ffn(model) -> int:
+    """--trainable-params ffn: freeze every parameter outside the FFNs (attention, norms,
+    embeddings, output layer) before DDP and the optimizer collect parameters, so no
+    gradient, bucket, Adam state or weight decay touches them. Returns the number of
+    parameter elements left trainable on this rank."""
+    trainable = 0
+    for chunk in model:
+        for name, param in chunk.named_parameters():
+            if ".mlp." not in f".{name}":
+                param.requires_grad_(False)
+            elif param.requires_grad:
+                trainable += param.numel()
+    return trainable
+
+
 def _check_resumed_routing(cfg: TrainConfig, folder: str,
                            static_plan: Optional[Tuple[float, List[float]]]) -> None:
-    """Refuse to resume a training checkpoint with another --dynamoe-routing (its optimizer
-    holds another set of parameters, and the run would change method half-way), or a
+    """Refuse to resume a training checkpoint with another --trainable-params or
+    --dynamoe-routing (its optimizer holds another set of parameters, and the run would
+    change method half-way), or a
     static-sampled one with another target FFN fraction (`static_plan`'s: the levels drawn
     from the resume on would follow another distribution than those before it)."""
     from megatron_dynamoe.checkpoint.torch_dist import read_info
 
     info = read_info(folder)
     extra = (info.extra or {}) if info is not None else {}
+    saved_trainable = extra.get(TRAINABLE_KEY, "all")
+    if saved_trainable != cfg.trainable_params:
+        raise ValueError(f"--trainable-params {cfg.trainable_params}: --load {cfg.load} "
+                         f"resumes a run that trained {saved_trainable} parameters ({folder}; "
+                         f"its optimizer holds those); resume it with --trainable-params "
+                         f"{saved_trainable}, or start the new run in another --save")
     saved = extra.get(ROUTING_KEY, "learned")
     if saved != cfg.dynamoe_routing:
         raise ValueError(f"--dynamoe-routing {cfg.dynamoe_routing}: --load {cfg.load} resumes "
@@ -524,6 +547,8 @@ class Trainer:
         self.config, self.model = build_training_model(cfg, provider)
         if self.static_plan is not None:
             _freeze_routers(self.model)  # before DDP and the optimizer collect parameters
+        if cfg.trainable_params == "ffn":
+            self.trainable_numel = freeze_outside_ffn(self.model)
         from megatron_dynamoe.runtime.device import current as current_device
 
         self.overlap_grad_reduce, self.overlap_param_gather = cfg.ddp_overlap(
@@ -561,6 +586,7 @@ class Trainer:
         self.config.grad_scale_func = self.optimizer.scale_loss
 
         self.iteration, self.consumed_samples = 0, 0
+        self.closed = False
         if resume is not None:
             self.iteration, self.consumed_samples = load_training_state(
                 resume[1], self.model, self.optimizer, self.scheduler,
@@ -584,6 +610,9 @@ class Trainer:
             logger.text(f"static-sampled routing: one level per iteration, probabilities "
                         f"{', '.join(f'{p:.3f}' for p in probs)} for levels 1..{len(probs)}, "
                         f"target FFN compute {target:.3f}; routers frozen")
+        if logger and cfg.trainable_params == "ffn":
+            logger.text(f"--trainable-params ffn: {self.trainable_numel:,} FFN parameters "
+                        f"trained on this rank; attention, norms and embeddings frozen")
         self.forward_step = (functools.partial(_distill_forward_step,
                                                cfg.dynamoe_distill_weight,
                                                cfg.dynamoe_distill_temperature)
@@ -647,6 +676,21 @@ class Trainer:
         return BatchLoader(self.source, cfg.micro_batch_size, positions,
                            iterations * self.num_microbatches, workers, pin_memory=on_gpu)
 
+    def close(self) -> None:
+        """Release what ties the model to this run: the data loader's workers, and the
+        training hooks in the model's TransformerConfig (Megatron's schedule calls them:
+        loss scaling, no-sync, gradient and parameter sync, gradient finalisation). Through
+        them the config held the optimizer and the DDP wrappers, and Python's collector did
+        not free that cycle: every `train()` in a process kept its model, gradient buffers
+        and optimizer state (GPU memory, and each process group's communicators) after the
+        caller dropped the result. The model stays usable for evaluation; no `train_step`
+        after it."""
+        self.close_data()
+        for name in ("grad_scale_func", "no_sync_func", "grad_sync_func", "param_sync_func",
+                     "finalize_model_grads_func"):
+            setattr(self.config, name, None)
+        self.closed = True
+
     def close_data(self) -> None:
         """Stop the data loader's worker processes (a no-op without them); later reads, if
         any, go to the source directly."""
@@ -679,6 +723,8 @@ class Trainer:
         the step was not skipped), advance `iteration` and `consumed_samples` and return
         the DP-averaged loss. No logging and no saving; raises TrainingDiverged on a
         non-finite gradient, before the optimizer touches the weights."""
+        if self.closed:
+            raise RuntimeError("train_step after Trainer.close(): build a new Trainer")
         from megatron_dynamoe.dynamoe.control import (
             set_sensitivity,
             set_static_level,
@@ -801,13 +847,16 @@ class Trainer:
                                  f"(background)")
 
     def _routing_info(self, info):
-        """`info` whose `extra` records how this run routed: static-sampled runs add
-        ROUTING_KEY, STATIC_TARGET_KEY and STATIC_PROBS_KEY; a learned run drops them (its
-        initial checkpoint may have been a static-sampled run's)."""
+        """`info` whose `extra` records how this run routed and what it trained: static-sampled
+        runs add ROUTING_KEY, STATIC_TARGET_KEY and STATIC_PROBS_KEY, --trainable-params ffn
+        TRAINABLE_KEY; other runs drop them (the initial checkpoint may have been such a
+        run's)."""
         import dataclasses
 
-        keys = (ROUTING_KEY, STATIC_TARGET_KEY, STATIC_PROBS_KEY)
+        keys = (ROUTING_KEY, STATIC_TARGET_KEY, STATIC_PROBS_KEY, TRAINABLE_KEY)
         extra = {k: v for k, v in (info.extra or {}).items() if k not in keys}
+        if self.cfg.trainable_params != "all":
+            extra[TRAINABLE_KEY] = self.cfg.trainable_params
         if self.static_plan is not None:
             target, probs = self.static_plan
             extra.update({ROUTING_KEY: STATIC_SAMPLED, STATIC_TARGET_KEY: target,
@@ -896,8 +945,12 @@ def train(cfg: TrainConfig, model_info, source: BatchSource, logger=None,
     `preemption.PreemptionFlag` the caller installed before its own start-up work) lets a
     signal received while the model and data load end the run before its first iteration,
     with no checkpoint written; without one, the trainer installs its own for the loop."""
-    return Trainer(cfg, model_info, source, logger=logger, on_iteration=on_iteration,
-                   provider=provider, preemption_flag=preemption_flag).run()
+    trainer = Trainer(cfg, model_info, source, logger=logger, on_iteration=on_iteration,
+                      provider=provider, preemption_flag=preemption_flag)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
 
 
 def _dp_mean_loss(reports: List[dict], key: str = "lm loss") -> Optional[float]:
