@@ -73,6 +73,10 @@ VARIANTS: Dict[str, Tuple[str, Dict[str, object], List[str]]] = {
     "self-mix-0.5-seed-2": ("half of the data the dense model's own samples, seed 2",
                             {"self_sample_weight": 0.5}, ["--seed", "2"]),
     "theta-0.1-1": ("theta drawn from [0.1, 1]", {"sensitivity_min": 0.1}, []),
+    "ffn-only": ("only the FFNs trained (attention, norms, embeddings frozen)", {},
+                 ["--trainable-params", "ffn"]),
+    "ffn-only-seed-2": ("only the FFNs trained, seed 2", {},
+                        ["--trainable-params", "ffn", "--seed", "2"]),
 }
 DEFAULT_VARIANTS = ",".join(VARIANTS)
 OOD = demo.OOD_TEXT

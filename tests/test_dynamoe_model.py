@@ -232,8 +232,13 @@ def test_subset_of_layers_and_calibrated_importance():
     h = torch.cat(captured).double()
     mlp = dense.decoder.layers[0].mlp
     gate, up = (h @ mlp.linear_fc1.weight.double().t()).chunk(2, dim=-1)
-    expected = (F.silu(gate) * up).abs().mean(0) * mlp.linear_fc2.weight.double().norm(dim=0)
+    act = F.silu(gate) * up
+    expected = act.abs().mean(0) * mlp.linear_fc2.weight.double().norm(dim=0)
     assert torch.allclose(importance[0], expected, rtol=1e-9)
+    rms = calibrate_importance(dense, calib, gated=True, activation=F.silu, statistic="rms")
+    expected = act.square().mean(0).sqrt() * mlp.linear_fc2.weight.double().norm(dim=0)
+    assert torch.allclose(rms[0], expected, rtol=1e-9)
+    assert not torch.equal(importance_order(rms[0]), importance_order(importance[0]))
 
     dyn = DynaMoEConfig(moefied_layers=(1,))
     model = build_dynamoe(dyn)

@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     if layout.expert_model_parallel_size != 1:
         raise ToolError("MoEfy runs at --expert-model-parallel-size 1 (TP and PP split the "
                         "work; the checkpoint it writes loads at any EP)")
-    if dyn.importance == "activation" and args.tokenizer is None:
+    if dyn.importance.startswith("activation") and args.tokenizer is None:
         raise ToolError("activation importance needs calibration text: pass --tokenizer "
                         "(a Hugging Face folder, or 'smollm2'), or use --dynamoe-importance weight")
     fit_routers = args.dynamoe_fit_routers
@@ -157,11 +157,12 @@ def main(argv=None) -> int:
         tokens = torch.randint(0, arch.vocab_size, (2, min(64, arch.max_position_embeddings)),
                                generator=generator)
     importance = None
-    if dyn.importance == "activation":
+    if dyn.importance.startswith("activation"):
         batches = progress(model_batches(tokens, args.batch_size), "calibration",
                            total=-(-tokens.shape[0] // args.batch_size))
-        importance = calibrate_importance(dense, batches, gated=arch.gated,
-                                          activation=arch.activation_func)
+        importance = calibrate_importance(
+            dense, batches, gated=arch.gated, activation=arch.activation_func,
+            statistic="rms" if dyn.importance == "activation-rms" else "mean-abs")
 
     model = build_gpt_model(arch, transformer_config(arch, layout, dyn, params_dtype=dtype,
                                                      perform_initialization=False), dyn)

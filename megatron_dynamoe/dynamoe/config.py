@@ -16,7 +16,7 @@ from fractions import Fraction
 from typing import Optional, Tuple
 
 SHELL_PLACEMENTS = ("balanced", "contiguous")
-IMPORTANCE_METHODS = ("activation", "weight")
+IMPORTANCE_METHODS = ("activation", "activation-rms", "weight")
 LABEL_REFERENCES = ("residual", "ffn")
 
 
@@ -45,8 +45,10 @@ class DynaMoEConfig:
         shell_placement: 'balanced' interleaves shells over EP ranks so that expected load is
             even (level-1 shells see every token); 'contiguous' is Megatron's default order.
         moefied_layers: 0-based indices of the decoder layers to MoEfy; None = all layers.
-        importance: 'activation' (calibration |activation| x ||w2 column||) or 'weight'
-            (data-free weight norms) neuron ranking.
+        importance: neuron ranking: 'activation' (calibration mean |activation| x ||w2
+            column||), 'activation-rms' (root-mean-square activation x ||w2 column||: the
+            neuron's share of the output's energy, large rare activations count more) or
+            'weight' (data-free weight norms).
     """
 
     num_shells: int = 4

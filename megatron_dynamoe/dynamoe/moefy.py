@@ -44,17 +44,20 @@ def _local_layers(model) -> Dict[int, torch.nn.Module]:
 
 @torch.no_grad()
 def calibrate_importance(model, batches: Iterable[dict], gated: bool,
-                         activation: Callable[[torch.Tensor], torch.Tensor]
-                         ) -> Dict[int, torch.Tensor]:
+                         activation: Callable[[torch.Tensor], torch.Tensor],
+                         statistic: str = "mean-abs") -> Dict[int, torch.Tensor]:
     """Activation importance of every FFN neuron of a dense GPTModel on calibration data.
 
     Args:
         model: dense GPTModel (this rank's pipeline stage; any TP size).
         batches: dicts with `tokens` [b, s], `position_ids` [b, s], `attention_mask`.
         gated: SwiGLU-style FFN; activation: the FFN activation (config.activation_func).
+        statistic: 'mean-abs' (E|act|) or 'rms' (sqrt E[act^2]) of each neuron's activation.
     Returns:
         {global layer index: [F] float64 importance} for the layers on this stage.
     """
+    if statistic not in ("mean-abs", "rms"):
+        raise ValueError(f"statistic {statistic!r}: choose 'mean-abs' or 'rms'")
     layers = _local_layers(model)
     sums: Dict[int, torch.Tensor] = {}
     counts: Dict[int, int] = {}
@@ -69,7 +72,8 @@ def calibrate_importance(model, batches: Iterable[dict], gated: bool,
                 act = activation(gate) * up
             else:
                 act = activation(pre)
-            sums[index] = sums.get(index, 0) + act.abs().sum(dim=0)
+            moment = act.abs() if statistic == "mean-abs" else act.square()
+            sums[index] = sums.get(index, 0) + moment.sum(dim=0)
             counts[index] = counts.get(index, 0) + act.shape[0]
         return hook
 
@@ -91,9 +95,10 @@ def calibrate_importance(model, batches: Iterable[dict], gated: bool,
     tp_size = dist.get_world_size(tp_group) if dist.is_initialized() else 1
     importance = {}
     for index, layer in layers.items():
-        mean_abs = sums[index] / counts[index]
+        mean = sums[index] / counts[index]
+        scale = mean if statistic == "mean-abs" else mean.sqrt()
         fc2 = layer.mlp.linear_fc2.weight.detach()
-        local = activation_importance(mean_abs, fc2)
+        local = activation_importance(scale, fc2)
         if tp_size > 1:
             # Rank r holds neurons [r F/TP, (r+1) F/TP): gathering in rank order gives [F].
             parts = [torch.empty_like(local) for _ in range(tp_size)]

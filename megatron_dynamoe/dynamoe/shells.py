@@ -37,22 +37,24 @@ def ffn_hidden_activations(x: torch.Tensor, fc1_weight: torch.Tensor, activation
     return activation(h)
 
 
-def activation_importance(mean_abs_activation: torch.Tensor,
+def activation_importance(activation_scale: torch.Tensor,
                           fc2_weight: torch.Tensor) -> torch.Tensor:
-    """Calibration importance of each hidden neuron: E|act_n(x)| x ||fc2[:, n]||_2.
+    """Calibration importance of each hidden neuron: scale(act_n) x ||fc2[:, n]||_2.
 
-    This is the expected magnitude of neuron n's contribution to the FFN output.
+    With scale = E|act_n(x)| this is the expected magnitude of neuron n's contribution to the
+    FFN output; with scale = sqrt(E[act_n(x)^2]) its root-mean-square (the square is the
+    neuron's share of the output's energy when neurons are uncorrelated).
 
     Args:
-        mean_abs_activation: [F] mean |act_n(x)| over calibration tokens.
+        activation_scale: [F] mean |act_n(x)| or RMS act_n(x) over calibration tokens.
         fc2_weight: [H, F].
     Returns:
         [F] importance scores (float64).
     """
-    if mean_abs_activation.shape != (fc2_weight.shape[1],):
-        raise ValueError(f"mean_abs_activation has shape {tuple(mean_abs_activation.shape)}, "
+    if activation_scale.shape != (fc2_weight.shape[1],):
+        raise ValueError(f"activation_scale has shape {tuple(activation_scale.shape)}, "
                          f"expected [{fc2_weight.shape[1]}] (one value per FFN neuron)")
-    return mean_abs_activation.double() * fc2_weight.double().norm(dim=0)
+    return activation_scale.double() * fc2_weight.double().norm(dim=0)
 
 
 def weight_importance(fc1_weight: torch.Tensor, fc2_weight: torch.Tensor,
