@@ -23,6 +23,7 @@ from tests.tool_runner import run_tool_process
 ARCH = PRESETS["tiny-smollm2"]
 CALIBRATION = ["--tokenizer", "smollm2", "--calibration-sequences", "4",
                "--calibration-seq-length", "64", "--router-fit-steps", "60",
+               "--router-fit-sequences", "2",
                "--dynamoe-num-shells", "4", "--dynamoe-level-fractions", "0.5,1"]
 LAYOUTS = {"tp2": ("--tensor-model-parallel-size", "2"),
            "pp2": ("--pipeline-model-parallel-size", "2")}
@@ -134,6 +135,8 @@ def test_distributed_moefy_writes_the_one_process_checkpoint(layout, dense_check
     assert info.dynamoe == expected_info.dynamoe
     fits, reference_fits = info.extra["router_fit"], expected_info.extra["router_fit"]
     assert [f["layer"] for f in fits["layers"]] == list(range(ARCH.num_layers))
+    # importance from every calibration window, the routers fitted on the first two
+    assert fits["tokens"] == 2 * 64 < info.extra["calibration_tokens"]
     for fit, ref in zip(fits["layers"], reference_fits["layers"]):
         assert fit["tokens"] == ref["tokens"]
         assert fit["loss"] == pytest.approx(ref["loss"], rel=1e-5)

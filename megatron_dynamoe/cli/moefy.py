@@ -30,6 +30,7 @@ import sys
 from megatron_dynamoe.cli.common import (
     add_architecture_arguments,
     architecture_flags,
+    COUNT,
     NON_NEGATIVE_INT,
     POSITIVE,
     ArgumentParser,
@@ -66,6 +67,10 @@ def parse_args(argv=None):
     d.add_argument("--router-fit-steps", type=NON_NEGATIVE_INT, default=300,
                    help="full-batch Adam steps per router (convex problem)")
     d.add_argument("--router-fit-lr", type=POSITIVE, default=1e-2)
+    d.add_argument("--router-fit-sequences", type=COUNT, default=None,
+                   help="fit the routers on the first N calibration windows only (default: "
+                        "all of them; neuron importance always uses all): the label passes "
+                        "and the fit cost time in proportion")
     d.add_argument("--router-fit-memory-gib", type=POSITIVE, default=4.0,
                    help="router data one rank holds at once (fp32 inputs and targets of "
                         "every calibration token; 1 GiB per layer for 32k tokens of a 70B "
@@ -176,7 +181,8 @@ def main(argv=None) -> int:
         expert_tp_group=parallel_state.get_expert_tensor_parallel_group()))
     router_fit = None
     if fit_routers:
-        fits = fit_routers_to_labels(model, model_batches(tokens, args.batch_size),
+        fit_tokens = tokens[:args.router_fit_sequences or tokens.shape[0]]
+        fits = fit_routers_to_labels(model, model_batches(fit_tokens, args.batch_size),
                                      steps=args.router_fit_steps, lr=args.router_fit_lr,
                                      progress=lambda xs: progress(xs, "router labels + fit"),
                                      max_bytes=args.router_fit_memory_gib * 2 ** 30)
