@@ -4,11 +4,12 @@ Runs the same commands a user runs, one process each, into one output folder:
 
 1. convert the shipped SmolLM2-135M-Instruct (GGUF) to a Megatron torch_dist checkpoint
    (logit parity against transformers);
-2. sample calibration text from the dense model itself (tools/sample_text.py: 20 samples of
-   272 tokens from BOS), then MoEfy it: neuron importance calibrated on those samples, 4
-   nested levels, difficulty routers fitted to their labels on the same text (theta = 1
-   parity against dense). Calibrating on the model's own text keeps general ability that
-   calibration on the fine-tuning corpus loses (docs/recipe-study.md);
+2. sample calibration text from the dense model itself (tools/sample_text.py: 60 samples of
+   272 tokens from BOS), then MoEfy it: neuron importance calibrated on 48 windows of those
+   samples, 4 nested levels, difficulty routers fitted to their labels on the first 16
+   (theta = 1 parity against dense). Calibrating on the model's own text keeps general
+   ability that calibration on the fine-tuning corpus loses, and 48 windows rank the
+   neurons better than 16 (docs/recipe-study.md);
    `--calibration-text sotu` calibrates on the speeches instead;
 3. preprocess the speeches into a Megatron indexed dataset (the last --held-out-docs
    speeches are left out: they are the evaluation text);
@@ -64,7 +65,11 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--nproc", type=int, default=2, help="training processes (data parallel)")
     p.add_argument("--held-out-docs", type=int, default=20)
-    p.add_argument("--calibration-sequences", type=int, default=16)
+    p.add_argument("--calibration-sequences", type=int, default=48,
+                   help="MoEfy's neuron-importance windows (256 tokens each)")
+    p.add_argument("--router-fit-sequences", type=int, default=16,
+                   help="the first N of them also fit the routers (the fit's time grows "
+                        "with N; docs/recipe-study.md)")
     p.add_argument("--calibration-text", default=SELF_SAMPLES,
                    help=f"MoEfy's calibration text: '{SELF_SAMPLES}' (default: sampled from "
                         f"the dense model, tools/sample_text.py), or what moefy's "
@@ -100,12 +105,16 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="a miniature of the job (2 iterations, 2 documents per task)")
     args = p.parse_args(argv)
+    for flag in ("calibration_sequences", "router_fit_sequences"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
     if not 0.0 <= args.self_sample_weight < 1.0:
         p.error(f"--self-sample-weight {args.self_sample_weight} must be in [0, 1): the "
                 f"speeches stay part of the fine-tuning data")
     if args.quick:
         args.train_iters, args.limit, args.eval_sequences = 2, 2, 1
         args.calibration_sequences, args.sensitivities, args.global_batch_size = 2, "0.5", 2
+        args.router_fit_sequences = 2
     return args
 
 
@@ -229,6 +238,8 @@ def main(argv=None) -> int:
     job.run("moefy", [py, "-m", "megatron_dynamoe.cli.moefy", "--load", f"{ckpt}/smollm2",
                       "--output", f"{ckpt}/smollm2-dynamoe", "--tokenizer", "smollm2",
                       "--calibration-sequences", str(args.calibration_sequences),
+                      "--router-fit-sequences",
+                      str(min(args.router_fit_sequences, args.calibration_sequences)),
                       "--calibration-text", calibration])
     from megatron_dynamoe.data.corpora import load_texts
 
