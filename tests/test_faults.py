@@ -65,6 +65,8 @@ BAD_INPUT = {
     "train-static-target-zero": (TRAIN, _T + " --dynamoe-routing static-sampled "
                                  "--dynamoe-static-target-fraction 0",
                                  "--dynamoe-static-target-fraction 0.0 is out of range"),
+    "train-trainable-params-unknown": (TRAIN, _T + " --trainable-params attention",
+                                       "--trainable-params 'attention': choose one of all, ffn"),
     "train-unknown-flag": (TRAIN, _T + " --learning-rate 1e-4",
                            "unrecognized arguments: --learning-rate"),
     "train-lr-not-a-number": (TRAIN, _T + " --lr fast", "argument --lr: invalid float value"),
@@ -80,6 +82,11 @@ BAD_INPUT = {
                                   "give a comma-separated list of finite numbers"),
     "moefy-batch-size-zero": ("tools/moefy.py", "--load {ckpt} --output {out} --batch-size 0",
                               "argument --batch-size: '0' is out of range"),
+    "moefy-router-fit-more-than-windows": ("tools/moefy.py", "--load {ckpt} --output {out} "
+                                           "--tokenizer smollm2 --calibration-sequences 2 "
+                                           "--router-fit-sequences 3",
+                                           "--router-fit-sequences 3 is more than the 2 "
+                                           "calibration windows"),
     "moefy-fit-steps-negative": ("tools/moefy.py", "--load {ckpt} --output {out} "
                                  "--router-fit-steps -1", "'-1' is out of range"),
     "export-ffn-budget-nan": ("tools/export.py", "--load {ckpt} --output {out} --ffn-budget nan",

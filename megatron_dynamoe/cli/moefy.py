@@ -141,6 +141,11 @@ def main(argv=None) -> int:
     if fit_routers and args.tokenizer is None:
         raise ToolError("--dynamoe-fit-routers needs calibration text: pass --tokenizer (a "
                         "Hugging Face folder, or 'smollm2'), or --no-dynamoe-fit-routers")
+    if (fit_routers and args.router_fit_sequences is not None
+            and args.router_fit_sequences > args.calibration_sequences):
+        raise ToolError(f"--router-fit-sequences {args.router_fit_sequences} is more than the "
+                        f"{args.calibration_sequences} calibration windows: lower it or raise "
+                        f"--calibration-sequences")
     log(f"MoEfying {args.load}: {dyn.num_shells} shells, levels {list(dyn.level_fractions)}, "
         f"{dyn.importance} importance at TP={layout.tensor_model_parallel_size} "
         f"PP={layout.pipeline_model_parallel_size} (the checkpoint loads at any layout)")
