@@ -43,9 +43,10 @@ BatchSource = Callable[[int, int], Dict[str, torch.Tensor]]
 # model.json `extra` of a static-sampled run's saves: the routing it was trained with, its
 # target FFN fraction and level probabilities. A learned run's saves carry none of them.
 ROUTING_KEY = "training_routing"
-TRAINABLE_KEY = "trainable_params"
 STATIC_TARGET_KEY = "static_target_fraction"
 STATIC_PROBS_KEY = "static_level_probs"
+# ... and of a --trainable-params ffn run's saves (absent: every parameter trained).
+TRAINABLE_KEY = "trainable_params"
 
 
 class TrainingDiverged(RuntimeError):
@@ -145,9 +146,9 @@ def _check_resumed_routing(cfg: TrainConfig, folder: str,
                            static_plan: Optional[Tuple[float, List[float]]]) -> None:
     """Refuse to resume a training checkpoint with another --trainable-params or
     --dynamoe-routing (its optimizer holds another set of parameters, and the run would
-    change method half-way), or a
-    static-sampled one with another target FFN fraction (`static_plan`'s: the levels drawn
-    from the resume on would follow another distribution than those before it)."""
+    change method half-way), or a static-sampled one with another target FFN fraction
+    (`static_plan`'s: the levels drawn from the resume on would follow another distribution
+    than those before it)."""
     from megatron_dynamoe.checkpoint.torch_dist import read_info
 
     info = read_info(folder)
