@@ -114,7 +114,6 @@ def parse_args(argv=None):
     if args.quick:
         args.train_iters, args.limit, args.eval_sequences = 2, 2, 1
         args.calibration_sequences, args.sensitivities, args.global_batch_size = 2, "0.5", 2
-        args.router_fit_sequences = 2
     return args
 
 

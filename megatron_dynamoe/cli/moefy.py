@@ -110,6 +110,7 @@ def main(argv=None) -> int:
     from megatron_dynamoe.utils.log import log, progress
     from megatron_dynamoe.utils.parity import check_error, layout_logit_error, model_batches
     from megatron_dynamoe.dynamoe.moefy import (
+        ACTIVATION_STATISTICS,
         calibrate_importance,
         check_moefied_layers,
         load_moefied,
@@ -132,7 +133,8 @@ def main(argv=None) -> int:
     if layout.expert_model_parallel_size != 1:
         raise ToolError("MoEfy runs at --expert-model-parallel-size 1 (TP and PP split the "
                         "work; the checkpoint it writes loads at any EP)")
-    if dyn.importance.startswith("activation") and args.tokenizer is None:
+    statistic = ACTIVATION_STATISTICS.get(dyn.importance)  # None: data-free importance
+    if statistic is not None and args.tokenizer is None:
         raise ToolError("activation importance needs calibration text: pass --tokenizer "
                         "(a Hugging Face folder, or 'smollm2'), or use --dynamoe-importance weight")
     fit_routers = args.dynamoe_fit_routers
@@ -167,12 +169,12 @@ def main(argv=None) -> int:
         tokens = torch.randint(0, arch.vocab_size, (2, min(64, arch.max_position_embeddings)),
                                generator=generator)
     importance = None
-    if dyn.importance.startswith("activation"):
+    if statistic is not None:
         batches = progress(model_batches(tokens, args.batch_size), "calibration",
                            total=-(-tokens.shape[0] // args.batch_size))
-        importance = calibrate_importance(
-            dense, batches, gated=arch.gated, activation=arch.activation_func,
-            statistic="rms" if dyn.importance == "activation-rms" else "mean-abs")
+        importance = calibrate_importance(dense, batches, gated=arch.gated,
+                                          activation=arch.activation_func,
+                                          statistic=statistic)
 
     model = build_gpt_model(arch, transformer_config(arch, layout, dyn, params_dtype=dtype,
                                                      perform_initialization=False), dyn)

@@ -42,6 +42,10 @@ def _local_layers(model) -> Dict[int, torch.nn.Module]:
     return {layer.layer_number - 1: layer for layer in layers}
 
 
+# --dynamoe-importance methods that calibrate on text -> calibrate_importance's statistic.
+ACTIVATION_STATISTICS = {"activation": "mean-abs", "activation-rms": "rms"}
+
+
 @torch.no_grad()
 def calibrate_importance(model, batches: Iterable[dict], gated: bool,
                          activation: Callable[[torch.Tensor], torch.Tensor],
@@ -56,7 +60,7 @@ def calibrate_importance(model, batches: Iterable[dict], gated: bool,
     Returns:
         {global layer index: [F] float64 importance} for the layers on this stage.
     """
-    if statistic not in ("mean-abs", "rms"):
+    if statistic not in ACTIVATION_STATISTICS.values():
         raise ValueError(f"statistic {statistic!r}: choose 'mean-abs' or 'rms'")
     layers = _local_layers(model)
     sums: Dict[int, torch.Tensor] = {}

@@ -548,8 +548,9 @@ class Trainer:
         self.config, self.model = build_training_model(cfg, provider)
         if self.static_plan is not None:
             _freeze_routers(self.model)  # before DDP and the optimizer collect parameters
-        if cfg.trainable_params == "ffn":
-            self.trainable_numel = freeze_outside_ffn(self.model)
+        # FFN parameter elements left trainable with --trainable-params ffn, else None.
+        self.trainable_numel = (freeze_outside_ffn(self.model)
+                                if cfg.trainable_params == "ffn" else None)
         from megatron_dynamoe.runtime.device import current as current_device
 
         self.overlap_grad_reduce, self.overlap_param_gather = cfg.ddp_overlap(
