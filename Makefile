@@ -13,6 +13,7 @@
 #   make install APT=0      # without the apt step (a cluster: site MPI and SLURM, no sudo)
 #
 # Extra pytest arguments: make test PYTEST_ARGS="-k router -x"
+# Workers: make test TEST_WORKERS=0 (one process) or TEST_WORKERS=8 (default 2, CI's cores)
 #
 # torch: an installed torch is KEPT (a cluster's or a container's CUDA build, or any torch the
 # site installed), and `make install` says so in one line; only a machine without torch gets
@@ -24,6 +25,11 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 PIP_FLAGS ?= --disable-pip-version-check
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test` (CI: the 2 cores); 0 runs the suite in one process.
+# Each module runs whole on one worker (tests/conftest.py groups them), so its module
+# fixtures are built once.
+TEST_WORKERS ?= 2
+XDIST_ARGS := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 
 # torch is installed FIRST and alone: every later requirement that names torch (megatron-core,
 # deepspeed, accelerate) is then already satisfied. The later pip calls also get a constraints
@@ -214,10 +220,10 @@ install-lm-eval: install
 	fi
 
 test: install-lm-eval
-	$(PYTHON) -m pytest $(PYTEST_ARGS)
+	$(PYTHON) -m pytest $(XDIST_ARGS) $(PYTEST_ARGS)
 
 test-all: install-lm-eval
-	$(PYTHON) -m pytest -m "" $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -m "" $(XDIST_ARGS) $(PYTEST_ARGS)
 
 bench: install
 	$(PYTHON) bench/bench_layer.py

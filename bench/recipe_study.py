@@ -18,7 +18,8 @@ It reuses a main-job folder for the converted and MoEfied checkpoints and the da
 Each finished variant is kept (`VARIANT/result.json`) and skipped when the study is run
 again, so an interrupted study resumes; `--overwrite` starts over. Fine-tuned checkpoints are
 deleted after their evaluation (`--keep-checkpoints` keeps them). Writes study.json and
-study.md (the table) to --output-dir. `--quick` builds a tiny randomly initialised
+study.md (the table of every variant finished in --output-dir, this call's and earlier
+ones') to --output-dir. `--quick` builds a tiny randomly initialised
 SmolLM2-vocabulary model in a temporary folder (the same tools, 2 iterations, 1 window per
 text): numbers that mean nothing, a command that keeps working.
 """
@@ -185,6 +186,19 @@ def run_variant(args, job_args, job: str, name: str, folder: str) -> dict:
     return row
 
 
+def finished_rows(out: str) -> List[dict]:
+    """The result.json rows of every variant finished in `out`: VARIANTS' order first, then
+    any other folder (a variant a later version renamed) by name."""
+    names = list(dict.fromkeys([*VARIANTS, *sorted(os.listdir(out))]))
+    rows = []
+    for name in names:
+        done = os.path.join(out, name, "result.json")
+        if os.path.isfile(done):
+            with open(done) as f:
+                rows.append(json.load(f))
+    return rows
+
+
 def table(rows: List[dict]) -> str:
     """The study's markdown table."""
     lines = [f"| variant | what | FFN compute (held-out / {OOD}) | held-out ppl / dense | "
@@ -235,18 +249,21 @@ def main(argv=None) -> int:
     if args.overwrite:
         shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out, exist_ok=True)
-    tmp = None
+    tmp, job_args = None, None
+    job = os.path.abspath(args.job) if args.job else None
+    todo = [v for v in args.variants.split(",")
+            if not os.path.exists(os.path.join(out, v, "result.json"))]
     if args.quick:
+        args.eval_sequences, args.lambada_limit = 1, 1
+    if args.quick and todo:
         tmp = tempfile.mkdtemp(prefix="recipe-study-")
         job = _quick_job(tmp)
         job_args = demo.parse_args(["--train-iters", "2", "--global-batch-size", "1",
                                     "--nproc", "1", "--seq-length", "32"])
-        args.eval_sequences, args.lambada_limit = 1, 1
-    else:
-        job = os.path.abspath(args.job)
+    elif todo:  # a study whose variants are all done only rewrites its table
         # (what the job folder needs, the main-job flag that makes it)
         needs = [("ckpt/smollm2", ""), ("ckpt/smollm2-dynamoe", ""), ("data/sotu.bin", "")]
-        if any(VARIANTS[v][1].get("self_sample_weight") for v in args.variants.split(",")):
+        if any(VARIANTS[v][1].get("self_sample_weight") for v in todo):
             needs.append((f"data/{demo.SELF_SAMPLES_PREFIX}.bin", " --self-sample-weight 0.5"))
         for need, flag in needs:
             if not os.path.exists(os.path.join(job, need)):
@@ -254,36 +271,37 @@ def main(argv=None) -> int:
                                 f"megatron_dynamoe.cli.demo --output-dir {args.job}{flag}` "
                                 f"first")
         job_args = demo.parse_args(args.main_job_args.split())
-    rows = []
     try:
         for name in args.variants.split(","):
             folder = os.path.join(out, name)
             done = os.path.join(folder, "result.json")
             if os.path.exists(done):
-                with open(done) as f:
-                    rows.append(json.load(f))
                 log(f"{name}: done before, kept ({done})")
                 continue
             row = run_variant(args, job_args, job, name, folder)
             with open(done + ".tmp", "w") as f:
                 json.dump(row, f, indent=2)
             os.replace(done + ".tmp", done)
-            rows.append(row)
             log(f"{name}: held-out {row['perplexity_vs_dense']:.3f} x dense at "
                 f"{row['ffn_fraction']:.3f}, {OOD} {row['perplexity_ood_vs_dense']:.3f} x at "
                 f"{row['ffn_fraction_ood']:.3f}, LAMBADA {row['lambada_vs_dense']:.2f} x")
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+    # A study is run in several calls (`--variants a,b`, later `--variants c`): the table
+    # lists every variant finished in this folder, in VARIANTS order, not only this call's.
+    rows = finished_rows(out)
     study = dict(job=job, main_job_args=args.main_job_args, ffn_budget=args.ffn_budget,
                  eval_sequences=args.eval_sequences, lambada_limit=args.lambada_limit,
                  rows=rows)
-    for path in filter(None, [os.path.join(out, "study.json"), args.json]):
-        with open(path, "w") as f:
-            json.dump(study, f, indent=2)
     text = table(rows)
-    with open(os.path.join(out, "study.md"), "w") as f:
-        f.write(text + "\n")
+    for path, content in [(os.path.join(out, "study.json"), json.dumps(study, indent=2)),
+                          (args.json, json.dumps(study, indent=2)),
+                          (os.path.join(out, "study.md"), text + "\n")]:
+        if path:
+            with open(path + ".tmp", "w") as f:
+                f.write(content)
+            os.replace(path + ".tmp", path)
     print(text)
     return 0
 

@@ -16,6 +16,12 @@ if os.environ.get("DYNAMOE_TESTS_SEE_GPUS") != "1":
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Under pytest-xdist each worker takes its share of the cores for in-process tests: two
+# workers with one intra-op thread per core each would oversubscribe the CI machine.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 
 @pytest.fixture(scope="session")
 def single_rank():
@@ -50,3 +56,18 @@ def sotu_prefix(tmp_path_factory):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return prefix
+
+
+# `make test` runs the suite in pytest-xdist workers with `--dist loadgroup`: every test of a
+# module goes to one worker (its module-scoped fixtures, such as a converted checkpoint, are
+# built once), and modules that must not overlap share a group. The SLURM tests each start a
+# test cluster whose job ids count from 1, and a SLURM job's MASTER_PORT comes from its job id:
+# two such clusters at once would give two jobs the same id and port.
+SERIAL_GROUPS = {"test_slurm.py": "slurm", "test_srun_mpi.py": "slurm"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = os.path.basename(str(item.path))
+        item.add_marker(pytest.mark.xdist_group(SERIAL_GROUPS.get(module, module)))

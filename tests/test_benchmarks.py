@@ -295,7 +295,7 @@ def test_bench_adaptive_quick(runs):
             assert f"| {g} | {c} |" in run.stdout, run.stdout
 
 
-def test_recipe_study_quick(runs):
+def test_recipe_study_quick(runs, tmp_path):
     run = runs.result("recipe_study")
     _ok(run)
     study = run.json()
@@ -318,6 +318,21 @@ def test_recipe_study_quick(runs):
     budget = float(default("bench/recipe_study.py", "ffn_budget"))
     assert 0.0 < row["ffn_fraction"] <= 1.0 and abs(row["ffn_fraction"] - budget) < 0.1, row
     assert "| base |" in run.stdout, run.stdout
+
+    # A later call whose variants are all done builds no job (this --job does not exist) and
+    # tables every variant finished in the folder, an earlier call's included (one planted).
+    study_dir = run.out + ".d"
+    os.makedirs(os.path.join(study_dir, "theta-0.5-1"))
+    with open(os.path.join(study_dir, "theta-0.5-1", "result.json"), "w") as f:
+        json.dump(dict(row, variant="theta-0.5-1"), f)
+    again = str(tmp_path / "again.json")
+    assert load_script("bench/recipe_study.py").main(
+        ["--job", str(tmp_path / "no-job"), "--variants", "base", "--output-dir", study_dir,
+         "--json", again]) == 0
+    with open(again) as f:
+        assert [r["variant"] for r in json.load(f)["rows"]] == ["base", "theta-0.5-1"]
+    with open(os.path.join(study_dir, "study.md")) as f:
+        assert "| theta-0.5-1 |" in f.read()
 
 
 def test_check_gpu_without_a_device_says_so_in_one_line(runs):
