@@ -29,7 +29,8 @@ PYTEST_ARGS ?=
 # Each module runs whole on one worker (tests/conftest.py groups them), so its module
 # fixtures are built once.
 TEST_WORKERS ?= 2
-XDIST_ARGS := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+XDIST_ARGS := $(if $(filter 0,$(TEST_WORKERS)),,\
+    -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 
 # torch is installed FIRST and alone: every later requirement that names torch (megatron-core,
 # deepspeed, accelerate) is then already satisfied. The later pip calls also get a constraints

@@ -64,10 +64,21 @@ def sotu_prefix(tmp_path_factory):
 # test cluster whose job ids count from 1, and a SLURM job's MASTER_PORT comes from its job id:
 # two such clusters at once would give two jobs the same id and port.
 SERIAL_GROUPS = {"test_slurm.py": "slurm", "test_srun_mpi.py": "slurm"}
+# The longest modules on 2 cores, longest first (a fresh-clone run's --durations): the
+# workers start them first (`--no-loadscope-reorder` keeps this order), so the last minutes
+# are not one worker running the 8-minute gpu_smoke test while the other idles.
+LONGEST_FIRST = ["test_gpu_smoke.py", "test_slurm.py", "test_srun_mpi.py",
+                 "test_preemption_group.py", "test_convert_checkpoint.py", "test_train_cli.py",
+                 "test_benchmarks.py", "test_distributed_moefy.py", "test_mpirun.py",
+                 "test_device_policy.py", "test_faults.py", "test_lm_eval_adapter.py",
+                 "test_distributed_evaluate.py"]
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # one process keeps pytest's order
+        rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(os.path.basename(str(item.path)), len(rank)))
     for item in items:
         module = os.path.basename(str(item.path))
         item.add_marker(pytest.mark.xdist_group(SERIAL_GROUPS.get(module, module)))
