@@ -66,7 +66,7 @@ def sotu_prefix(tmp_path_factory):
 SERIAL_GROUPS = {"test_slurm.py": "slurm", "test_srun_mpi.py": "slurm"}
 # The longest modules on 2 cores, longest first (a fresh-clone run's --durations): the
 # workers start them first (`--no-loadscope-reorder` keeps this order), so the last minutes
-# are not one worker running the 8-minute gpu_smoke test while the other idles.
+# are not one worker running the gpu_smoke test (about 4 minutes) while the other idles.
 LONGEST_FIRST = ["test_gpu_smoke.py", "test_slurm.py", "test_srun_mpi.py",
                  "test_preemption_group.py", "test_convert_checkpoint.py", "test_train_cli.py",
                  "test_benchmarks.py", "test_distributed_moefy.py", "test_mpirun.py",
