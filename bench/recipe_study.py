@@ -251,8 +251,13 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     tmp, job_args = None, None
     job = os.path.abspath(args.job) if args.job else None
-    todo = [v for v in args.variants.split(",")
-            if not os.path.exists(os.path.join(out, v, "result.json"))]
+    todo = []
+    for name in args.variants.split(","):
+        done = os.path.join(out, name, "result.json")
+        if os.path.exists(done):
+            log(f"{name}: done before, kept ({done})")
+        else:
+            todo.append(name)
     if args.quick:
         args.eval_sequences, args.lambada_limit = 1, 1
     if args.quick and todo:
@@ -272,12 +277,9 @@ def main(argv=None) -> int:
                                 f"first")
         job_args = demo.parse_args(args.main_job_args.split())
     try:
-        for name in args.variants.split(","):
+        for name in todo:
             folder = os.path.join(out, name)
             done = os.path.join(folder, "result.json")
-            if os.path.exists(done):
-                log(f"{name}: done before, kept ({done})")
-                continue
             row = run_variant(args, job_args, job, name, folder)
             with open(done + ".tmp", "w") as f:
                 json.dump(row, f, indent=2)

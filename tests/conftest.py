@@ -76,9 +76,11 @@ LONGEST_FIRST = ["test_gpu_smoke.py", "test_slurm.py", "test_srun_mpi.py",
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
+    def module(item):
+        return os.path.basename(str(item.path))
+
     if os.environ.get("PYTEST_XDIST_WORKER"):  # one process keeps pytest's order
         rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-        items.sort(key=lambda item: rank.get(os.path.basename(str(item.path)), len(rank)))
+        items.sort(key=lambda item: rank.get(module(item), len(rank)))
     for item in items:
-        module = os.path.basename(str(item.path))
-        item.add_marker(pytest.mark.xdist_group(SERIAL_GROUPS.get(module, module)))
+        item.add_marker(pytest.mark.xdist_group(SERIAL_GROUPS.get(module(item), module(item))))
