@@ -61,6 +61,50 @@ def test_self_sample_weight_blends_the_fine_tuning_data(capsys):
         assert "--self-sample-weight" in capsys.readouterr().err
 
 
+# A main-job step that, like the trainer, stops cleanly on SIGTERM: it prints its pid, then
+# on the signal "saves" for a second and exits 0.
+GRACEFUL_STEP = """
+import os, signal, sys, time
+def stop(signum, frame):
+    print("saving", flush=True)
+    time.sleep(1)
+    print("saved", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+print(os.getpid(), flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_stop_signal_reaches_the_running_step(tmp_path):
+    """SIGTERM to the main job (kill, scancel) goes on to the step it runs: the step stops
+    as that tool does on the signal (here: saves, then exits), the job waits for it, then
+    ends by SIGTERM itself, and no step process is left writing into the output folder."""
+    import signal
+
+    job = ("import sys\nfrom megatron_dynamoe.cli.demo import Job\n"
+           "Job(sys.argv[1]).run('wait', [sys.executable, '-c', sys.argv[2]])\n")
+    proc = subprocess.Popen([sys.executable, "-c", job, str(tmp_path), GRACEFUL_STEP],
+                            cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # the job echoes the step's output
+            if line.strip().isdigit():
+                step_pid = int(line)
+                break
+        else:
+            pytest.fail("the step never started")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+        rest = proc.stderr.read()
+    finally:
+        proc.kill()
+    with pytest.raises(ProcessLookupError):
+        os.kill(step_pid, 0)  # gone (and reaped by the job)
+    with open(tmp_path / "logs" / "01-wait.log") as f:
+        assert f.read().split() == [str(step_pid), "saving", "saved"]
+    assert "SIGTERM: step 1 (wait) stopped" in rest and "--overwrite" in rest
+
+
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_quick_main_job_end_to_end(tmp_path):

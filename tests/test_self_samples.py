@@ -1,5 +1,7 @@
 """Calibration text sampled from the dense model (data/self_samples.py, tools/sample_text.py):
-greedy decoding equals a reference decoding loop without KV cache, end-of-sequence is
+nucleus sampling draws from the float64 reference nucleus in its proportions (rows wider
+than the looked-at candidates included), greedy decoding equals a reference decoding loop
+without KV cache, end-of-sequence is
 suppressed to the requested length, the seed makes the file reproducible, bad flags give one
 error line and no file."""
 
@@ -10,7 +12,12 @@ import json
 import pytest
 import torch
 
-from megatron_dynamoe.data.self_samples import SamplingConfig, sample_token_ids, start_token
+from megatron_dynamoe.data.self_samples import (
+    SamplingConfig,
+    nucleus_sample,
+    sample_token_ids,
+    start_token,
+)
 from tests.tool_runner import run_tool_here
 
 NEW_TOKENS = 12
@@ -62,6 +69,38 @@ def tiny(tmp_path_factory):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder, model, tokenizer
+
+
+def _reference_nucleus(row: torch.Tensor, top_p: float) -> torch.Tensor:
+    """float64, full sort: the row's nucleus probabilities renormalised, 0 outside it."""
+    top, ids = row.double().sort(descending=True)
+    keep = top.cumsum(0) - top < top_p
+    out = torch.zeros_like(row, dtype=torch.float64)
+    out[ids[keep]] = top[keep]
+    return out / out.sum()
+
+
+def test_nucleus_sampling_follows_the_reference_nucleus():
+    """Rows of 12 tokens, 4 candidates looked at first: a peaked row (nucleus of 2), one
+    whose nucleus is exactly the candidates, and flat ones (nucleus of 7 and 11, sorted in
+    full). 20,000 draws per row: never outside the reference nucleus, frequencies within
+    0.015 of its renormalised probabilities (~5 standard errors)."""
+    generator = torch.Generator().manual_seed(5)
+    rows = torch.tensor([[0.6, 0.33] + [0.007] * 10,
+                         [0.4, 0.3, 0.16, 0.07] + [0.0085] * 8,
+                         [0.16, 0.15, 0.14, 0.13, 0.12, 0.11, 0.1] + [0.018] * 5,
+                         torch.linspace(1.2, 0.8, 12).tolist()])
+    probs = rows[:, torch.randperm(12, generator=generator)]
+    probs = probs / probs.sum(-1, keepdim=True)
+    top_p = 0.9
+    reference = torch.stack([_reference_nucleus(row, top_p) for row in probs])
+    assert (reference > 0).sum(-1).tolist() == [2, 4, 7, 11]
+    torch.manual_seed(0)
+    draws = nucleus_sample(probs.repeat(20000, 1), top_p, candidates=4).view(20000, 4)
+    counts = torch.stack([torch.bincount(draws[:, r], minlength=12) for r in range(4)])
+    assert (counts[reference == 0] == 0).all(), "a token outside the nucleus was drawn"
+    frequencies = counts.double() / 20000
+    assert (frequencies - reference).abs().max() < 0.015
 
 
 def test_greedy_samples_equal_the_reference_loop_without_eos(tiny):

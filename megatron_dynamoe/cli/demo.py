@@ -4,12 +4,12 @@ Runs the same commands a user runs, one process each, into one output folder:
 
 1. convert the shipped SmolLM2-135M-Instruct (GGUF) to a Megatron torch_dist checkpoint
    (logit parity against transformers);
-2. sample calibration text from the dense model itself (tools/sample_text.py: 60 samples of
-   272 tokens from BOS), then MoEfy it: neuron importance calibrated on 48 windows of those
+2. sample calibration text from the dense model itself (tools/sample_text.py: 120 samples of
+   272 tokens from BOS), then MoEfy it: neuron importance calibrated on 96 windows of those
    samples, 4 nested levels, difficulty routers fitted to their labels on the first 16
    (theta = 1 parity against dense). Calibrating on the model's own text keeps general
-   ability that calibration on the fine-tuning corpus loses, and 48 windows rank the
-   neurons better than 16 (docs/recipe-study.md);
+   ability that calibration on the fine-tuning corpus loses, and 96 windows rank the
+   neurons better than 48 or 16 (docs/recipe-study.md);
    `--calibration-text sotu` calibrates on the speeches instead;
 3. preprocess the speeches into a Megatron indexed dataset (the last --held-out-docs
    speeches are left out: they are the evaluation text);
@@ -34,9 +34,11 @@ routing.html), tensorboard/, ckpt/, data/, logs/ (each step's output), main_job.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -65,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--nproc", type=int, default=2, help="training processes (data parallel)")
     p.add_argument("--held-out-docs", type=int, default=20)
-    p.add_argument("--calibration-sequences", type=int, default=48,
+    p.add_argument("--calibration-sequences", type=int, default=96,
                    help="MoEfy's neuron-importance windows (256 tokens each)")
     p.add_argument("--router-fit-sequences", type=int, default=16,
                    help="the first N of them also fit the routers (the fit's time grows "
@@ -183,17 +185,59 @@ class Job:
             proc = subprocess.Popen(command, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True,
                                     env=dict(os.environ, PYTHONPATH=pythonpath, **(env or {})))
-            for line in proc.stdout:
-                logfile.write(line)
-                if not _noise(line):
-                    sys.stderr.write(line)
-            code = proc.wait()
+            with _passed_on_to(proc) as stopped_by:
+                for line in proc.stdout:
+                    logfile.write(line)
+                    if not _noise(line):
+                        sys.stderr.write(line)
+                code = proc.wait()
+        if stopped_by:
+            _die_by(stopped_by[0], f"step {index} ({name}) stopped: {path}")
         seconds = time.time() - tic
         self.steps.append(dict(step=name, command=" ".join(command), seconds=round(seconds, 1),
                                log=os.path.relpath(path, self.out)))
         if code != 0:
             raise ToolError(f"step {index} ({name}) failed with exit code {code}: see {path}")
         log(f"step {index} done in {seconds:.0f} s (total {time.time() - self.started:.0f} s)")
+
+
+# Signals a batch system or `kill` sends to stop the job (Ctrl-C reaches the whole
+# foreground process group by itself).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _passed_on_to(proc: subprocess.Popen):
+    """While the block runs, a stop signal to this process is sent on to the step's process
+    (which stops, or saves and stops, as that tool does on the signal) instead of killing only
+    this one and leaving the step writing into the output folder. Yields a list that holds
+    the signal number once one arrived; the block goes on reading until the step exits."""
+    stopped_by: List[int] = []
+
+    def pass_on(signum, frame):
+        if not stopped_by:
+            stopped_by.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, pass_on) for sig in STOP_SIGNALS}
+    try:
+        yield stopped_by
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _die_by(signum: int, what: str) -> None:
+    """Log `what` and end this process by `signum` with its default action: the exit status
+    a shell or SLURM shows is the signal's, as without the handler."""
+    from megatron_dynamoe.utils.log import log
+
+    log(f"{signal.Signals(signum).name}: {what}; the output folder is incomplete (run again "
+        f"with --overwrite)")
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    raise SystemExit(128 + signum)  # not reached: the default action ends the process
 
 
 def _noise(line: str) -> bool:
