@@ -255,7 +255,16 @@ def plain_checkpoint(tmp_path_factory):
 
 # Bad input: (arguments, exit code, phrase of the error line). {name} placeholders are filled
 # from `_bad_input_setup`; every case writes to its own empty folder's "result".
+# The parity failure runs as the tool's own process (the exit code a shell sees end to end).
 BAD_INPUT = {
+    "parity_failure": (["hf-to-megatron", "--hf-model", "{gpt2}", "--output", "{out}",
+                        "--tolerance", "0"],
+                       3, "parity check failed"),
+}
+# Failures that stop before the conversion writes anything: run through the tool's `main` and
+# `run_tool` in this process (no ~8 s of imports each; `run_tool` is what the tool's process
+# runs too, and the exit code is its return value).
+BAD_INPUT_IN_PROCESS = {
     "missing_hf_folder": (["hf-to-megatron", "--hf-model", "{absent}", "--output", "{out}"],
                           2, "does not exist"),
     "missing_gguf_file": (["hf-to-megatron", "--hf-model", "{llama}", "--gguf-file",
@@ -268,9 +277,6 @@ BAD_INPUT = {
                             2, "TP=3 must divide the attention heads (4)"),
     "existing_output": (["hf-to-megatron", "--hf-model", "{llama}", "--output", "{existing}"],
                         2, "exists; pass --overwrite"),
-    "parity_failure": (["hf-to-megatron", "--hf-model", "{gpt2}", "--output", "{out}",
-                        "--tolerance", "0"],
-                       3, "parity check failed"),
     "missing_load_folder": (["megatron-to-hf", "--load", "{absent}", "--output", "{out}"],
                             2, "--load folder"),
     "truncated_distcp": (["megatron-to-hf", "--load", "{truncated}", "--model", "tiny-llama",
@@ -281,10 +287,6 @@ BAD_INPUT = {
                               2, "does not match the architecture of --model tiny-gpt2"),
     "plain_without_model": (["megatron-to-hf", "--load", "{plain}", "--output", "{out}"],
                             2, "pass --model PRESET"),
-}
-# More failures that stop before any Megatron world or model exists: run through the tool's
-# `main` and `run_tool` in this process (no ~8 s of imports each).
-BAD_INPUT_IN_PROCESS = {
     "deleted_distcp": (["megatron-to-hf", "--load", "{deleted}", "--model", "tiny-llama",
                         "--output", "{out}"],
                        2, "__0_0.distcp is missing"),
@@ -405,7 +407,7 @@ def test_plain_megatron_checkpoint_converts_with_model_flag(plain_checkpoint, ti
     _assert_logits_match(_hf_logits(reloaded, TOKENS), plain_checkpoint.logits,
                          "plain Megatron-Core checkpoint -> HF folder vs Megatron")
     # Without --model the same checkpoint is refused with one line naming the flag.
-    (refused,) = tiny_runs.runs["plain_without_model"]
+    refused = _run_here(*tiny_runs.arguments["plain_without_model"])
     _assert_clean_failure(refused, "pass --model PRESET")
 
 

@@ -89,9 +89,12 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(sotu_prefix, tmp_p
 
 
 def test_bad_flags_fail_before_training(sotu_prefix, tmp_path):
+    """Refused with one line and exit 2 before a model is built; the trainer's `main` through
+    `run_tool` in this process (what its own process runs: no ~20 s of start-up per case)."""
+    from tests.tool_runner import run_tool_here
+
     def run(*args):
-        return subprocess.run([sys.executable, os.path.join(REPO, "launch", "train.py"), *args],
-                              env=_env(), capture_output=True, text=True, timeout=300)
+        return run_tool_here(os.path.join("launch", "train.py"), *args)
 
     result = run("--model", "tiny-smollm2", "--tensor-model-parallel-size", "3",
                  "--data-path", sotu_prefix, "--tokenizer", "smollm2")
