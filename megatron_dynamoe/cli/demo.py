@@ -4,12 +4,12 @@ Runs the same commands a user runs, one process each, into one output folder:
 
 1. convert the shipped SmolLM2-135M-Instruct (GGUF) to a Megatron torch_dist checkpoint
    (logit parity against transformers);
-2. sample calibration text from the dense model itself (tools/sample_text.py: 120 samples of
-   272 tokens from BOS), then MoEfy it: neuron importance calibrated on 96 windows of those
+2. sample calibration text from the dense model itself (tools/sample_text.py: 60 samples of
+   272 tokens from BOS), then MoEfy it: neuron importance calibrated on 48 windows of those
    samples, 4 nested levels, difficulty routers fitted to their labels on the first 16
    (theta = 1 parity against dense). Calibrating on the model's own text keeps general
-   ability that calibration on the fine-tuning corpus loses, and 96 windows rank the
-   neurons better than 48 or 16 (docs/recipe-study.md);
+   ability that calibration on the fine-tuning corpus loses, and 48 windows rank the
+   neurons better than 16 (docs/recipe-study.md);
    `--calibration-text sotu` calibrates on the speeches instead;
 3. preprocess the speeches into a Megatron indexed dataset (the last --held-out-docs
    speeches are left out: they are the evaluation text);
@@ -67,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--nproc", type=int, default=2, help="training processes (data parallel)")
     p.add_argument("--held-out-docs", type=int, default=20)
-    p.add_argument("--calibration-sequences", type=int, default=96,
+    p.add_argument("--calibration-sequences", type=int, default=48,
                    help="MoEfy's neuron-importance windows (256 tokens each)")
     p.add_argument("--router-fit-sequences", type=int, default=16,
                    help="the first N of them also fit the routers (the fit's time grows "
