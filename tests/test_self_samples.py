@@ -1,9 +1,8 @@
 """Calibration text sampled from the dense model (data/self_samples.py, tools/sample_text.py):
 nucleus sampling draws from the float64 reference nucleus in its proportions (rows wider
 than the looked-at candidates included), greedy decoding equals a reference decoding loop
-without KV cache, end-of-sequence is
-suppressed to the requested length, the seed makes the file reproducible, bad flags give one
-error line and no file."""
+without KV cache, end-of-sequence is suppressed to the requested length, the seed makes the
+file reproducible, bad flags give one error line and no file."""
 
 from __future__ import annotations
 
