@@ -8,6 +8,7 @@ from megatron_dynamoe.dynamoe import routing as R
 from megatron_dynamoe.dynamoe.config import DynaMoEConfig
 from megatron_dynamoe.dynamoe.layer import DynaMoELayer
 from megatron_dynamoe.dynamoe.moefy import calibrate_importance, moefy_state_dict
+from megatron_dynamoe.dynamoe.shells import output_error_order
 from megatron_dynamoe.dynamoe.shells import importance_order, weight_importance
 from megatron_dynamoe.dynamoe.control import (dynamoe_layers, set_level_sorted_experts,
                                               set_sensitivity, set_training_step)
@@ -239,6 +240,11 @@ def test_subset_of_layers_and_calibrated_importance():
     expected = act.square().mean(0).sqrt() * mlp.linear_fc2.weight.double().norm(dim=0)
     assert torch.allclose(rms[0], expected, rtol=1e-9)
     assert not torch.equal(importance_order(rms[0]), importance_order(importance[0]))
+    pairwise = calibrate_importance(dense, calib, gated=True, activation=F.silu,
+                                    statistic="second-moment")
+    expected = output_error_order(act.t() @ act / act.shape[0], mlp.linear_fc2.weight)
+    assert torch.equal(importance_order(pairwise[0]), expected)
+    assert set(importance_order(pairwise[1])[-4:].tolist()) == set(dead.tolist())
 
     dyn = DynaMoEConfig(moefied_layers=(1,))
     model = build_dynamoe(dyn)

@@ -87,6 +87,10 @@ BAD_INPUT = {
                                            "--router-fit-sequences 3",
                                            "--router-fit-sequences 3 is more than the 2 "
                                            "calibration windows"),
+    "moefy-output-error-at-tp2": ("tools/moefy.py", "--load {ckpt} --output {out} "
+                                  "--tokenizer smollm2 --dynamoe-importance output-error "
+                                  "--tensor-model-parallel-size 2",
+                                  "MoEfy at --tensor-model-parallel-size 1"),
     "moefy-fit-steps-negative": ("tools/moefy.py", "--load {ckpt} --output {out} "
                                  "--router-fit-steps -1", "'-1' is out of range"),
     "export-ffn-budget-nan": ("tools/export.py", "--load {ckpt} --output {out} --ffn-budget nan",

@@ -74,6 +74,46 @@ def test_weight_importance_gated_definition():
     assert torch.isclose(scores[n], expected, rtol=1e-12)
 
 
+def _output_error(act, fc2, dropped):
+    """E||sum_{n in dropped} fc2[:, n] act_n||^2 over the tokens, from the data (float64)."""
+    idx = torch.tensor(sorted(dropped), dtype=torch.long)
+    return (act[:, idx] @ fc2[:, idx].t()).square().sum(dim=1).mean()
+
+
+def test_output_error_order_is_the_greedy_elimination_on_the_data():
+    x, fc1, fc2 = _random_ffn(ffn=12)
+    act = S.ffn_hidden_activations(x, fc1, F.silu, gated=True)
+    order = S.output_error_order(act.t() @ act / act.shape[0], fc2)
+    # Reference: drop, one at a time, the neuron whose removal leaves the smallest output
+    # error measured on the activations themselves (no M matrix).
+    dropped, reference = set(), []
+    while len(dropped) < 12:
+        best = min((n for n in range(12) if n not in dropped),
+                   key=lambda n: _output_error(act, fc2, dropped | {n}))
+        dropped.add(best)
+        reference.append(best)
+    assert order.tolist() == reference[::-1]
+    assert torch.equal(S.importance_order(S.order_scores(order)), order)
+    with pytest.raises(ValueError, match=r"expected \[12, 12\]"):
+        S.output_error_order(torch.eye(11, dtype=torch.float64), fc2)
+
+
+def test_output_error_order_sees_neurons_that_cancel():
+    # Neuron 0 writes -1.5 x neuron 5's contribution (same fc2 column, opposite activation):
+    # per-neuron scores rank 0 above 5, but once 5 is dropped, dropping 0 too REDUCES the
+    # error (0 and 5 together are -0.5 x neuron 5), so both go first, 0 right after 5.
+    gen = torch.Generator().manual_seed(0)
+    act = 3 * torch.randn(400, 6, generator=gen, dtype=torch.float64)
+    act[:, 5] = torch.randn(400, generator=gen, dtype=torch.float64)
+    act[:, 0] = -1.5 * act[:, 5]
+    fc2 = torch.randn(8, 6, generator=gen, dtype=torch.float64)
+    fc2[:, 0] = fc2[:, 5]
+    rms = S.importance_order(S.activation_importance(act.square().mean(0).sqrt(), fc2))
+    assert rms.tolist().index(0) < rms.tolist().index(5)
+    order = S.output_error_order(act.t() @ act / act.shape[0], fc2)
+    assert order[-2:].tolist() == [0, 5]
+
+
 def test_importance_order_is_stable_for_ties():
     order = S.importance_order(torch.tensor([1.0, 3.0, 3.0, 0.5, 3.0]))
     assert order.tolist() == [1, 2, 4, 0, 3]

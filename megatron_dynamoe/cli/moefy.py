@@ -133,6 +133,10 @@ def main(argv=None) -> int:
     if layout.expert_model_parallel_size != 1:
         raise ToolError("MoEfy runs at --expert-model-parallel-size 1 (TP and PP split the "
                         "work; the checkpoint it writes loads at any EP)")
+    if dyn.importance == "output-error" and layout.tensor_model_parallel_size != 1:
+        raise ToolError("--dynamoe-importance output-error ranks each FFN's neurons with "
+                        "their pairwise correlations, on one rank: MoEfy at "
+                        "--tensor-model-parallel-size 1 (PP may split the layers)")
     statistic = ACTIVATION_STATISTICS.get(dyn.importance)  # None: data-free importance
     if statistic is not None and args.tokenizer is None:
         raise ToolError("activation importance needs calibration text: pass --tokenizer "

@@ -16,7 +16,7 @@ from fractions import Fraction
 from typing import Optional, Tuple
 
 SHELL_PLACEMENTS = ("balanced", "contiguous")
-IMPORTANCE_METHODS = ("activation", "activation-rms", "weight")
+IMPORTANCE_METHODS = ("activation", "activation-rms", "output-error", "weight")
 LABEL_REFERENCES = ("residual", "ffn")
 
 
@@ -47,7 +47,9 @@ class DynaMoEConfig:
         moefied_layers: 0-based indices of the decoder layers to MoEfy; None = all layers.
         importance: neuron ranking: 'activation' (calibration mean |activation| x ||w2
             column||), 'activation-rms' (root-mean-square activation x ||w2 column||: the
-            neuron's share of the output's energy, large rare activations count more) or
+            neuron's share of the output's energy, large rare activations count more),
+            'output-error' (greedy nested order that keeps each prefix's FFN output closest to
+            the dense one on calibration tokens, pairwise correlations counted; TP=1) or
             'weight' (data-free weight norms).
     """
 

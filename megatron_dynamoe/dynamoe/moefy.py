@@ -28,6 +28,8 @@ from megatron_dynamoe.runtime.forward_only import pipeline_forward
 from megatron_dynamoe.dynamoe.shells import (
     activation_importance,
     importance_order,
+    order_scores,
+    output_error_order,
     permute_ffn,
     split_into_shells,
     weight_importance,
@@ -43,7 +45,8 @@ def _local_layers(model) -> Dict[int, torch.nn.Module]:
 
 
 # --dynamoe-importance methods that calibrate on text -> calibrate_importance's statistic.
-ACTIVATION_STATISTICS = {"activation": "mean-abs", "activation-rms": "rms"}
+ACTIVATION_STATISTICS = {"activation": "mean-abs", "activation-rms": "rms",
+                         "output-error": "second-moment"}
 
 
 @torch.no_grad()
@@ -56,12 +59,20 @@ def calibrate_importance(model, batches: Iterable[dict], gated: bool,
         model: dense GPTModel (this rank's pipeline stage; any TP size).
         batches: dicts with `tokens` [b, s], `position_ids` [b, s], `attention_mask`.
         gated: SwiGLU-style FFN; activation: the FFN activation (config.activation_func).
-        statistic: 'mean-abs' (E|act|) or 'rms' (sqrt E[act^2]) of each neuron's activation.
+        statistic: 'mean-abs' (E|act|) or 'rms' (sqrt E[act^2]) of each neuron's activation,
+            or 'second-moment' (E[act act^T], [F, F] per layer, ranked by
+            `output_error_order`; TP=1 only, since the pairs span every TP rank's neurons).
     Returns:
         {global layer index: [F] float64 importance} for the layers on this stage.
     """
     if statistic not in ACTIVATION_STATISTICS.values():
-        raise ValueError(f"statistic {statistic!r}: choose 'mean-abs' or 'rms'")
+        raise ValueError(f"statistic {statistic!r}: choose one of "
+                         f"{sorted(ACTIVATION_STATISTICS.values())}")
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp_size = dist.get_world_size(tp_group) if dist.is_initialized() else 1
+    if statistic == "second-moment" and tp_size > 1:
+        raise ValueError("output-error importance needs every neuron's activations on one "
+                         "rank: MoEfy at --tensor-model-parallel-size 1 (PP may split layers)")
     layers = _local_layers(model)
     sums: Dict[int, torch.Tensor] = {}
     counts: Dict[int, int] = {}
@@ -76,8 +87,13 @@ def calibrate_importance(model, batches: Iterable[dict], gated: bool,
                 act = activation(gate) * up
             else:
                 act = activation(pre)
-            moment = act.abs() if statistic == "mean-abs" else act.square()
-            sums[index] = sums.get(index, 0) + moment.sum(dim=0)
+            if statistic == "second-moment":
+                # One batch's [F, F] sum in fp32 (a few thousand tokens), batches in fp64.
+                act32 = act.float()
+                moment = (act32.t() @ act32).double()
+            else:
+                moment = (act.abs() if statistic == "mean-abs" else act.square()).sum(dim=0)
+            sums[index] = sums.get(index, 0) + moment
             counts[index] = counts.get(index, 0) + act.shape[0]
         return hook
 
@@ -95,13 +111,14 @@ def calibrate_importance(model, batches: Iterable[dict], gated: bool,
     if layers and not counts:
         raise ValueError("calibration produced no tokens: give at least one batch")
 
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    tp_size = dist.get_world_size(tp_group) if dist.is_initialized() else 1
     importance = {}
     for index, layer in layers.items():
         mean = sums[index] / counts[index]
-        scale = mean if statistic == "mean-abs" else mean.sqrt()
         fc2 = layer.mlp.linear_fc2.weight.detach()
+        if statistic == "second-moment":
+            importance[index] = order_scores(output_error_order(mean, fc2))
+            continue
+        scale = mean if statistic == "mean-abs" else mean.sqrt()
         local = activation_importance(scale, fc2)
         if tp_size > 1:
             # Rank r holds neurons [r F/TP, (r+1) F/TP): gathering in rank order gives [F].

@@ -81,6 +81,55 @@ def weight_importance(fc1_weight: torch.Tensor, fc2_weight: torch.Tensor,
     return in_norm * fc2_weight.double().norm(dim=0)
 
 
+def output_error_order(second_moment: torch.Tensor, fc2_weight: torch.Tensor) -> torch.Tensor:
+    """Neuron order whose every prefix keeps the FFN output close to the dense one.
+
+    Dropping a set D of neurons changes the output by e_D(x) = sum_{n in D} fc2[:, n] act_n(x),
+    and over calibration tokens E||e_D||^2 = sum_{i, j in D} M_ij with M = (fc2^T fc2) *
+    E[act act^T] (elementwise). Per-neuron scores see only the diagonal M_nn; neurons whose
+    contributions cancel (M_ij < 0) or duplicate each other (M_ij > 0) are what the pairwise
+    terms add. Greedy backward elimination drops, one at a time, the neuron that raises that
+    error least given those already dropped; the reverse drop order ranks the neurons, so
+    every shell boundary is a prefix chosen with the correlations counted. O(F^2) work and
+    memory per layer.
+
+    Args:
+        second_moment: [F, F] E[act act^T] over calibration tokens (symmetric).
+        fc2_weight: [H, F].
+    Returns:
+        [F] int64 permutation; element 0 is the most important neuron (dropped last).
+    """
+    ffn = fc2_weight.shape[1]
+    if second_moment.shape != (ffn, ffn):
+        raise ValueError(f"second_moment has shape {tuple(second_moment.shape)}, expected "
+                         f"[{ffn}, {ffn}] (E[act act^T] over the FFN's neurons)")
+    w = fc2_weight.double()
+    error = (w.t() @ w) * second_moment.double()  # M: [F, F]
+    # cost[n] = M_nn + 2 sum_{j in D} M_nj: the error added by dropping n next.
+    cost = error.diagonal().clone()
+    dropped = torch.zeros(ffn, dtype=torch.bool, device=cost.device)
+    order = torch.empty(ffn, dtype=torch.long, device=cost.device)
+    for step in range(ffn):
+        n = int(torch.argmin(cost.masked_fill(dropped, float("inf"))))
+        order[ffn - 1 - step] = n
+        dropped[n] = True
+        cost += 2 * error[:, n]
+    return order
+
+
+def order_scores(order: torch.Tensor) -> torch.Tensor:
+    """Scores that `importance_order` turns back into `order`: F for order[0], ..., 1 last.
+
+    Args:
+        order: [F] permutation, most important first.
+    Returns:
+        [F] float64 scores.
+    """
+    scores = torch.empty(order.numel(), dtype=torch.float64, device=order.device)
+    scores[order] = torch.arange(order.numel(), 0, -1, dtype=torch.float64, device=order.device)
+    return scores
+
+
 def importance_order(importance: torch.Tensor) -> torch.Tensor:
     """Neuron indices by decreasing importance; ties broken by index, so deterministic.
 
