@@ -280,7 +280,11 @@ _DYNAMOE_FLAGS = {
                         "fraction of the FFN at each level, increasing, ending at 1"),
     "moefied_layers": ("--dynamoe-layers", dict(type=layer_list),
                        "'all' or 0-based layer indices to MoEfy"),
-    "importance": ("--dynamoe-importance", dict(choices=IMPORTANCE_METHODS), None),
+    "importance": ("--dynamoe-importance", dict(choices=IMPORTANCE_METHODS),
+                   "neuron ranking: mean |activation| x ||w2 column|| (activation), RMS "
+                   "activation instead (activation-rms), the greedy nested order of the "
+                   "truncated FFN's output error with neuron pairs counted (output-error, "
+                   "TP=1), or data-free weight norms (weight)"),
     "shell_placement": ("--dynamoe-shell-placement", dict(choices=SHELL_PLACEMENTS), None),
     "label_reference": ("--dynamoe-label-reference", dict(choices=LABEL_REFERENCES),
                         "what a level's error is relative to: the residual stream or the "
