@@ -3,17 +3,20 @@
 
 `megatron.core.jit.jit_fuser` is `torch.compile`, and Megatron-Core decorates its fusion
 functions with it while `megatron.core` is imported. `torch.compile` compiles nothing until
-the first call, but it imports TorchDynamo, Inductor and sympy when it decorates: 2-3 s of
-every process's start on a 2-core machine (`python -X importtime`: the module
+the first call, but it imports TorchDynamo, Inductor and sympy when it decorates: 2-3 s of a
+process's start on a 2-core machine (`python -X importtime`: the module
 `megatron.core.fusions.fused_bias_geglu` took 2.6 s of `megatron.core`'s 4.4; importing
-`megatron.core.models.gpt` and `megatron.core.optimizer` takes 5.5 s with this module
-instead of 8.3-8.8 s), paid by
-every tool, every rank and every test process, whether or not a fusion ever runs (on the CPU
-none does). `install()` (run by `import megatron_dynamoe`) lets `megatron.core.jit` load as
-usual and then replaces its `jit_fuser` by `deferred_compile`, which calls `torch.compile`
-with the same arguments on the first call of each decorated function. What runs is
-unchanged: the same `torch.compile` of the same function, at the moment it compiled anyway.
-When `megatron.core` was imported before `megatron_dynamoe`, nothing changes.
+`megatron.core.models.gpt` and `megatron.core.optimizer` takes 5.5 s with this module instead
+of 8.3-8.8 s). Tools that build no optimizer (conversion, MoEfy, evaluation, export,
+preprocessing, planning) never need TorchDynamo otherwise; training still imports it when
+`torch.optim` builds its optimizer. On the CPU no fusion function is called (a DynaMoE
+training step with labels, `bench/bench_train_step.py --quick`, compiles none).
+
+`install()` (run by `import megatron_dynamoe`) lets `megatron.core.jit` load as usual and
+then replaces its `jit_fuser` by `deferred_compile`, which calls `torch.compile` with the same
+arguments at the first call of each decorated function: the same `torch.compile` of the same
+function, at the moment it compiled anyway. When `megatron.core` was imported before
+`megatron_dynamoe`, nothing changes.
 """
 
 from __future__ import annotations
