@@ -25,6 +25,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_on_a_free_port(run, attempts: int = 3):
+    """`run(port)` -> CompletedProcess (text output) on a `free_port()`, again on another
+    port when the rendezvous lost the port to another process between `free_port` closing it
+    and the launched rank binding it (EADDRINUSE in the output: the two test workers launch
+    ranks at once); any other failure is returned as is."""
+    for attempt in range(attempts):
+        result = run(free_port())
+        lost = result.returncode != 0 and "EADDRINUSE" in (result.stdout or "") + (
+            result.stderr or "")
+        if not lost or attempt == attempts - 1:
+            return result
+
+
 # Imported once by the fork server, so that no worker pays for them; the rest of the package
 # is cheap next to these.
 PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron.core.transformer",

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tests.launch_helpers import REPO, quiet_env
-from tests.multiproc import free_port
+from tests.multiproc import run_on_a_free_port
 
 
 def _deepspeed_cli() -> str:
@@ -31,14 +31,21 @@ def _deepspeed_cli() -> str:
 
 @pytest.mark.multiproc
 def test_deepspeed_launcher_starts_two_cpu_ranks(tmp_path):
-    port = free_port()
-    # DS_ACCELERATOR=cpu: the launcher's device count comes from DeepSpeed's CPU accelerator
-    # (the suite hides GPUs); --num_gpus 2 then asks for 2 local ranks, as on a GPU node.
-    result = subprocess.run(
-        [sys.executable, _deepspeed_cli(), "--num_gpus", "2", "--master_port", str(port),
-         os.path.join(REPO, "tests", "rank_probe.py"), "--probe-arg", "kept"],
-        env=quiet_env(PROBE_DIR=str(tmp_path), DS_ACCELERATOR="cpu"),
-        capture_output=True, text=True, timeout=300)
+    ports = []
+
+    def launch(port):
+        ports.append(port)
+        # DS_ACCELERATOR=cpu: the launcher's device count comes from DeepSpeed's CPU
+        # accelerator (the suite hides GPUs); --num_gpus 2 then asks for 2 local ranks, as
+        # on a GPU node.
+        return subprocess.run(
+            [sys.executable, _deepspeed_cli(), "--num_gpus", "2", "--master_port", str(port),
+             os.path.join(REPO, "tests", "rank_probe.py"), "--probe-arg", "kept"],
+            env=quiet_env(PROBE_DIR=str(tmp_path), DS_ACCELERATOR="cpu"),
+            capture_output=True, text=True, timeout=300)
+
+    result = run_on_a_free_port(launch)
+    port = ports[-1]
     log = (result.stdout + result.stderr)[-4000:]
     assert result.returncode == 0, log
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
