@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import traceback
 
 import torch.multiprocessing as mp
@@ -75,12 +76,15 @@ def _worker(rank, world_size, port, environ, fn, args, errors):
         destroy_parallel()
 
 
-def run_processes(fn, world_size: int, *args, timeout: float = 600.0) -> None:
-    """Run `fn(rank, world_size, *args)` in `world_size` processes; raise on failure.
+class _PortLost(Exception):
+    """Rank 0 could not listen on the rendezvous port: another process took it."""
 
-    `fn` must be a module-level function (picklable).
-    """
-    ctx = _context()
+
+def _port_lost(traceback_text: str) -> bool:
+    return "EADDRINUSE" in traceback_text or "Address already in use" in traceback_text
+
+
+def _run_once(ctx, fn, world_size, args, timeout):
     errors = ctx.SimpleQueue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, dict(os.environ), fn, args,
@@ -88,19 +92,47 @@ def run_processes(fn, world_size: int, *args, timeout: float = 600.0) -> None:
              for r in range(world_size)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(timeout)
+    messages = []
+    deadline = time.monotonic() + timeout
+    # Poll rather than join one by one: when rank 0 loses the port, the other ranks would
+    # wait for its store until their own timeout.
+    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+        while not errors.empty():
+            messages.append(errors.get())
+        if any(_port_lost(tb) for _, tb in messages):
+            break
+        procs[0].join(0.2)
+    while not errors.empty():
+        messages.append(errors.get())
     alive = [p for p in procs if p.is_alive()]
     for p in alive:
         p.kill()
-    messages = []
-    while not errors.empty():
-        rank, tb = errors.get()
-        messages.append(f"--- rank {rank} ---\n{tb}")
+    for p in procs:
+        p.join()
+    if any(_port_lost(tb) for _, tb in messages):
+        raise _PortLost(port)
     if messages:
-        raise AssertionError("worker failed:\n" + "\n".join(messages))
+        raise AssertionError("worker failed:\n" + "\n".join(
+            f"--- rank {rank} ---\n{tb}" for rank, tb in messages))
     if alive:
         raise AssertionError(f"{len(alive)} worker(s) still running after {timeout}s")
     bad = [p.exitcode for p in procs if p.exitcode != 0]
     if bad:
         raise AssertionError(f"worker exit codes {bad}")
+
+
+def run_processes(fn, world_size: int, *args, timeout: float = 600.0, attempts: int = 3) -> None:
+    """Run `fn(rank, world_size, *args)` in `world_size` processes; raise on failure.
+
+    `fn` must be a module-level function (picklable). When rank 0 finds its `free_port()`
+    taken (EADDRINUSE: the other test worker's ranks bound it after the probe closed it), the
+    ranks are stopped and started again on another port, at most `attempts` times.
+    """
+    ctx = _context()
+    for attempt in range(attempts):
+        try:
+            return _run_once(ctx, fn, world_size, args, timeout)
+        except _PortLost as lost:
+            if attempt == attempts - 1:
+                raise AssertionError(f"the rendezvous port was taken {attempts} times "
+                                     f"(last: {lost.args[0]})") from None

@@ -10,7 +10,6 @@ import sys
 import pytest
 
 from tests.launch_helpers import REPO, TINY_ARGS, loss_curve, quiet_env, shared_sotu_data
-from tests.multiproc import free_port
 
 ITERS = 4
 
@@ -40,7 +39,7 @@ def test_mpirun_matches_torchrun(tmp_path_factory, tmp_path):
 
     torchrun = subprocess.run(
         _train([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                "--master-port", str(free_port())], data, tmp_path / "torchrun"),
+                "--standalone"], data, tmp_path / "torchrun"),
         env=quiet_env(), capture_output=True, text=True, timeout=600)
     assert torchrun.returncode == 0, torchrun.stderr[-4000:]
     assert "launcher: torchrun, world size 2 (2 per node)" in torchrun.stderr

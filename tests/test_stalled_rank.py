@@ -21,7 +21,6 @@ import time
 
 import pytest
 
-from tests.multiproc import free_port
 from tests.tool_runner import REPO
 
 TIMEOUT_MINUTES = 0.25
@@ -119,7 +118,7 @@ def test_every_process_group_gets_the_distributed_timeout():
 
 def _torchrun(data, tmp_path):
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-            "--master-port", str(free_port()),
+            "--standalone",  # the agent binds a free port itself: no probe, no race
             # Each rank's lines come prefixed with [default<rank>]: on the console, and go to
             # per-rank files: the surviving rank's own output is told apart from torchrun's.
             "--tee", "3", "--log-dir", str(tmp_path / "logs"),
