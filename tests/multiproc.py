@@ -19,8 +19,43 @@ import traceback
 import torch.multiprocessing as mp
 
 
+def _ephemeral_low() -> int:
+    """The first port the kernel hands out for bind(0) / connect (Linux; 32768 otherwise)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_next_port = None
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
+    """A TCP port on 127.0.0.1 that is free right now, chosen so that nothing else takes it
+    before the launched rank binds it: below the kernel's ephemeral range (gloo's and the
+    launchers' bind(0) / connect ports come from there), above the ports slurm_master_port
+    gives the test clusters' first jobs (10000 + 10 x job id), below torch's default 29500,
+    and in a band of its own per pytest-xdist worker (the other worker's ranks probe theirs).
+    Without room for the bands, a port the kernel picks."""
+    global _next_port
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0) % workers
+    low = 11000
+    band = (min(29000, _ephemeral_low()) - low) // workers
+    if band >= 100:
+        first = low + worker * band
+        if _next_port is None:  # a process of its own: start somewhere else in the band
+            _next_port = first + (os.getpid() * 7919) % band
+        for _ in range(band):
+            port = _next_port
+            _next_port = first + (_next_port + 1 - first) % band
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -12,7 +12,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ import time
 import pytest
 
 from tests.launch_helpers import REPO, loss_curve, quiet_env, shared_sotu_data
+from tests.multiproc import free_port
 from tests.tool_runner import load_script
 
 SCRIPTS = sorted(glob.glob(os.path.join(REPO, "slurm", "*.sh")))
@@ -71,12 +71,6 @@ def _need(*binaries):
         pytest.fail(f"{', '.join(missing)} not found: {INSTALL_HINT}")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_for(predicate, timeout, what):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -121,7 +115,7 @@ def _config(root, munge_socket):
         StateSaveLocation=f"{root}/state", SlurmdSpoolDir=f"{root}/spool",
         SlurmctldPidFile=f"{root}/slurmctld.pid", SlurmdPidFile=f"{root}/slurmd.pid",
         SlurmctldLogFile=f"{root}/slurmctld.log", SlurmdLogFile=f"{root}/slurmd.log",
-        SlurmctldPort=_free_port(), SlurmdPort=_free_port(),
+        SlurmctldPort=free_port(), SlurmdPort=free_port(),
         AccountingStorageType="accounting_storage/none",
         JobAcctGatherType="jobacct_gather/none", JobCompType="jobcomp/none")
     memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
