@@ -129,12 +129,17 @@ def _run_once(ctx, fn, world_size, args, timeout):
         p.start()
     messages = []
     deadline = time.monotonic() + timeout
-    # Poll rather than join one by one: when rank 0 loses the port, the other ranks would
-    # wait for its store until their own timeout.
+    # Poll rather than join one by one: when a rank fails (rank 0 losing the port, or a
+    # failed assertion), the others may wait in a collective until their own timeout. They
+    # get a few seconds to report their own failure, then are stopped.
+    first_failure = None
     while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
         while not errors.empty():
             messages.append(errors.get())
+            first_failure = first_failure or time.monotonic()
         if any(_port_lost(tb) for _, tb in messages):
+            break
+        if first_failure is not None and time.monotonic() - first_failure > 10.0:
             break
         procs[0].join(0.2)
     while not errors.empty():
