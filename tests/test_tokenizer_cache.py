@@ -50,6 +50,7 @@ class _Builds:
 def gguf(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.delenv("DYNAMOE_TOKENIZER_CACHE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
     path = tmp_path / "model.gguf"  # only its path, size and time are read
     path.write_bytes(b"GGUF" + bytes(60))
     return str(path)
@@ -124,6 +125,18 @@ def test_no_cache_when_turned_off_or_unwritable(gguf, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # makedirs fails: NotADirectoryError
     assert tokenizer_difference(_small_tokenizer(), cached_gguf_tokenizer(gguf, build)) is None
     assert build.calls == 3
+
+
+def test_only_rank_0_writes_the_folder(gguf, monkeypatch):
+    build = _Builds()
+    monkeypatch.setenv("RANK", "1")
+    cached_gguf_tokenizer(gguf, build)
+    assert not os.path.exists(_folder(gguf))
+    monkeypatch.setenv("RANK", "0")
+    cached_gguf_tokenizer(gguf, build)
+    monkeypatch.setenv("RANK", "1")  # every rank reads what rank 0 wrote
+    cached_gguf_tokenizer(gguf, build)
+    assert build.calls == 2 and os.path.isdir(_folder(gguf))
 
 
 def test_a_tokenizer_that_does_not_survive_saving_is_not_cached(gguf, monkeypatch):

@@ -8,9 +8,11 @@ load writes the tokenizer's folder (tokenizer.json, tokenizer_config.json, chat 
 reloads it and checks that it tokenizes exactly as the GGUF-built one before renaming it into
 place; later loads read that folder (~0.3 s). KEY digests the GGUF file's real path, size and
 modification time and the transformers / tokenizers versions, so a changed file or library
-builds a fresh folder. `DYNAMOE_TOKENIZER_CACHE=0` turns the cache off. The cache is only a
-speed-up: a folder that cannot be written, read, or that another user could have written is
-ignored and the tokenizer is built from the GGUF file as before.
+builds a fresh folder. In a distributed job only global rank 0 ($RANK) writes it, so a cold
+cache on a shared home does not take a copy from every rank. `DYNAMOE_TOKENIZER_CACHE=0`
+turns the cache off. The cache is only a speed-up: a folder that cannot be written, read, or
+that another user could have written is ignored and the tokenizer is built from the GGUF file
+as before.
 """
 
 from __future__ import annotations
@@ -123,6 +125,8 @@ def cached_gguf_tokenizer(gguf_path: str, build: Callable[[], object]):
         except Exception:  # noqa: BLE001  (json, tokenizers' Rust errors: rebuilt below)
             damaged = True
     tokenizer = build()
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return tokenizer  # one writer per job: no burst of copies on a shared home
     try:
         _write(tokenizer, root, target, replace=damaged)
     except OSError:
