@@ -125,10 +125,10 @@ def cached_gguf_tokenizer(gguf_path: str, build: Callable[[], object]):
         except Exception:  # noqa: BLE001  (json, tokenizers' Rust errors: rebuilt below)
             damaged = True
     tokenizer = build()
-    if int(os.environ.get("RANK", "0") or 0) != 0:
+    if os.environ.get("RANK", "0").strip() not in ("", "0"):
         return tokenizer  # one writer per job: no burst of copies on a shared home
     try:
         _write(tokenizer, root, target, replace=damaged)
-    except OSError:
-        pass  # a read-only or full home: the cache is a speed-up, never a failure
+    except Exception:  # noqa: BLE001  (a read-only or full home, a tokenizer save_pretrained
+        pass  # cannot write: the cache is a speed-up, never the tool's failure)
     return tokenizer
