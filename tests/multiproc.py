@@ -61,17 +61,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _port_lost(output: str) -> bool:
+    """Whether a rank's output says its rendezvous port was taken before it bound it."""
+    return "EADDRINUSE" in output or "Address already in use" in output
+
+
 def run_on_a_free_port(run, attempts: int = 3):
-    """`run(port)` -> CompletedProcess (text output) on a `free_port()`, again on another
-    port when the rendezvous lost the port to another process between `free_port` closing it
-    and the launched rank binding it (EADDRINUSE in the output: the two test workers launch
-    ranks at once); any other failure is returned as is."""
+    """(result, port): `run(port)` -> CompletedProcess (text output) on a `free_port()`, again
+    on another port when the rendezvous lost the port to another process between `free_port`
+    closing it and the launched rank binding it; any other failure is returned as is."""
     for attempt in range(attempts):
-        result = run(free_port())
-        lost = result.returncode != 0 and "EADDRINUSE" in (result.stdout or "") + (
-            result.stderr or "")
+        port = free_port()
+        result = run(port)
+        lost = result.returncode != 0 and _port_lost((result.stdout or "") +
+                                                     (result.stderr or ""))
         if not lost or attempt == attempts - 1:
-            return result
+            return result, port
 
 
 # Imported once by the fork server, so that no worker pays for them; the rest of the package
@@ -113,10 +118,6 @@ def _worker(rank, world_size, port, environ, fn, args, errors):
 
 class _PortLost(Exception):
     """Rank 0 could not listen on the rendezvous port: another process took it."""
-
-
-def _port_lost(traceback_text: str) -> bool:
-    return "EADDRINUSE" in traceback_text or "Address already in use" in traceback_text
 
 
 def _run_once(ctx, fn, world_size, args, timeout):

@@ -31,10 +31,7 @@ def _deepspeed_cli() -> str:
 
 @pytest.mark.multiproc
 def test_deepspeed_launcher_starts_two_cpu_ranks(tmp_path):
-    ports = []
-
     def launch(port):
-        ports.append(port)
         # DS_ACCELERATOR=cpu: the launcher's device count comes from DeepSpeed's CPU
         # accelerator (the suite hides GPUs); --num_gpus 2 then asks for 2 local ranks, as
         # on a GPU node.
@@ -44,8 +41,7 @@ def test_deepspeed_launcher_starts_two_cpu_ranks(tmp_path):
             env=quiet_env(PROBE_DIR=str(tmp_path), DS_ACCELERATOR="cpu"),
             capture_output=True, text=True, timeout=300)
 
-    result = run_on_a_free_port(launch)
-    port = ports[-1]
+    result, port = run_on_a_free_port(launch)
     log = (result.stdout + result.stderr)[-4000:]
     assert result.returncode == 0, log
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

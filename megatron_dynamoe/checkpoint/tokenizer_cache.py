@@ -84,26 +84,31 @@ def _private_folder(path: str) -> bool:
             and not info.st_mode & 0o022)
 
 
-def _write(tokenizer, root: str, target: str, replace: bool) -> None:
-    """Save `tokenizer` to a temporary folder in `root`, check that it reloads identically,
-    and rename it to `target`; a process that renamed first wins (the folders are equal).
-    `replace`: `target` exists and could not be read; it is removed first."""
+def save_checked(tokenizer, folder: str) -> Optional[str]:
+    """`tokenizer.save_pretrained(folder)`, then reload the folder: None when it tokenizes as
+    `tokenizer` does, else what differs (`tokenizer_difference`)."""
     from transformers import AutoTokenizer
 
+    tokenizer.save_pretrained(folder)
+    return tokenizer_difference(tokenizer, AutoTokenizer.from_pretrained(folder))
+
+
+def _write(tokenizer, root: str, target: str, replace: bool) -> None:
+    """Save `tokenizer` to a temporary folder in `root`, check that it reloads identically,
+    and rename it to `target`; a process that renamed first wins (the folders are equal and
+    the rename raises: the caller ignores it). `replace`: `target` exists and could not be
+    read; it is removed first."""
     os.makedirs(root, mode=0o700, exist_ok=True)
     if not _private_folder(root):
         return
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=root)
     try:
-        tokenizer.save_pretrained(tmp)
-        if tokenizer_difference(tokenizer, AutoTokenizer.from_pretrained(tmp)) is not None:
+        if save_checked(tokenizer, tmp) is not None:
             return  # never cache a tokenizer that does not survive save_pretrained
         if replace or (os.path.isdir(target) and not _private_folder(target)):
             shutil.rmtree(target, ignore_errors=True)
         os.rename(tmp, target)
         tmp = None
-    except OSError:
-        pass  # another rank renamed its copy first, or the cache's file system is full
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -129,6 +134,6 @@ def cached_gguf_tokenizer(gguf_path: str, build: Callable[[], object]):
         return tokenizer  # one writer per job: no burst of copies on a shared home
     try:
         _write(tokenizer, root, target, replace=damaged)
-    except Exception:  # noqa: BLE001  (a read-only or full home, a tokenizer save_pretrained
-        pass  # cannot write: the cache is a speed-up, never the tool's failure)
+    except Exception:  # noqa: BLE001  (the cache is a speed-up, never the tool's failure)
+        pass  # another rank renamed first, a read-only or full home, a failed save
     return tokenizer
